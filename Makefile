@@ -1,0 +1,40 @@
+# One command for everything: `make test` builds .venv from the repo's own files and runs every test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PLUGINS := plugins/source_huggingface plugins/source_helexa plugins/harness_torch plugins/harness_llamacpp
+# llama-cpp-python compiles from source; these flags keep the build portable and a little faster.
+# pip's wheel cache makes a rebuild take seconds (its key ignores CMAKE_ARGS: see docs/harnesses.md).
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+
+.PHONY: venv test lint format help clean
+
+help:
+	@echo "make venv    build .venv with cortex, every plugin and the test tools (editable)"
+	@echo "make test    lint, then run all tests (core and every plugin)"
+	@echo "make lint    ruff check + ruff format --check"
+	@echo "make format  apply ruff formatting"
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(foreach p,$(PLUGINS),$(p)/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]' $(foreach p,$(PLUGINS),-e $(p))
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""Root conftest: shared fixtures for core and every plugin's tests."""
+
+pytest_plugins = ["cortex.testing.fixtures"]

@@ -1,0 +1,1 @@
+"""Command-line programs: ``cortex`` (gateway and operator tools) and ``neuron`` (node daemon)."""

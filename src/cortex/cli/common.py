@@ -1,0 +1,56 @@
+"""Pieces shared by the ``cortex`` and ``neuron`` command-line programs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import attrs
+import click
+
+from cortex.plugins import get_registry
+
+
+def configure_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def plugins_command() -> click.Command:
+    """``plugins [--json]``: every loaded plugin with version, hooks and whether it is built in."""
+
+    @click.command("plugins")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    def plugins(as_json: bool) -> None:
+        """List installed plugins: name, version, hooks, built-in or not.
+
+        Example: cortex plugins --json
+        """
+        registry = get_registry()
+        infos = registry.plugin_infos()
+        if as_json:
+            payload = {
+                "plugins": [attrs.asdict(i) for i in infos],
+                "broken": [attrs.asdict(b) for b in registry.broken],
+            }
+            click.echo(json.dumps(payload, indent=2))
+            return
+        for info in infos:
+            kind = "built-in" if info.builtin else "plugin"
+            click.echo(f"{info.name} {info.version} ({kind}): {', '.join(info.hooks)}")
+        for broken in registry.broken:
+            click.echo(f"{broken.name}: BROKEN: {broken.error}", err=True)
+
+    return plugins
+
+
+def add_plugin_commands(cli: click.Group, program: str) -> None:
+    """Let plugins add their commands; a plugin that fails here is reported, not fatal."""
+    try:
+        get_registry().register_commands(cli, program)
+    except Exception as exc:  # a broken plugin must not take the CLI down
+        logging.getLogger(__name__).error("a plugin failed to add commands: %s", exc)

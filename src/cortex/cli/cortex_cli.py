@@ -1,0 +1,22 @@
+"""``cortex``: the gateway and the operator's tools."""
+
+from __future__ import annotations
+
+import click
+
+from cortex import __version__
+from cortex.cli.common import add_plugin_commands, plugins_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cortex")
+def cli() -> None:
+    """cortex: one OpenAI- and Anthropic-compatible endpoint in front of a fleet of neurons."""
+
+
+cli.add_command(plugins_command())
+
+
+def main() -> None:
+    add_plugin_commands(cli, "cortex")
+    cli()

@@ -1,0 +1,22 @@
+"""``neuron``: the per-node daemon and its tools."""
+
+from __future__ import annotations
+
+import click
+
+from cortex import __version__
+from cortex.cli.common import add_plugin_commands, plugins_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="neuron")
+def cli() -> None:
+    """neuron: runs models on this machine's devices and serves them to a cortex gateway."""
+
+
+cli.add_command(plugins_command())
+
+
+def main() -> None:
+    add_plugin_commands(cli, "neuron")
+    cli()

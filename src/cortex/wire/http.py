@@ -1,0 +1,89 @@
+"""FastAPI glue shared by the gateway, the neuron and the registry: JSON bodies and error handlers.
+
+Handlers read raw JSON and structure it themselves: a malformed body becomes a typed 400 in the
+route's envelope, never a traceback, and the hot path skips pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cortex.wire.errors import ANTHROPIC, OPENAI, ApiError
+
+log = logging.getLogger(__name__)
+
+DialectForPath = Callable[[str], str]
+
+
+def default_dialect(path: str) -> str:
+    """``/v1/messages`` speaks Anthropic; everything else OpenAI."""
+    return ANTHROPIC if path.startswith("/v1/messages") else OPENAI
+
+
+def error_response(error: ApiError, dialect: str = OPENAI) -> Response:
+    return JSONResponse(error.body(dialect), status_code=error.status, headers=error.headers())
+
+
+async def read_json_object(request: Request, max_bytes: int | None = None) -> dict[str, Any]:
+    """The request body as a JSON object, or a typed 400/413."""
+    body = await request.body()
+    if max_bytes is not None and len(body) > max_bytes:
+        raise ApiError(413, "request_too_large", f"request body over {max_bytes} bytes")
+    if not body:
+        raise ApiError(400, "invalid_json", "request body is empty; expected a JSON object")
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "request body is not valid UTF-8") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    return data
+
+
+def install_error_handlers(
+    app: FastAPI, dialect_for_path: DialectForPath = default_dialect
+) -> None:
+    """Every error leaves as an envelope in the route's dialect; unexpected ones are logged."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc, dialect_for_path(request.url.path))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = str(exc.detail) if exc.detail else code
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(
+            ApiError(exc.status_code, code, message), dialect_for_path(request.url.path)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        error = ApiError(
+            400, "invalid_request", f"invalid request: {first.get('msg', exc)}", param=param
+        )
+        return error_response(error, dialect_for_path(request.url.path))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        error = ApiError(
+            500, "internal_error", f"internal error ({type(exc).__name__}); see the server log"
+        )
+        return error_response(error, dialect_for_path(request.url.path))
