@@ -3,4 +3,5 @@
 BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "cortex.builtins.eviction",
     "cortex.builtins.devices",
+    "cortex.builtins.echo",
 )
