@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from cortex.plugins import reset_registry
+
+if TYPE_CHECKING:
+    from cortex.testing.registry import RunningRegistry
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +38,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# ---- tiny transformers models (built once per test session) -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random Llama model + trained BPE tokenizer + ChatML template (read-only:
+    copy it before changing anything). Built once per session."""
+    from cortex.testing.tiny_models import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-models"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``tiny_llama_dir`` with a Qwen2 architecture (same tokenizer)."""
+    from cortex.testing.tiny_models import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-models"), arch="qwen2")
+
+
+@pytest.fixture
+def hf_registry() -> Iterator[Callable[..., RunningRegistry]]:
+    """Factory: ``hf_registry(root, token=None) -> RunningRegistry`` serving ``root`` on
+    loopback (see cortex.testing.registry); every registry started is stopped after the test."""
+    from cortex.testing.registry import start_registry
+
+    started: list[RunningRegistry] = []
+
+    def start(root: Path, token: str | None = None) -> RunningRegistry:
+        registry = start_registry(root, token=token)
+        started.append(registry)
+        return registry
+
+    yield start
+    for registry in started:
+        registry.stop()
