@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PLUGINS := plugins/source_huggingface plugins/source_helexa plugins/harness_torch plugins/harness_llamacpp
+# Example third-party plugins (docs/plugin-authors.md): installed and tested like the others.
+EXAMPLES := examples/cortex-source-local
 # llama-cpp-python compiles from source; these flags keep the build portable and a little faster.
 # pip's wheel cache makes a rebuild take seconds (its key ignores CMAKE_ARGS: see docs/harnesses.md).
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
@@ -16,11 +18,11 @@ help:
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make format  apply ruff formatting"
 
-$(VENV)/.installed: pyproject.toml constraints.txt $(foreach p,$(PLUGINS),$(p)/pyproject.toml)
+$(VENV)/.installed: pyproject.toml constraints.txt $(foreach p,$(PLUGINS) $(EXAMPLES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]' $(foreach p,$(PLUGINS),-e $(p))
+	$(BIN)/python -m pip install --quiet -e '.[test]' $(foreach p,$(PLUGINS) $(EXAMPLES),-e $(p))
 	touch $@
 
 venv: $(VENV)/.installed
