@@ -319,9 +319,13 @@ class ModelSource(Protocol):
         model_id: ModelSourceId,
         files: list[str],
         progress: ProgressCallback | None = None,
+        revision: str | None = None,
     ) -> Path:
         """Download ``files`` (or serve them from this source's own cache) and return the local
-        snapshot directory that holds them. Never leaves a partial file that a later load trusts."""
+        snapshot directory that holds them. Never leaves a partial file that a later load trusts.
+
+        ``revision`` (optional) pins the commit, e.g. ``preflight.revision``; by default a source
+        uses the commit its latest preflight of this repo saw, else the repo's main branch."""
         ...
 
 
