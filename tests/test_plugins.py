@@ -16,7 +16,7 @@ from cortex.eviction import EvictionCandidate
 from cortex.plugins import PluginRegistry, allowed_from_env
 
 INSTALLED_PLUGINS = {"source-huggingface", "source-helexa", "harness-torch", "harness-llamacpp"}
-BUILTINS = {"cortex.builtins.eviction", "cortex.builtins.devices"}
+BUILTINS = {"cortex.builtins.eviction", "cortex.builtins.devices", "cortex.builtins.echo"}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -41,7 +41,7 @@ def test_builtins_only_registry() -> None:
     names = {info.name for info in registry.plugin_infos()}
     assert names == BUILTINS
     assert set(registry.eviction_strategies()) == {"lru", "priority"}
-    assert registry.harnesses() == []
+    assert [h.name for h in registry.harnesses()] == ["echo"]
 
 
 def test_full_registry_collects_every_hook() -> None:
