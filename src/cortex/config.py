@@ -110,6 +110,19 @@ def _check_model_id(_instance: Any, attribute: attrs.Attribute, value: str) -> N
 class GatewaySection:
     listen: str = attrs.field(default="0.0.0.0:31313", validator=_check_listen)
     metrics_listen: str = attrs.field(default="0.0.0.0:31314", validator=_check_listen)
+    # The scheme of bare ids clients send; unset = what the healthy neurons report.
+    default_source: str | None = None
+    # Fleet poller: how often each neuron is asked, and after how many misses in a row it is down.
+    poll_interval: Duration = attrs.field(default=Duration(2.0), converter=Duration.parse)
+    down_after_failures: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    # Proxy: connecting to a neuron, and the longest silence between two chunks of an answer
+    # (an idle timeout, never a total one: a long stream that keeps producing is never cut).
+    connect_timeout: Duration = attrs.field(default=Duration(5.0), converter=Duration.parse)
+    idle_timeout: Duration = attrs.field(default=Duration(300.0), converter=Duration.parse)
+    # How long a request waits for a cold load (its own or one already running).
+    load_timeout: Duration = attrs.field(default=Duration(600.0), converter=Duration.parse)
+    # Retry-After (seconds) on retryable errors the gateway makes itself.
+    retry_after: int = attrs.field(default=5, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen

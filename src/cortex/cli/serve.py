@@ -1,0 +1,160 @@
+"""``cortex serve``: run the gateway (API on ``listen``, Prometheus on ``metrics_listen``).
+
+This module and everything it imports stay free of torch, transformers, llama_cpp and
+huggingface_hub: a gateway host installs ``cortex`` alone (a test checks ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import attrs
+import click
+import uvicorn
+
+from cortex.cli.common import configure_logging
+from cortex.config import (
+    ConfigError,
+    CortexConfig,
+    ModelsConfig,
+    NeuronRef,
+    load_cortex_config,
+    load_models_config,
+    parse_listen,
+)
+
+DEFAULT_CONFIG = "cortex.toml"
+
+
+def load_configs(config_path: str | None) -> tuple[CortexConfig, ModelsConfig]:
+    """``cortex.toml`` (explicit, else ``./cortex.toml`` when present, else defaults) and the
+    ``models.toml`` it names (a missing *default* models file is an empty catalogue)."""
+    if config_path is None and Path(DEFAULT_CONFIG).is_file():
+        config_path = DEFAULT_CONFIG
+    config = load_cortex_config(config_path)
+    models_path = config.models_config_path
+    if not models_path.is_file() and config.models_config == CortexConfig().models_config:
+        return config, ModelsConfig()
+    return config, load_models_config(models_path)
+
+
+def _with_overrides(
+    config: CortexConfig, listen: str | None, metrics_listen: str | None, neurons: tuple[str, ...]
+) -> CortexConfig:
+    gateway = config.gateway
+    if listen is not None:
+        gateway = attrs.evolve(gateway, listen=listen)
+    if metrics_listen is not None:
+        gateway = attrs.evolve(gateway, metrics_listen=metrics_listen)
+    extra = []
+    for spec in neurons:
+        name, sep, endpoint = spec.partition("=")
+        if not sep or not name or not endpoint.startswith(("http://", "https://")):
+            raise click.BadParameter(f"expected NAME=http://HOST:PORT, got {spec!r}", "--neuron")
+        extra.append(NeuronRef(name=name, endpoint=endpoint))
+    return attrs.evolve(config, gateway=gateway, neurons=[*config.neurons, *extra])
+
+
+def _bound_port(server: uvicorn.Server) -> int:
+    return next(s.getsockname()[1] for srv in server.servers for s in srv.sockets)
+
+
+def _shown(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> None:
+    from prometheus_client import make_asgi_app
+
+    from cortex.gateway.app import create_app
+    from cortex.gateway.metrics import GatewayMetrics
+    from cortex.gateway.service import Gateway, load_strategy
+
+    try:
+        strategy = load_strategy(config.eviction.strategy)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    metrics = GatewayMetrics()
+    gateway = Gateway(config, models, strategy, metrics)
+    host, port = parse_listen(config.gateway.listen)
+    m_host, m_port = parse_listen(config.gateway.metrics_listen)
+    api = uvicorn.Server(
+        uvicorn.Config(
+            create_app(gateway), host=host, port=port, log_level=log_level, access_log=False
+        )
+    )
+    metrics_server = uvicorn.Server(
+        uvicorn.Config(
+            make_asgi_app(registry=metrics.registry),
+            host=m_host,
+            port=m_port,
+            log_level=log_level,
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    metrics_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    metrics_task = asyncio.create_task(metrics_server.serve())
+    api_task = asyncio.create_task(api.serve())
+    while not (api.started and metrics_server.started):
+        for task in (api_task, metrics_task):
+            if task.done():
+                await task
+                raise click.ClickException("the gateway failed to start (see the log above)")
+        await asyncio.sleep(0.01)
+    click.echo(f"metrics on http://{_shown(m_host)}:{_bound_port(metrics_server)}/metrics")
+    click.echo(f"listening on http://{_shown(host)}:{_bound_port(api)}")
+    await api_task
+    metrics_server.should_exit = True
+    await metrics_task
+
+
+@click.command("serve")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="cortex.toml (default: ./cortex.toml when present).",
+)
+@click.option("--listen", default=None, help="HOST:PORT for the API (overrides the config).")
+@click.option("--metrics-listen", default=None, help="HOST:PORT for Prometheus metrics.")
+@click.option(
+    "--neuron",
+    "neurons",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Add a neuron (repeatable), e.g. --neuron big=http://10.0.0.11:13131.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def serve(
+    config_path: str | None,
+    listen: str | None,
+    metrics_listen: str | None,
+    neurons: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Run the gateway: one OpenAI-compatible endpoint in front of the configured neurons.
+
+    Example: cortex serve -c cortex.toml --listen 0.0.0.0:31313
+    """
+    configure_logging(log_level)
+    for flag, value in (("--listen", listen), ("--metrics-listen", metrics_listen)):
+        if value is not None:
+            try:
+                parse_listen(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=flag) from None
+    try:
+        config, models = load_configs(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    config = _with_overrides(config, listen, metrics_listen, neurons)
+    asyncio.run(_serve(config, models, log_level))

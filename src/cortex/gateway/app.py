@@ -1,0 +1,73 @@
+"""The gateway's FastAPI application: ``/v1/models``, the generation routes and ``/health``.
+
+Handlers read raw JSON (no pydantic on the hot path) and every failure leaves as an
+:class:`ApiError` in the OpenAI envelope, with ``Retry-After`` when retrying can work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from cortex import __version__
+from cortex.gateway.service import Gateway
+from cortex.wire.errors import ApiError
+from cortex.wire.http import install_error_handlers, read_json_object
+
+MAX_BODY_BYTES = 32 * 2**20
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    """A FastAPI app whose lifespan starts and stops ``gateway`` (poller, sessions, tasks)."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="cortex gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.gateway = gateway
+    install_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": gateway.catalogue()})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        for entry in gateway.catalogue():
+            if entry["id"] == model_id:
+                return JSONResponse(entry)
+        raise ApiError(404, "model_not_found", f"model {model_id!r} not found", param="model")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(gateway.health())
+
+    async def generation(request: Request) -> Response:
+        route = request.url.path
+        try:
+            payload = await read_json_object(request, MAX_BODY_BYTES)
+            return await gateway.generate(route, payload, request.headers)
+        except ApiError as exc:
+            gateway.metrics.requests.labels(route, "other", "error").inc()
+            gateway.metrics.errors.labels(route, exc.code).inc()
+            raise
+
+    for path in GENERATION_ROUTES:
+        app.add_api_route(path, generation, methods=["POST"])
+    return app

@@ -1,0 +1,258 @@
+"""Carrying out routing decisions: cold loads, evictions, keep_alive unloads, defrag.
+
+One cold load per model at a time: the first request that finds a model cold starts the load,
+every request that arrives meanwhile awaits the same task (each bounded by the load timeout), and
+none starts a second one. Placement runs under one lock, so two loads never plan with the same
+free memory; memory a load will take is reserved until the neuron reports the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from cortex.config import CortexConfig, ModelsConfig
+from cortex.eviction import EvictionStrategy
+from cortex.gateway.fleet import Fleet
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.neuron_client import post_json
+from cortex.gateway.nodes import READY, NodeState
+from cortex.gateway.router import (
+    Placement,
+    Resolved,
+    find_profile,
+    node_allowed,
+    node_capable,
+    place,
+)
+from cortex.gateway.usage import Usage
+from cortex.wire.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+class Loader:
+    def __init__(
+        self,
+        config: CortexConfig,
+        models: ModelsConfig,
+        fleet: Fleet,
+        usage: Usage,
+        strategy: EvictionStrategy,
+        session: aiohttp.ClientSession,
+        metrics: GatewayMetrics,
+        default_source: str,
+    ) -> None:
+        self.config = config
+        self.models = models
+        self.fleet = fleet
+        self.usage = usage
+        self.strategy = strategy
+        self.session = session
+        self.metrics = metrics
+        self.default_source = default_source
+        self.loads: dict[str, asyncio.Task[str]] = {}
+        self.cycles: dict[str, int] = dict.fromkeys(fleet.nodes, 0)
+        self._placement_lock = asyncio.Lock()
+        self._estimates: dict[str, int] = {}
+        g = config.gateway
+        self._retry_after = float(g.retry_after)
+        self._load_timeout = g.load_timeout.seconds
+        self._admin_timeout = aiohttp.ClientTimeout(
+            total=g.idle_timeout.seconds, sock_connect=g.connect_timeout.seconds
+        )
+        self._load_http_timeout = aiohttp.ClientTimeout(
+            total=self._load_timeout, sock_connect=g.connect_timeout.seconds
+        )
+
+    # ---- cold loads -------------------------------------------------------------------------
+
+    async def ensure_loaded(self, resolved: Resolved) -> str:
+        """Load the model somewhere (or join the load in progress); returns the node name."""
+        task = self.loads.get(resolved.canonical)
+        if task is None:
+            task = asyncio.create_task(self._load(resolved), name=f"load {resolved.canonical}")
+            self.loads[resolved.canonical] = task
+            task.add_done_callback(lambda _t: self.loads.pop(resolved.canonical, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._load_timeout)
+        except TimeoutError:
+            raise ApiError(
+                503,
+                "load_timeout",
+                f"model {resolved.requested!r} is still loading after "
+                f"{self._load_timeout:g}s; try again shortly",
+                retry_after=self._retry_after,
+            ) from None
+
+    async def _needed_bytes(self, resolved: Resolved) -> int:
+        """The profile's memory_mb, else the neuron's preflight estimate (cached)."""
+        profile = resolved.profile
+        if profile is not None and profile.memory_mb is not None:
+            return profile.memory_mb * 2**20
+        if resolved.canonical in self._estimates:
+            return self._estimates[resolved.canonical]
+        for node in self.fleet.up_nodes():
+            if not node_allowed(profile, node):
+                continue
+            if node_capable(profile, node, resolved.canonical) is not None:
+                continue
+            payload = {"model_id": resolved.canonical}
+            if profile is not None and profile.harness:
+                payload["harness"] = profile.harness
+            if profile is not None and profile.quant:
+                payload["quant"] = profile.quant
+            answer = await post_json(
+                self.session,
+                f"{node.endpoint}/models/estimate",
+                payload,
+                self._admin_timeout,
+                retry_after=self._retry_after,
+            )
+            needed = int(answer.get("memory_bytes") or 0)
+            self._estimates[resolved.canonical] = needed
+            return needed
+        return 0
+
+    async def _load(self, resolved: Resolved) -> str:
+        needed = await self._needed_bytes(resolved)
+        async with self._placement_lock:
+            placement = place(
+                resolved,
+                needed,
+                list(self.fleet.nodes.values()),
+                self.usage,
+                self.strategy,
+                self.models,
+                self.default_source,
+                retry_after=self._retry_after,
+            )
+            node = self.fleet.nodes[placement.node]
+            for victim in placement.victims:
+                self.usage.evicting.add((node.name, victim))
+            token = self.usage.reserve(node.name, placement.device, resolved.canonical, needed)
+        try:
+            if placement.victims:
+                await self._evict(node, placement)
+            return await self._start_load(node, placement, resolved)
+        finally:
+            self.usage.release(token)
+
+    async def _evict(self, node: NodeState, placement: Placement) -> None:
+        try:
+            for victim in placement.victims:
+                log.info("evicting %s from %s to make room", victim, node.name)
+                await self._unload(node, victim, reason="make_room")
+        finally:
+            for victim in placement.victims:
+                self.usage.evicting.discard((node.name, victim))
+            await self.fleet.refresh(node.name)
+
+    async def _start_load(self, node: NodeState, placement: Placement, resolved: Resolved) -> str:
+        profile = resolved.profile
+        payload: dict[str, object] = {"model_id": resolved.canonical, "device": placement.device}
+        if profile is not None and profile.harness:
+            payload["harness"] = profile.harness
+        if profile is not None and profile.quant:
+            payload["quant"] = profile.quant
+        started = time.monotonic()
+        outcome = "failed"
+        log.info("loading %s on %s/%s", resolved.canonical, node.name, placement.device)
+        try:
+            await post_json(
+                self.session,
+                f"{node.endpoint}/models/load",
+                payload,
+                self._load_http_timeout,
+                retry_after=self._retry_after,
+            )
+            outcome = "ok"
+        finally:
+            self.metrics.cold_loads.labels(node.name, outcome).inc()
+            self.metrics.cold_load_duration.labels(node.name).observe(time.monotonic() - started)
+            self.cycles[node.name] += 1
+            await self.fleet.refresh(node.name)
+        self.usage.touch(node.name, resolved.canonical)
+        return node.name
+
+    async def _unload(self, node: NodeState, model_id: str, reason: str) -> None:
+        try:
+            await post_json(
+                self.session,
+                f"{node.endpoint}/models/unload",
+                {"model_id": model_id},
+                self._admin_timeout,
+                retry_after=self._retry_after,
+            )
+        except ApiError as exc:
+            if exc.code != "model_not_found":
+                raise
+        self.metrics.evictions.labels(node.name, reason).inc()
+        self.cycles[node.name] += 1
+
+    # ---- maintenance: keep_alive and defrag -------------------------------------------------
+
+    async def unload_idle(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Unload every model idle longer than its profile's ``keep_alive`` (never pinned ones,
+        never one with a request in flight). Returns what was unloaded."""
+        now = time.time() if now is None else now
+        unloaded = []
+        for node in self.fleet.up_nodes():
+            for m in node.models:
+                profile = find_profile(self.models, m.id, self.default_source)
+                if profile is None or profile.pinned or profile.keep_alive.seconds is None:
+                    continue
+                key = (node.name, m.id)
+                if m.state != READY or key in self.usage.evicting:
+                    continue
+                if m.in_flight or self.usage.busy(*key):
+                    continue
+                idle_since = max(m.last_used, m.loaded_at, self.usage.last_used.get(key, 0.0))
+                if now - idle_since < profile.keep_alive.seconds:
+                    continue
+                log.info("unloading %s from %s: idle past keep_alive", m.id, node.name)
+                self.usage.evicting.add(key)
+                try:
+                    await self._unload(node, m.id, reason="keep_alive")
+                    unloaded.append(key)
+                except ApiError as exc:
+                    log.warning("keep_alive unload of %s on %s failed: %s", m.id, node.name, exc)
+                finally:
+                    self.usage.evicting.discard(key)
+            if any(k[0] == node.name for k in unloaded):
+                await self.fleet.refresh(node.name)
+        return unloaded
+
+    async def defrag_idle_nodes(self) -> list[str]:
+        """Ask idle nodes past ``defrag_after_cycles`` load/unload cycles to release memory."""
+        threshold = self.config.eviction.defrag_after_cycles
+        if threshold <= 0:
+            return []
+        done = []
+        for node in self.fleet.up_nodes():
+            if self.cycles[node.name] < threshold:
+                continue
+            if self.usage.node_busy(node.name) or self.usage.loading_on(node.name):
+                continue
+            if any(m.in_flight for m in node.models) or any(
+                t for t in self.loads.values() if not t.done()
+            ):
+                continue
+            try:
+                await post_json(
+                    self.session,
+                    f"{node.endpoint}/admin/release-memory",
+                    {},
+                    self._admin_timeout,
+                    retry_after=self._retry_after,
+                )
+            except ApiError as exc:
+                log.warning("release-memory on %s failed: %s", node.name, exc)
+                continue
+            self.cycles[node.name] = 0
+            self.metrics.defrags.labels(node.name).inc()
+            done.append(node.name)
+        return done

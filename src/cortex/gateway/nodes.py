@@ -1,0 +1,186 @@
+"""What the gateway knows about one neuron, parsed from the neuron HTTP API.
+
+Parsing is lenient about extra fields (a newer neuron may add some) and strict about the ones
+routing depends on: a malformed answer counts as a failed poll, never as a half-understood node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+READY = "ready"
+LOADING = "loading"
+FAILED = "failed"
+UNLOADING = "unloading"
+
+
+class NodeAnswerError(ValueError):
+    """A neuron answered something that does not follow the neuron HTTP API."""
+
+
+def _int(data: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = data.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        if default is not None:
+            return default
+        raise NodeAnswerError(f"{key!r} must be a number, got {value!r}")
+    return int(value)
+
+
+def _float(data: dict[str, Any], key: str, default: float = 0.0) -> float:
+    value = data.get(key)
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return float(value)
+
+
+@attrs.frozen
+class NodeDevice:
+    """One device of a neuron, from ``GET /discovery``."""
+
+    key: str
+    kind: str
+    total_memory: int
+    free_memory: int
+    state: str = "ok"
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self.kind != "cpu"
+
+    @classmethod
+    def from_json(cls, data: Any) -> NodeDevice:
+        if not isinstance(data, dict) or not isinstance(data.get("key"), str):
+            raise NodeAnswerError(f"a device needs a 'key': {data!r}")
+        return cls(
+            key=data["key"],
+            kind=str(data.get("kind") or data["key"].split(":")[0]),
+            total_memory=_int(data, "total_memory"),
+            free_memory=_int(data, "free_memory"),
+            state=str(data.get("state") or "ok"),
+        )
+
+
+@attrs.frozen
+class Discovery:
+    """``GET /discovery``: what a neuron can do."""
+
+    node: str
+    default_source: str
+    devices: tuple[NodeDevice, ...]
+    harnesses: tuple[str, ...]
+    sources: tuple[str, ...]
+    version: str = ""
+
+    @classmethod
+    def from_json(cls, data: Any) -> Discovery:
+        if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
+            raise NodeAnswerError("discovery needs a 'devices' list")
+        return cls(
+            node=str(data.get("node") or ""),
+            default_source=str(data.get("default_source") or "huggingface"),
+            devices=tuple(NodeDevice.from_json(d) for d in data["devices"]),
+            harnesses=tuple(
+                str(h.get("name")) for h in data.get("harnesses") or [] if isinstance(h, dict)
+            ),
+            sources=tuple(
+                str(s.get("scheme")) for s in data.get("sources") or [] if isinstance(s, dict)
+            ),
+            version=str(data.get("version") or ""),
+        )
+
+
+@attrs.frozen
+class NodeModel:
+    """One ``ModelEntry`` of ``GET /models``."""
+
+    id: str
+    state: str
+    device: str | None = None
+    harness: str | None = None
+    memory_bytes: int = 0
+    in_flight: int = 0
+    loaded_at: float = 0.0
+    last_used: float = 0.0
+    context_length: int | None = None
+    error: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> NodeModel:
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise NodeAnswerError(f"a model entry needs an 'id': {data!r}")
+        context = data.get("context_length")
+        error = data.get("error")
+        return cls(
+            id=data["id"],
+            state=str(data.get("state") or READY),
+            device=data.get("device") if isinstance(data.get("device"), str) else None,
+            harness=data.get("harness") if isinstance(data.get("harness"), str) else None,
+            memory_bytes=_int(data, "memory_bytes", 0),
+            in_flight=_int(data, "in_flight", 0),
+            loaded_at=_float(data, "loaded_at"),
+            last_used=_float(data, "last_used"),
+            context_length=context if isinstance(context, int) else None,
+            error=error if isinstance(error, dict) else None,
+        )
+
+
+def parse_models(data: Any) -> tuple[NodeModel, ...]:
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise NodeAnswerError("GET /models needs a 'models' list")
+    return tuple(NodeModel.from_json(m) for m in data["models"])
+
+
+@attrs.define
+class Health:
+    """Debounced health: down after ``down_after`` failures in a row, up on the first success.
+
+    A node starts down (unknown) until its first successful poll, so nothing is routed to a
+    neuron that was never seen answering.
+    """
+
+    down_after: int = 3
+    up: bool = False
+    failures: int = 0
+    last_error: str | None = None
+
+    def record_success(self) -> bool:
+        """Returns True when this success changed the node from down to up."""
+        changed = not self.up
+        self.up = True
+        self.failures = 0
+        self.last_error = None
+        return changed
+
+    def record_failure(self, error: str) -> bool:
+        """Returns True when this failure changed the node from up to down."""
+        self.failures += 1
+        self.last_error = error
+        if self.up and self.failures >= self.down_after:
+            self.up = False
+            return True
+        return False
+
+
+@attrs.define
+class NodeState:
+    """Everything the gateway knows about one configured neuron."""
+
+    name: str
+    endpoint: str
+    health: Health
+    discovery: Discovery | None = None
+    models: tuple[NodeModel, ...] = ()
+    refreshed_at: float = 0.0
+
+    @property
+    def up(self) -> bool:
+        return self.health.up and self.discovery is not None
+
+    def model(self, model_id: str) -> NodeModel | None:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        return None

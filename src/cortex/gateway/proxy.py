@@ -1,0 +1,248 @@
+"""Streaming pass-through from a neuron to the client.
+
+Chunks are forwarded as they arrive, never buffered: a streamed answer (``text/event-stream``)
+is forwarded frame by frame, ``[DONE]`` included. The only change made on the way is the
+``model`` field, which says what the client asked for (an alias stays an alias); that rewrite
+works on whole SSE frames, so a frame split across reads is held only until its end arrives.
+
+Timeouts are a connect timeout and an *idle* timeout between chunks (aiohttp's ``sock_read``),
+never a total one: a long stream that keeps producing is never cut. When the client goes away
+Starlette cancels the response; closing the upstream response then closes the connection to the
+neuron, which stops generating within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import aiohttp
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from cortex.wire.errors import ApiError
+from cortex.wire.sse import encode_data
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed or set by our own server, or meaningless after aiohttp decoded the body.
+_NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("connection") or headers.get("Connection") or ""
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def upstream_request_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
+    """The client's end-to-end headers (hop-by-hop ones and those named by Connection dropped)."""
+    drop = _NOT_FORWARDED_UP | _connection_tokens(client_headers)
+    headers = {k: v for k, v in client_headers.items() if k.lower() not in drop}
+    headers["content-type"] = "application/json"
+    return headers
+
+
+def downstream_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    drop = _NOT_FORWARDED_DOWN | _connection_tokens(upstream)
+    return {k: v for k, v in upstream.items() if k.lower() not in drop}
+
+
+class ModelRewriter:
+    """Replace ``"model": "<canonical>"`` by ``"model": "<requested>"`` in JSON text."""
+
+    def __init__(self, canonical: str, requested: str) -> None:
+        self.active = canonical != requested
+        quoted = json.dumps(canonical).encode()
+        self._pattern = re.compile(rb'"model"\s*:\s*' + re.escape(quoted))
+        self._replacement = b'"model":' + json.dumps(requested).encode()
+
+    def __call__(self, data: bytes) -> bytes:
+        if not self.active:
+            return data
+        return self._pattern.sub(lambda _m: self._replacement, data)
+
+
+UsageCallback = Callable[[dict[str, Any]], None]
+
+
+def _usage_from_frame(frame: bytes) -> dict[str, Any] | None:
+    if b'"usage"' not in frame:
+        return None
+    for line in frame.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        try:
+            payload = json.loads(line[5:])
+        except ValueError:
+            return None
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        return usage if isinstance(usage, dict) else None
+    return None
+
+
+class UpstreamUnreachable(ApiError):
+    """No answer headers came back: nothing reached the client yet, another replica may serve."""
+
+    never_connected: bool = False
+
+
+class StreamObserver:
+    """Callbacks a proxied answer reports to (metrics, in-flight bookkeeping)."""
+
+    def __init__(
+        self,
+        on_first_chunk: Callable[[], None] | None = None,
+        on_usage: UsageCallback | None = None,
+        on_end: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.on_first_chunk = on_first_chunk or (lambda: None)
+        self.on_usage = on_usage or (lambda _u: None)
+        self.on_end = on_end or (lambda _e: None)
+
+
+def _stream_error_frame(code: str, message: str) -> bytes:
+    return encode_data({"error": {"message": message, "type": "upstream_error", "code": code}})
+
+
+async def _relay_sse(
+    resp: aiohttp.ClientResponse, rewrite: ModelRewriter, observer: StreamObserver
+) -> AsyncIterator[bytes]:
+    buffer = b""
+    first = True
+    error: str | None = None
+    try:
+        async for chunk in resp.content.iter_any():
+            if first:
+                observer.on_first_chunk()
+                first = False
+            buffer += chunk
+            end = buffer.rfind(b"\n\n")
+            if end < 0:
+                continue
+            complete, buffer = buffer[: end + 2], buffer[end + 2 :]
+            if b'"usage"' in complete:
+                for frame in complete.split(b"\n\n"):
+                    usage = _usage_from_frame(frame)
+                    if usage:
+                        observer.on_usage(usage)
+            yield rewrite(complete)
+        if buffer:
+            yield rewrite(buffer)
+    except asyncio.CancelledError:  # the client went away: closing resp stops the neuron
+        error = "client_disconnected"
+        raise
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        error = "upstream_timeout"
+        yield _stream_error_frame(error, "the neuron stopped sending (idle timeout)")
+    except aiohttp.ClientError as exc:
+        error = "upstream_connection_error"
+        yield _stream_error_frame(error, f"the neuron connection broke: {exc}")
+    finally:
+        resp.close()
+        observer.on_end(error)
+
+
+async def forward(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    rewrite: ModelRewriter,
+    observer: StreamObserver,
+    extra_headers: Mapping[str, str],
+    retry_after: float,
+) -> Response:
+    """POST ``body`` to ``url`` and relay the answer.
+
+    Before answer headers arrive, failures raise :class:`UpstreamUnreachable` and the observer
+    hears nothing (the caller may try another replica). Once headers arrived, everything is
+    relayed as is (errors keep status, envelope and Retry-After) and ``observer.on_end`` is
+    called exactly once, when the answer is over."""
+    try:
+        resp = await session.post(
+            url, data=body, headers=upstream_request_headers(client_headers), timeout=timeout
+        )
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamUnreachable(
+            504, "upstream_timeout", f"{url} did not answer in time", retry_after=retry_after
+        ) from None
+    except aiohttp.ClientError as exc:
+        error = UpstreamUnreachable(
+            502,
+            "upstream_connection_error",
+            f"could not reach the neuron ({type(exc).__name__}: {exc})",
+            retry_after=retry_after,
+        )
+        # Only a connection that was never made is safe to send elsewhere.
+        error.never_connected = isinstance(exc, aiohttp.ClientConnectorError)
+        raise error from None
+
+    headers = {**downstream_headers(resp.headers), **extra_headers}
+    content_type = resp.headers.get("content-type", "")
+    if resp.status == 200 and content_type.startswith("text/event-stream"):
+        headers.setdefault("cache-control", "no-cache")
+        headers["x-accel-buffering"] = "no"
+        return StreamingResponse(
+            _relay_sse(resp, rewrite, observer), status_code=200, headers=headers
+        )
+
+    try:
+        raw = await resp.read()
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        resp.close()
+        observer.on_end("upstream_timeout")
+        raise ApiError(
+            504,
+            "upstream_timeout",
+            "the neuron did not finish its answer within the idle timeout",
+            retry_after=retry_after,
+        ) from None
+    except aiohttp.ClientError as exc:
+        resp.close()
+        observer.on_end("upstream_connection_error")
+        raise ApiError(
+            502,
+            "upstream_connection_error",
+            f"the neuron connection broke: {exc}",
+            retry_after=retry_after,
+        ) from None
+    finally:
+        resp.release()
+    observer.on_first_chunk()
+    if resp.status == 200:
+        raw = rewrite(raw)
+        try:
+            usage = json.loads(raw).get("usage")
+        except (ValueError, AttributeError):
+            usage = None
+        if isinstance(usage, dict):
+            observer.on_usage(usage)
+    error = None if resp.status == 200 else f"upstream_{resp.status}"
+    return Response(
+        raw,
+        status_code=resp.status,
+        headers=headers,
+        background=BackgroundTask(observer.on_end, error),
+    )
+
+
+def elapsed_since(started: float) -> float:
+    return time.monotonic() - started

@@ -1,0 +1,267 @@
+"""Routing decisions: pure functions over the fleet view, the model profiles and live usage.
+
+Nothing here does I/O, so every rule (alias resolution, least-busy replica, placement, eviction
+planning, why a model cannot be placed) is tested on plain data.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from cortex.config import ModelProfile, ModelsConfig
+from cortex.eviction import EvictionCandidate, EvictionStrategy
+from cortex.gateway.nodes import LOADING, READY, NodeDevice, NodeModel, NodeState
+from cortex.gateway.usage import Usage
+from cortex.source import ModelIdError, ModelSourceId
+from cortex.wire.errors import ApiError, model_not_found
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+@attrs.frozen
+class Resolved:
+    """A client's model name resolved: ``canonical`` is ``scheme:org/name``."""
+
+    requested: str
+    canonical: str
+    profile: ModelProfile | None
+    alias_of: str | None = None
+
+
+def canonical_or_none(raw: str, default_source: str) -> str | None:
+    try:
+        return str(ModelSourceId.parse(raw).with_default_scheme(default_source))
+    except ModelIdError:
+        return None
+
+
+def find_profile(models: ModelsConfig, canonical: str, default_source: str) -> ModelProfile | None:
+    for profile in models.models:
+        if canonical_or_none(profile.id, default_source) == canonical:
+            return profile
+    return None
+
+
+def resolve(requested: str, models: ModelsConfig, default_source: str) -> Resolved:
+    """Alias (one level) -> canonical id -> profile. An unparseable name is an unknown model."""
+    target = models.aliases.get(requested)
+    name = target if target is not None else requested
+    canonical = canonical_or_none(name, default_source)
+    if canonical is None:
+        raise model_not_found(requested, "not an alias and not a model id ('org/name')")
+    return Resolved(
+        requested=requested,
+        canonical=canonical,
+        profile=find_profile(models, canonical, default_source),
+        alias_of=canonical if target is not None else None,
+    )
+
+
+# ---- replicas ---------------------------------------------------------------------------------
+
+
+def replicas(
+    nodes: list[NodeState], canonical: str, usage: Usage, state: str = READY
+) -> list[tuple[NodeState, NodeModel]]:
+    """Up nodes where the model is in ``state`` (and not being unloaded by the gateway)."""
+    found = []
+    for node in nodes:
+        if not node.up:
+            continue
+        model = node.model(canonical)
+        if (
+            model is not None
+            and model.state == state
+            and (node.name, canonical) not in (usage.evicting)
+        ):
+            found.append((node, model))
+    return found
+
+
+def least_busy(
+    candidates: list[tuple[NodeState, NodeModel]], canonical: str, usage: Usage
+) -> tuple[NodeState, NodeModel] | None:
+    """Fewest requests in flight (the gateway's live count first, the neuron's as tie-break)."""
+    if not candidates:
+        return None
+    return min(
+        candidates,
+        key=lambda nm: (usage.busy(nm[0].name, canonical), nm[1].in_flight, nm[0].name),
+    )
+
+
+# ---- placement --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Placement:
+    """Load ``canonical`` on ``node``/``device`` after unloading ``victims`` there."""
+
+    node: str
+    device: str
+    victims: tuple[str, ...] = ()
+    freed_bytes: int = 0
+
+
+def node_allowed(profile: ModelProfile | None, node: NodeState) -> bool:
+    return profile is None or not profile.nodes or node.name in profile.nodes
+
+
+def node_capable(profile: ModelProfile | None, node: NodeState, canonical: str) -> str | None:
+    """None when the node can load the model, else why not."""
+    assert node.discovery is not None
+    if profile is not None and profile.harness and profile.harness not in node.discovery.harnesses:
+        return f"{node.name} has no {profile.harness!r} harness"
+    scheme = canonical.split(":", 1)[0]
+    if node.discovery.sources and scheme not in node.discovery.sources:
+        return f"{node.name} has no {scheme!r} source"
+    return None
+
+
+def placement_devices(node: NodeState) -> list[NodeDevice]:
+    """Accelerators when the node has any, else its CPU: a GPU node never places on its RAM."""
+    assert node.discovery is not None
+    usable = [d for d in node.discovery.devices if d.state == "ok"]
+    accelerators = [d for d in usable if d.is_accelerator]
+    return accelerators or [d for d in usable if not d.is_accelerator]
+
+
+def device_free(node: NodeState, device: NodeDevice, usage: Usage) -> int:
+    """Free bytes: the neuron's figure, capped by total minus what its models hold, minus what
+    loads in progress have reserved."""
+    held = sum(m.memory_bytes for m in node.models if m.device == device.key)
+    free = min(device.free_memory, device.total_memory - held)
+    return max(0, free - usage.reserved(node.name, device.key))
+
+
+def eviction_candidates(
+    node: NodeState,
+    device: NodeDevice,
+    usage: Usage,
+    models: ModelsConfig,
+    default_source: str,
+) -> list[EvictionCandidate]:
+    candidates = []
+    for m in node.models:
+        if m.device != device.key or m.state != READY:
+            continue
+        if (node.name, m.id) in usage.evicting:
+            continue
+        profile = find_profile(models, m.id, default_source)
+        candidates.append(
+            EvictionCandidate(
+                model_id=m.id,
+                memory_bytes=m.memory_bytes,
+                last_used=max(
+                    m.last_used, m.loaded_at, usage.last_used.get((node.name, m.id), 0.0)
+                ),
+                priority=profile.priority if profile else 0,
+                pinned=profile.pinned if profile else False,
+                in_flight=max(m.in_flight, usage.busy(node.name, m.id)),
+            )
+        )
+    return candidates
+
+
+def place(
+    resolved: Resolved,
+    needed: int,
+    configured_nodes: list[NodeState],
+    usage: Usage,
+    strategy: EvictionStrategy,
+    models: ModelsConfig,
+    default_source: str,
+    retry_after: float = 5.0,
+) -> Placement:
+    """Where to load a model, or an :class:`ApiError` that says why it cannot be placed now."""
+    canonical, profile = resolved.canonical, resolved.profile
+    allowed = [n for n in configured_nodes if node_allowed(profile, n)]
+    if not allowed:
+        raise ApiError(
+            422,
+            "no_eligible_node",
+            f"model {resolved.requested!r} may only run on {profile.nodes if profile else []}, "
+            "and no such neuron is configured",
+            param="model",
+        )
+    down = [n.name for n in allowed if not n.up]
+    up = [n for n in allowed if n.up]
+    incapable = [why for n in up if (why := node_capable(profile, n, canonical))]
+    capable = [n for n in up if node_capable(profile, n, canonical) is None]
+
+    # A load already running on a neuron (not started by us): join it there, no eviction.
+    for node in capable:
+        entry = node.model(canonical)
+        if entry is not None and entry.state == LOADING and entry.device:
+            return Placement(node.name, entry.device)
+
+    if not capable:
+        if down:
+            raise ApiError(
+                503,
+                "service_unavailable",
+                f"model {resolved.requested!r}: the neurons that could serve it are down "
+                f"({', '.join(sorted(down))})",
+                retry_after=retry_after,
+            )
+        raise ApiError(
+            422,
+            "no_capable_node",
+            f"model {resolved.requested!r}: no neuron can load it ({'; '.join(incapable)})",
+            param="model",
+        )
+
+    devices = [(n, d) for n in capable for d in placement_devices(n)]
+    fitting = [(n, d, device_free(n, d, usage)) for n, d in devices]
+    fitting = [f for f in fitting if f[2] >= needed]
+    if fitting:
+        node, device, _ = max(fitting, key=lambda f: (f[2], f[0].name))
+        return Placement(node.name, device.key)
+
+    big_enough = [(n, d) for n, d in devices if d.total_memory >= needed]
+    if not big_enough:
+        largest = max(devices, key=lambda nd: nd[1].total_memory, default=None)
+        where = f"{largest[0].name}/{largest[1].key}" if largest else "none"
+        size = largest[1].total_memory if largest else 0
+        if down:
+            raise ApiError(
+                503,
+                "service_unavailable",
+                f"model {resolved.requested!r} needs {_mib(needed)}, more than any healthy "
+                f"device holds (largest: {where}, {_mib(size)}); down: {', '.join(sorted(down))}",
+                retry_after=retry_after,
+            )
+        raise ApiError(
+            422,
+            "model_too_large",
+            f"model {resolved.requested!r} needs {_mib(needed)} but the largest device it may "
+            f"use is {where} with {_mib(size)}",
+            param="model",
+        )
+
+    plans = []
+    reasons = []
+    for node, device in big_enough:
+        free = device_free(node, device, usage)
+        candidates = eviction_candidates(node, device, usage, models, default_source)
+        plan = strategy.plan(candidates, needed, free)
+        if not plan.fits:
+            reasons.append(f"{node.name}/{device.key}: {plan.reason}")
+            continue
+        sizes = {c.model_id: c.memory_bytes for c in candidates}
+        freed = sum(sizes.get(v, 0) for v in plan.victims)
+        plans.append(
+            (freed, len(plan.victims), node.name, Placement(node.name, device.key, plan.victims))
+        )
+    if plans:
+        freed, _, _, chosen = min(plans, key=lambda p: p[:3])
+        return attrs.evolve(chosen, freed_bytes=freed)
+    raise ApiError(
+        503,
+        "insufficient_memory",
+        f"model {resolved.requested!r} needs {_mib(needed)} and nothing can be evicted to make "
+        f"room now ({'; '.join(reasons)})",
+        retry_after=retry_after,
+    )

@@ -1,0 +1,301 @@
+"""The gateway at run time: fleet, loader, usage, metrics and the request path between them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from starlette.responses import Response
+
+from cortex.config import CortexConfig, ModelsConfig
+from cortex.eviction import EvictionStrategy
+from cortex.gateway.catalogue import build_catalogue
+from cortex.gateway.fleet import Fleet
+from cortex.gateway.loader import Loader
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.nodes import NodeState
+from cortex.gateway.proxy import ModelRewriter, StreamObserver, UpstreamUnreachable, forward
+from cortex.gateway.router import Resolved, least_busy, replicas, resolve
+from cortex.gateway.usage import Usage
+from cortex.wire.errors import ApiError, model_not_found
+
+log = logging.getLogger(__name__)
+
+NODE_HEADER = "x-cortex-node"
+MODEL_HEADER = "x-cortex-model"
+MAX_ROUTING_ATTEMPTS = 3
+
+
+def load_strategy(name: str) -> EvictionStrategy:
+    """The eviction strategy named in ``[eviction] strategy`` (a plugin), or a clear error."""
+    from cortex.plugins import get_registry
+
+    strategies = get_registry().eviction_strategies()
+    if name not in strategies:
+        known = ", ".join(sorted(strategies))
+        raise ValueError(f"[eviction] strategy {name!r} is not registered (known: {known})")
+    return strategies[name]
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: CortexConfig,
+        models: ModelsConfig,
+        strategy: EvictionStrategy,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.models = models
+        self.strategy = strategy
+        self.metrics = metrics or GatewayMetrics()
+        self.usage = Usage()
+        self.session: aiohttp.ClientSession | None = None
+        self.fleet: Fleet | None = None
+        self.loader: Loader | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        g = config.gateway
+        self.retry_after = float(g.retry_after)
+        self.proxy_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=g.connect_timeout.seconds,
+            sock_connect=g.connect_timeout.seconds,
+            sock_read=g.idle_timeout.seconds,
+        )
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        g = self.config.gateway
+        self.fleet = Fleet(
+            self.config.neurons,
+            self.session,
+            poll_interval=g.poll_interval.seconds or 2.0,
+            down_after=g.down_after_failures,
+            request_timeout=g.connect_timeout.seconds or 5.0,
+            on_health_change=self._health_changed,
+        )
+        for name in self.fleet.nodes:
+            self.metrics.node_up.labels(name).set(0)
+        self.loader = Loader(
+            self.config,
+            self.models,
+            self.fleet,
+            self.usage,
+            self.strategy,
+            self.session,
+            self.metrics,
+            self.default_source,
+        )
+        await self.fleet.poll_all()
+        self.loader.default_source = self.default_source
+        self.fleet.start()
+        self._maintenance = asyncio.create_task(self._maintain(), name="gateway-maintenance")
+
+    async def stop(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._maintenance
+        if self.fleet is not None:
+            await self.fleet.stop()
+        if self.loader is not None:
+            for task in list(self.loader.loads.values()):
+                task.cancel()
+        if self.session is not None:
+            await self.session.close()
+
+    def _health_changed(self, node: NodeState) -> None:
+        self.metrics.node_up.labels(node.name).set(1 if node.up else 0)
+
+    async def _maintain(self) -> None:
+        interval = min(self.config.gateway.poll_interval.seconds or 2.0, 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            assert self.loader is not None
+            try:
+                await self.loader.unload_idle()
+                await self.loader.defrag_idle_nodes()
+            except Exception:
+                log.exception("maintenance failed")
+
+    # ---- views ------------------------------------------------------------------------------
+
+    @property
+    def default_source(self) -> str:
+        assert self.fleet is not None
+        return self.fleet.default_source(self.config.gateway.default_source)
+
+    def nodes(self) -> list[NodeState]:
+        assert self.fleet is not None
+        return list(self.fleet.nodes.values())
+
+    def catalogue(self) -> list[dict[str, Any]]:
+        return build_catalogue(self.nodes(), self.models, self.usage, self.default_source)
+
+    def health(self) -> dict[str, Any]:
+        nodes = []
+        for node in self.nodes():
+            nodes.append(
+                {
+                    "name": node.name,
+                    "endpoint": node.endpoint,
+                    "up": node.up,
+                    "consecutive_failures": node.health.failures,
+                    "last_error": node.health.last_error,
+                    "models_ready": sum(1 for m in node.models if m.state == "ready")
+                    if node.up
+                    else 0,
+                    "in_flight": self.usage.node_busy(node.name),
+                }
+            )
+        up = sum(1 for n in nodes if n["up"])
+        status = "ok" if up == len(nodes) and nodes else ("degraded" if up else "unavailable")
+        return {
+            "status": status,
+            "nodes_up": up,
+            "nodes_total": len(nodes),
+            "models_ready": len(
+                {m.id for n in self.nodes() if n.up for m in n.models if m.state == "ready"}
+            ),
+            "loads_in_progress": sorted(self.loader.loads) if self.loader else [],
+            "nodes": nodes,
+        }
+
+    # ---- routing ----------------------------------------------------------------------------
+
+    def _known(self, resolved: Resolved) -> tuple[bool, bool]:
+        """(known at all, known only on neurons that are down)."""
+        on_up = on_down = False
+        for node in self.nodes():
+            if node.model(resolved.canonical) is not None:
+                if node.up:
+                    on_up = True
+                else:
+                    on_down = True
+        return resolved.profile is not None or on_up or on_down, on_down and not on_up
+
+    async def route(self, resolved: Resolved, exclude: set[str] = frozenset()) -> NodeState:
+        """A node with the model ready, loading it first when needed. Counts the request as in
+        flight there before returning (no await in between, so eviction cannot race it)."""
+        assert self.loader is not None
+        for _attempt in range(MAX_ROUTING_ATTEMPTS):
+            ready = [
+                nm
+                for nm in replicas(self.nodes(), resolved.canonical, self.usage)
+                if nm[0].name not in exclude
+            ]
+            pick = least_busy(ready, resolved.canonical, self.usage)
+            if pick is not None:
+                self.usage.begin(pick[0].name, resolved.canonical)
+                return pick[0]
+            known, only_down = self._known(resolved)
+            if not known:
+                raise model_not_found(resolved.requested)
+            if only_down and resolved.profile is None:
+                raise ApiError(
+                    503,
+                    "service_unavailable",
+                    f"model {resolved.requested!r} was served only by neurons that are down",
+                    retry_after=self.retry_after,
+                )
+            await self.loader.ensure_loaded(resolved)
+        raise ApiError(
+            503,
+            "service_unavailable",
+            f"model {resolved.requested!r} was loaded but went away before it could be used",
+            retry_after=self.retry_after,
+        )
+
+    # ---- the request path -------------------------------------------------------------------
+
+    async def generate(
+        self, route: str, payload: dict[str, Any], client_headers: Mapping[str, str]
+    ) -> Response:
+        """Proxy one ``/v1/chat/completions`` or ``/v1/completions`` request."""
+        started = time.monotonic()
+        requested = payload.get("model")
+        if not isinstance(requested, str) or not requested:
+            raise ApiError(
+                400,
+                "missing_model_field",
+                "the request needs a 'model' field naming a model from GET /v1/models",
+                param="model",
+            )
+        resolved = resolve(requested, self.models, self.default_source)
+        body = json.dumps({**payload, "model": resolved.canonical}).encode()
+        rewrite = ModelRewriter(resolved.canonical, requested)
+        tried: set[str] = set()
+        while True:
+            node = await self.route(resolved, exclude=tried)
+            self.metrics.in_flight.labels(node.name).inc()
+            observer = self._observer(route, node.name, resolved.canonical, started)
+            try:
+                response = await forward(
+                    self.session,  # type: ignore[arg-type]
+                    f"{node.endpoint}{route}",
+                    body,
+                    client_headers,
+                    self.proxy_timeout,
+                    rewrite,
+                    observer,
+                    {NODE_HEADER: node.name, MODEL_HEADER: resolved.canonical},
+                    self.retry_after,
+                )
+            except UpstreamUnreachable as exc:
+                self._finish(node.name, resolved.canonical)
+                assert self.fleet is not None
+                asyncio.get_running_loop().create_task(self.fleet.refresh(node.name))
+                tried.add(node.name)
+                others = [
+                    nm
+                    for nm in replicas(self.nodes(), resolved.canonical, self.usage)
+                    if nm[0].name not in tried
+                ]
+                if exc.never_connected and others:
+                    log.warning("neuron %s unreachable; trying another replica", node.name)
+                    continue
+                raise
+            return response
+
+    def _finish(self, node: str, canonical: str) -> None:
+        self.usage.end(node, canonical)
+        self.metrics.in_flight.labels(node).dec()
+
+    def _observer(self, route: str, node: str, canonical: str, started: float) -> StreamObserver:
+        metrics = self.metrics
+        first: list[float] = []
+        completion: list[int] = []
+
+        def on_first_chunk() -> None:
+            if not first:
+                first.append(time.monotonic())
+                metrics.ttft.labels(route).observe(first[0] - started)
+
+        def on_usage(usage: dict[str, Any]) -> None:
+            prompt, done = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                metrics.tokens.labels("prompt").inc(prompt)
+            if isinstance(done, int):
+                metrics.tokens.labels("completion").inc(done)
+                completion.append(done)
+
+        def on_end(error: str | None) -> None:
+            self._finish(node, canonical)
+            elapsed = time.monotonic() - started
+            metrics.duration.labels(route).observe(elapsed)
+            metrics.requests.labels(route, canonical, "error" if error else "ok").inc()
+            if error:
+                metrics.errors.labels(route, error).inc()
+            if completion and first and elapsed > first[0] - started:
+                metrics.tokens_per_second.observe(completion[-1] / max(elapsed, 1e-6))
+
+        return StreamObserver(on_first_chunk, on_usage, on_end)
