@@ -76,3 +76,14 @@ def hf_registry() -> Iterator[Callable[..., RunningRegistry]]:
     yield start
     for registry in started:
         registry.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_repo(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GGUF repo directory written from ``tiny_llama_dir``: ``tiny-F32.gguf`` and
+    ``tiny-F16.gguf`` (two quants to choose from) and a README. Built once per session."""
+    from cortex.testing.tiny_gguf import build_tiny_gguf_repo
+
+    return build_tiny_gguf_repo(
+        tmp_path_factory.mktemp("tiny-gguf") / "repo", model_dir=tiny_llama_dir
+    )

@@ -1,29 +1,195 @@
-"""The llama.cpp harness (load and generation arrive with the GGUF issue)."""
+"""The llama.cpp harness: GGUF repos onto a CPU or a CUDA device through llama-cpp-python.
+
+It answers the neuron's questions before anything is downloaded (does this repo have GGUF files,
+which files does a load need, how much memory will it take) and loads a fetched snapshot on the
+device's worker thread. ``llama_cpp`` is imported only inside :meth:`LlamaCppHarness.load`, so a
+gateway that has this plugin installed never pays for it.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from cortex.devices import Device
 from cortex.harness import HarnessError, LoadedModel, LoadOptions
 from cortex.source import Preflight, WeightFormat
+from cortex_harness_llamacpp import gguf_files
+from cortex_harness_llamacpp.settings import LlamaCppSettings, resolve_settings
+
+log = logging.getLogger("cortex.harness.llamacpp")
+
+MIB = 2**20
+# Before download only the file size is known. F16 KV per token relative to the weights of a
+# ~4.5-bit quant: Llama-3-8B Q4_K_M 4.9 GB -> 128 KiB/token, Qwen2.5-32B Q4_K_M 19.9 GB ->
+# 256 KiB/token. size/40000 matches the first and overestimates the second: safe for placement.
+_KV_PER_TOKEN_DIVISOR = 40_000
+_KV_PER_TOKEN_MIN = 4 * 1024
+_KV_PER_TOKEN_MAX = 1 * MIB
+# Compute buffers and scratch space on top of weights and KV cache.
+_OVERHEAD_FIXED = 64 * MIB
+_OVERHEAD_FRACTION = 0.02
+# llama.cpp's "all layers" (what llama_cpp.Llama passes for n_gpu_layers=-1).
+_ALL_LAYERS = 0x7FFFFFFF
+
+
+def estimated_kv_bytes_per_token(weight_bytes: int) -> int:
+    guess = weight_bytes // _KV_PER_TOKEN_DIVISOR
+    return max(_KV_PER_TOKEN_MIN, min(_KV_PER_TOKEN_MAX, guess))
 
 
 @attrs.frozen
 class LlamaCppHarness:
+    """Registered as ``llamacpp``."""
+
     name: str = "llamacpp"
 
     def accepts(self, preflight: Preflight) -> bool:
-        return preflight.weight_format in (WeightFormat.GGUF, WeightFormat.BOTH)
+        if preflight.weight_format not in (WeightFormat.GGUF, WeightFormat.BOTH):
+            return False
+        return bool(gguf_files.matching_ggufs(preflight.file_names(), None))
 
     def files_needed(self, preflight: Preflight) -> list[str]:
-        return [preflight.gguf_file] if preflight.gguf_file else []
+        """Only the chosen GGUF (all its shards when it is split), never the other quants."""
+        if not preflight.gguf_file:
+            return []
+        return gguf_files.shard_group(preflight.gguf_file, preflight.file_names())
 
     def estimate_memory(self, preflight: Preflight, options: LoadOptions) -> int:
-        size = preflight.size_of(preflight.gguf_file) if preflight.gguf_file else 0
-        return int(size * 1.1) + 32 * 2**20
+        """Weights (the file size) + the KV cache for the context the load will use + overhead.
+        Without a local file the KV size per token is estimated from the file size."""
+        settings = resolve_settings(options)
+        weights = sum(preflight.size_of(name) for name in self.files_needed(preflight))
+        context = options.context_length or settings.max_context
+        kv = context * estimated_kv_bytes_per_token(weights)
+        return int(weights + kv + _OVERHEAD_FIXED + weights * _OVERHEAD_FRACTION)
 
     def load(self, snapshot: Path, device: Device, options: LoadOptions) -> LoadedModel:
-        raise HarnessError("the llama.cpp harness cannot load models yet")
+        settings = resolve_settings(options)
+        path = choose_local_gguf(snapshot, options.quant)
+        return load_gguf(path, device, settings, options.context_length)
+
+
+def choose_local_gguf(snapshot: Path, quant: str | None) -> Path:
+    """The GGUF file to open in a fetched snapshot: the one matching ``quant`` (its first shard
+    when split), or the only one there is."""
+    names = gguf_files.local_ggufs(snapshot)
+    matches = gguf_files.matching_ggufs(names, quant)
+    groups = {gguf_files.first_shard(gguf_files.shard_group(n, names)) for n in matches}
+    if len(groups) == 1:
+        return snapshot / groups.pop()
+    if not names:
+        raise HarnessError(f"no .gguf model file in {snapshot}")
+    if not groups:
+        raise HarnessError(f"no GGUF file matches quant {quant!r}; available: {', '.join(names)}")
+    raise HarnessError(
+        f"{len(groups)} GGUF files match quant {quant!r} ({', '.join(sorted(groups))}); "
+        "name the quant more precisely"
+    )
+
+
+def load_gguf(
+    path: Path,
+    device: Device,
+    settings: LlamaCppSettings,
+    context_length: int | None = None,
+) -> LoadedModel:
+    """Open ``path`` on ``device``: all layers on the GPU for a CUDA device (which needs a
+    llama.cpp built with CUDA), else on the CPU with the configured threads. Runs on the
+    device's worker thread."""
+    from cortex_harness_llamacpp import native
+    from cortex_harness_llamacpp.model import LlamaCppModel
+
+    lib = native.llama()
+    started = time.monotonic()
+    model_params = lib.llama_model_default_params()
+    if device.kind == "cuda":
+        if not lib.llama_supports_gpu_offload():
+            raise HarnessError(
+                "this llama-cpp-python was built without GPU support, so it cannot load onto "
+                f'{device.key}; rebuild it with CMAKE_ARGS="-DGGML_CUDA=on" pip install '
+                "--force-reinstall --no-cache-dir llama-cpp-python, or load onto cpu"
+            )
+        model_params.n_gpu_layers = _ALL_LAYERS
+        model_params.split_mode = lib.LLAMA_SPLIT_MODE_NONE
+        model_params.main_gpu = device.index
+    elif device.kind == "cpu":
+        model_params.n_gpu_layers = 0
+    else:
+        raise HarnessError(f"the llama.cpp harness cannot load onto a {device.kind!r} device")
+
+    model = lib.llama_model_load_from_file(str(path).encode("utf-8"), model_params)
+    if model is None:
+        raise HarnessError(f"llama.cpp could not load {path.name} (see the neuron log)")
+    try:
+        metadata = native.model_metadata(lib, model)
+        context = resolve_context_length(
+            int(lib.llama_model_n_ctx_train(model)), context_length, settings
+        )
+        ctx = lib.llama_init_from_model(model, _context_params(lib, device, settings, context))
+        if ctx is None:
+            raise HarnessError(
+                f"llama.cpp could not create a context of {context} tokens for {path.name} "
+                f"on {device.key} (out of memory?)"
+            )
+    except BaseException:
+        lib.llama_model_free(model)
+        raise
+    loaded = LlamaCppModel(
+        lib=lib,
+        model=model,
+        ctx=ctx,
+        path=path,
+        device=device,
+        settings=settings,
+        context_length=context,
+        metadata=metadata,
+    )
+    log.info(
+        "loaded %s on %s in %.2fs: context %d, %d slots, %.1f MiB",
+        path.name,
+        device.key,
+        time.monotonic() - started,
+        context,
+        len(loaded._slots),
+        loaded.memory_bytes() / MIB,
+    )
+    return loaded
+
+
+def resolve_context_length(trained: int, requested: int | None, settings: LlamaCppSettings) -> int:
+    """The request's context length when it names one; else the GGUF's trained context, capped
+    by ``max_context`` so a 128k-context file does not allocate a 128k KV cache by default."""
+    if requested is not None:
+        if requested < 16:
+            raise HarnessError(f"context_length {requested} is too small (at least 16)")
+        if trained and requested > trained:
+            log.warning("context_length %d exceeds the trained context %d", requested, trained)
+        return requested
+    if trained <= 0:
+        return settings.max_context
+    return min(trained, settings.max_context)
+
+
+def _context_params(lib: Any, device: Device, settings: LlamaCppSettings, context: int) -> Any:
+    """One unified KV cache of ``context`` cells shared by ``parallel`` sequences."""
+    params = lib.llama_context_default_params()
+    params.n_ctx = context
+    params.n_batch = min(settings.n_batch, context)
+    params.n_ubatch = params.n_batch
+    params.n_seq_max = max(1, min(settings.parallel, lib.llama_max_parallel_sequences()))
+    params.kv_unified = True
+    params.n_threads = settings.threads
+    params.n_threads_batch = settings.threads_batch
+    params.no_perf = True
+    if settings.flash_attn:
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    if device.kind == "cpu":
+        # A CUDA build would otherwise move KV and big batches to a GPU the neuron did not pick.
+        params.offload_kqv = False
+        params.op_offload = False
+    return params

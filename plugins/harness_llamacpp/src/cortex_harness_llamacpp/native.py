@@ -1,0 +1,162 @@
+"""Thin, typed wrappers over llama-cpp-python's ctypes bindings of ``llama.h``.
+
+The high-level ``llama_cpp.Llama`` keeps one sequence per context and owns its sampler, which is
+the opposite of what a neuron needs (many interleaved generations, each with its own sampler and
+KV sequence). So the harness talks to the C API directly, through these helpers; everything here
+runs on the device worker thread that owns the model. ``llama_cpp`` is imported lazily.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from cortex.harness import DeviceFault, HarnessError
+
+log = logging.getLogger("cortex.harness.llamacpp")
+
+_INIT_LOCK = threading.Lock()
+_initialised = False
+_log_callback: Any = None  # kept referenced: llama.cpp holds a raw pointer to it
+
+# ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT) -> logging level; llama.cpp's INFO is a
+# page of chatter per load, so it goes to DEBUG. CONT continues the previous message.
+_LEVELS = {
+    0: logging.DEBUG,
+    1: logging.DEBUG,
+    2: logging.DEBUG,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+_CONT = 5
+_last_level = logging.DEBUG
+
+
+def llama() -> Any:
+    """The ``llama_cpp`` module, with the backend initialised and llama.cpp's log routed into
+    Python logging (its INFO chatter at DEBUG), once per process."""
+    global _initialised, _log_callback
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise HarnessError(
+            "llama-cpp-python is not installed: pip install llama-cpp-python "
+            "(see docs/harnesses.md for the CUDA build)"
+        ) from exc
+    with _INIT_LOCK:
+        if not _initialised:
+            llama_cpp.llama_backend_init()
+
+            @llama_cpp.llama_log_callback
+            def _route(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+                global _last_level
+                if level != _CONT:
+                    _last_level = _LEVELS.get(level, logging.DEBUG)
+                message = text.decode("utf-8", errors="replace").rstrip()
+                if message:
+                    log.log(_last_level, "%s", message)
+
+            _log_callback = _route
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            _initialised = True
+    return llama_cpp
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (built with CUDA, Metal, ...)."""
+    return bool(llama().llama_supports_gpu_offload())
+
+
+def model_metadata(lib: Any, model: Any) -> dict[str, str]:
+    """Every GGUF key/value of a loaded model, as strings (llama.cpp renders arrays briefly)."""
+    out: dict[str, str] = {}
+    size = 4096
+    buf = ctypes.create_string_buffer(size)
+    for i in range(lib.llama_model_meta_count(model)):
+        n = lib.llama_model_meta_key_by_index(model, i, buf, size)
+        if n < 0:
+            continue
+        key = buf.value.decode("utf-8", errors="replace")
+        n = lib.llama_model_meta_val_str_by_index(model, i, buf, size)
+        if n >= size:
+            bigger = ctypes.create_string_buffer(n + 1)
+            lib.llama_model_meta_val_str_by_index(model, i, bigger, n + 1)
+            out[key] = bigger.value.decode("utf-8", errors="replace")
+        elif n >= 0:
+            out[key] = buf.value.decode("utf-8", errors="replace")
+    return out
+
+
+def tokenize(lib: Any, vocab: Any, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    """Text -> token ids (growing the buffer when llama.cpp says it was too small)."""
+    data = text.encode("utf-8")
+    capacity = max(16, len(data) + 8)
+    for _ in range(2):
+        buf = (lib.llama_token * capacity)()
+        n = lib.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n >= 0:
+            return list(buf[:n])
+        capacity = -n
+    raise HarnessError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+
+
+def token_piece(lib: Any, vocab: Any, token: int, special: bool = False) -> bytes:
+    """The bytes one token stands for (empty for control tokens unless ``special``)."""
+    size = 64
+    buf = ctypes.create_string_buffer(size)
+    n = lib.llama_token_to_piece(vocab, token, buf, size, 0, special)
+    if n < 0:
+        size = -n
+        buf = ctypes.create_string_buffer(size)
+        n = lib.llama_token_to_piece(vocab, token, buf, size, 0, special)
+    return buf.raw[: max(n, 0)]
+
+
+class Batch:
+    """A reusable ``llama_batch`` of up to ``capacity`` tokens, one sequence id per token."""
+
+    def __init__(self, lib: Any, capacity: int) -> None:
+        self._lib = lib
+        self.capacity = capacity
+        self.batch = lib.llama_batch_init(capacity, 0, 1)
+
+    def fill(self, tokens: Sequence[int], first_pos: int, seq_id: int) -> None:
+        """Load ``tokens`` at positions ``first_pos..`` of ``seq_id``; only the last one asks for
+        logits (all a sampler needs)."""
+        if not 0 < len(tokens) <= self.capacity:
+            raise ValueError(f"batch of {len(tokens)} tokens (capacity {self.capacity})")
+        batch = self.batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = first_pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = False
+        batch.logits[len(tokens) - 1] = True
+
+    def free(self) -> None:
+        if self.batch is not None:
+            self._lib.llama_batch_free(self.batch)
+            self.batch = None
+
+
+class KvCacheFull(Exception):
+    """``llama_decode`` found no free KV cells for the batch (status 1): evict and retry."""
+
+
+def decode(lib: Any, ctx: Any, batch: Batch) -> None:
+    """Run one batch; map llama.cpp's status codes onto cortex's error types."""
+    status = lib.llama_decode(ctx, batch.batch)
+    if status == 0:
+        return
+    if status == 1:
+        raise KvCacheFull()
+    if status == 2:
+        raise HarnessError("llama.cpp aborted the decode")
+    if status == -1:
+        raise HarnessError("llama.cpp rejected the batch as invalid")
+    raise DeviceFault(f"llama_decode failed with status {status}")

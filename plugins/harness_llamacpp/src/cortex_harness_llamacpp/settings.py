@@ -1,0 +1,103 @@
+"""The knobs of a llama.cpp load, resolved once from the load request, the environment and defaults.
+
+A model profile or load request passes harness options through ``LoadOptions.extra`` (for example
+``{"n_threads": 8, "parallel": 2}``); a node-wide default can come from an environment variable
+(``CORTEX_LLAMACPP_THREADS``, ...), so an operator can size llama.cpp to a machine without
+touching every profile. Anything else takes the default below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from cortex.harness import HarnessError, LoadOptions
+
+ENV_PREFIX = "CORTEX_LLAMACPP_"
+DEFAULT_MAX_CONTEXT = 8192
+DEFAULT_PARALLEL = 4
+DEFAULT_BATCH = 512
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (honours taskset/cgroup affinity, unlike cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive(_instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise HarnessError(f"llama.cpp option {attribute.name} must be >= 1, got {value}")
+
+
+@attrs.frozen
+class LlamaCppSettings:
+    """Resolved settings of one load.
+
+    ``max_context`` caps the context taken from the GGUF metadata when the request names none
+    (GGUF files often declare 128k contexts whose KV cache would not fit); ``parallel`` is how many
+    generations keep their KV cache resident at once (more streams still work, they take turns and
+    re-evaluate what they lost); ``prefix_cache`` keeps a finished generation's KV cache so a
+    request sharing its prefix skips that part of the prefill.
+    """
+
+    n_threads: int | None = attrs.field(default=None, validator=_positive)
+    n_threads_batch: int | None = attrs.field(default=None, validator=_positive)
+    max_context: int = attrs.field(default=DEFAULT_MAX_CONTEXT, validator=_positive)
+    parallel: int = attrs.field(default=DEFAULT_PARALLEL, validator=_positive)
+    n_batch: int = attrs.field(default=DEFAULT_BATCH, validator=_positive)
+    prefix_cache: bool = True
+    flash_attn: bool = False
+
+    @property
+    def threads(self) -> int:
+        """Threads for single-token decode: llama.cpp's usual choice, half the CPUs."""
+        return self.n_threads or max(1, available_cpus() // 2)
+
+    @property
+    def threads_batch(self) -> int:
+        """Threads for prompt evaluation (batched): all CPUs unless told otherwise."""
+        return self.n_threads_batch or self.n_threads or available_cpus()
+
+
+_FIELDS = {f.name: f for f in attrs.fields(LlamaCppSettings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    field_type = _FIELDS[name].type
+    try:
+        if field_type in ("bool", bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return lowered in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return int(value)
+    except (TypeError, ValueError):
+        raise HarnessError(f"llama.cpp option {name}: cannot use {value!r}") from None
+
+
+def resolve_settings(
+    options: LoadOptions, environ: Mapping[str, str] | None = None
+) -> LlamaCppSettings:
+    """Settings for one load: ``options.extra`` wins over ``CORTEX_LLAMACPP_<NAME>`` env vars,
+    which win over the defaults. Keys of ``extra`` this harness does not know are left alone: the
+    same profile may carry options for another harness."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw not in (None, ""):
+            values[name] = _coerce(name, raw)
+    for key, value in (options.extra or {}).items():
+        if key in _FIELDS:
+            values[key] = _coerce(key, value)
+    return LlamaCppSettings(**values)

@@ -1,0 +1,219 @@
+"""Tiny GGUF models for tests, written from the tiny transformers model with ``gguf.GGUFWriter``.
+
+llama.cpp's own ``convert_hf_to_gguf.py`` refuses a tokenizer it does not know by hash, so the
+file is written directly: architecture ``llama``, the hyper-parameters from ``config.json``, a
+``gpt2`` BPE tokenizer (pre-tokenizer ``gpt-2``, the same regex as the HF ByteLevel
+pre-tokenizer) with tokens, types and merges from ``tokenizer.json``, the chat template, and the
+weights under llama.cpp's tensor names. The q and k projections are permuted the way the
+converter does (llama.cpp's rope pairs adjacent dimensions, transformers' rotates halves), so the
+GGUF computes the same function as the transformers model.
+
+One source model can be written in several "quants" (``F32``, ``F16``, ``Q8_0``), which is how a
+test publishes a GGUF repo with a choice of files. gguf, numpy and safetensors are imported inside
+the functions: ``cortex.testing`` stays importable on a gateway-only install.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cortex.testing.tiny_models import tiny_model_dir
+
+DEFAULT_QUANTS = ("F32", "F16")
+
+_LAYER_TENSORS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """llama.cpp's name for a transformers llama tensor (``model.layers.0.mlp.up_proj.weight``
+    -> ``blk.0.ffn_up.weight``)."""
+    if hf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[hf_name]
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"] and len(parts) >= 5:
+        layer, module, suffix = parts[2], ".".join(parts[3:-1]), parts[-1]
+        if module in _LAYER_TENSORS:
+            return f"blk.{layer}.{_LAYER_TENSORS[module]}.{suffix}"
+    raise ValueError(f"no GGUF name for tensor {hf_name!r}")
+
+
+def _permute_for_rope(weights: Any, n_head: int) -> Any:
+    """Reorder q/k rows from transformers' rotate-half layout to llama.cpp's interleaved one."""
+    rows = weights.shape[0]
+    return (
+        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _read_tokenizer(model_dir: Path) -> tuple[list[str], list[int], list[str], dict[str, Any]]:
+    """Tokens (ordered by id), token types, merges and the added-token table of tokenizer.json."""
+    import gguf
+
+    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab: dict[str, int] = dict(data["model"]["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab.setdefault(content, token["id"])
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for text, token_id in vocab.items():
+        tokens[token_id] = text
+        if text in added:
+            special = added[text].get("special", False)
+            types[token_id] = int(
+                gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+            )
+        else:
+            types[token_id] = int(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    return tokens, types, merges, added
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    if config.exists():
+        return json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    return None
+
+
+def _special_id(model_dir: Path, key: str, added: dict[str, Any]) -> int | None:
+    """``eos_token`` / ``bos_token`` from tokenizer_config.json resolved to an id."""
+    config_path = model_dir / "tokenizer_config.json"
+    if not config_path.exists():
+        return None
+    value = json.loads(config_path.read_text(encoding="utf-8")).get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value and value in added:
+        return int(added[value]["id"])
+    return None
+
+
+def write_gguf(model_dir: str | Path, out_path: str | Path, quant: str = "F32") -> Path:
+    """Write the transformers llama model in ``model_dir`` as a GGUF file of type ``quant``
+    (``F32``, ``F16`` or ``Q8_0``; norms stay F32 as llama.cpp expects). Returns ``out_path``."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    model_dir, out = Path(model_dir), Path(out_path)
+    quant = quant.upper()
+    file_types = {
+        "F32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+        "F16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+        "Q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    }
+    if quant not in file_types:
+        raise ValueError(f"unsupported quant {quant!r}; expected one of {sorted(file_types)}")
+    file_type, tensor_type = file_types[quant]
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    n_head = int(config["num_attention_heads"])
+    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    rope_theta = float(
+        (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 1e4)
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_file_type(int(file_type))
+
+    tokens, types, merges, added = _read_tokenizer(model_dir)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    eos = _special_id(model_dir, "eos_token", added)
+    if eos is None and config.get("eos_token_id") is not None:
+        eos = int(config["eos_token_id"])
+    if eos is not None:
+        writer.add_eos_token_id(eos)
+    bos = _special_id(model_dir, "bos_token", added)
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    writer.add_add_bos_token(bos is not None)
+    pad = _special_id(model_dir, "pad_token", added)
+    if pad is not None:
+        writer.add_pad_token_id(pad)
+    template = _chat_template(model_dir)
+    if template:
+        writer.add_chat_template(template)
+
+    for name, array in sorted(load_file(str(model_dir / "model.safetensors")).items()):
+        gguf_name = gguf_tensor_name(name)
+        data = np.ascontiguousarray(array, dtype=np.float32)
+        if name.endswith("q_proj.weight"):
+            data = _permute_for_rope(data, n_head)
+        elif name.endswith("k_proj.weight"):
+            data = _permute_for_rope(data, n_head_kv)
+        if data.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, data)
+        elif tensor_type == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gguf_name, data.astype(np.float16))
+        else:
+            packed = gguf.quants.quantize(data, tensor_type)
+            writer.add_tensor(gguf_name, packed, raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def build_tiny_gguf_repo(
+    out_dir: str | Path,
+    quants: tuple[str, ...] = DEFAULT_QUANTS,
+    seed: int = 0,
+    stem: str = "tiny",
+    model_dir: str | Path | None = None,
+) -> Path:
+    """A directory laid out like a GGUF repo on the hub: ``{stem}-{QUANT}.gguf`` per quant plus a
+    README, written from the tiny llama model in ``model_dir`` (built in a sibling ``tiny-hf``
+    folder when not given, so ``out_dir`` holds only what a registry should publish)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model_dir is None:
+        model_dir = tiny_model_dir(out.parent / "tiny-hf", arch="llama", seed=seed)
+    model_dir = Path(model_dir)
+    for quant in quants:
+        write_gguf(model_dir, out / f"{stem}-{quant.upper()}.gguf", quant)
+    (out / "README.md").write_text(
+        f"# {stem}\n\nA tiny random llama model for tests, in GGUF ({', '.join(quants)}).\n",
+        encoding="utf-8",
+    )
+    return out
