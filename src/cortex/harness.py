@@ -23,10 +23,13 @@ from cortex.source import Preflight
 
 @attrs.frozen
 class LoadOptions:
-    """What the load request and the model profile asked for."""
+    """What the load request and the model profile asked for. ``device_kind`` (``cpu``,
+    ``cuda``) is the kind of device the load targets, so an estimate can account for the dtype
+    the harness would use there (float32 on CPU, bf16 on CUDA)."""
 
     quant: str | None = None
     context_length: int | None = None
+    device_kind: str | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -53,6 +56,16 @@ class Step:
 
 class HarnessError(Exception):
     """A harness failure that is not a device fault (bad repo, unsupported model)."""
+
+
+class PromptError(HarnessError):
+    """The request cannot be turned into a prompt (e.g. the chat template refused the messages).
+    The client's fault: the neuron answers 400, the model stays healthy."""
+
+
+class DeviceOutOfMemory(HarnessError):
+    """The device ran out of memory for this load or generation. Not a fault: the device is
+    still usable, so the neuron answers 503 with Retry-After and does not poison the worker."""
 
 
 class DeviceFault(Exception):
@@ -143,11 +156,13 @@ def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[
 
 __all__ = [
     "DeviceFault",
+    "DeviceOutOfMemory",
     "Generation",
     "Harness",
     "HarnessError",
     "LoadOptions",
     "LoadedModel",
+    "PromptError",
     "SamplingParams",
     "Step",
     "accepting_harnesses",

@@ -1,14 +1,69 @@
-"""The transformers harness (load and generation arrive with the neuron issue)."""
+"""The transformers harness: safetensors repos with a ``config.json``, on CPU and CUDA.
+
+Loads only from the fetched local snapshot (``local_files_only``): a neuron never lets
+transformers talk to a hub. On CUDA the weights are bf16 where the device supports it, else fp16;
+on CPU float32 (half precision matmuls on CPU are slow and some ops are missing).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from cortex.devices import Device
-from cortex.harness import HarnessError, LoadedModel, LoadOptions
+from cortex.harness import DeviceOutOfMemory, HarnessError, LoadedModel, LoadOptions
 from cortex.source import Preflight, WeightFormat
+from cortex_harness_torch.memory import estimate_bytes
+from cortex_harness_torch.model import TorchModel, classify_torch_error, release_device_cache
+
+log = logging.getLogger(__name__)
+
+_NEEDED_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model", ".tiktoken")
+
+
+def torch_device_of(device: Device) -> Any:
+    import torch
+
+    if device.kind == "cpu":
+        return torch.device("cpu")
+    if device.kind == "cuda":
+        return torch.device("cuda", device.index)
+    raise HarnessError(f"the torch harness cannot load onto a {device.kind!r} device")
+
+
+def dtype_for(device: Device) -> Any:
+    """float32 on CPU; bf16 on CUDA devices that support it, else fp16."""
+    import torch
+
+    if device.kind == "cpu":
+        return torch.float32
+    with torch.cuda.device(device.index):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def read_config(snapshot: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((snapshot / "config.json").read_text())
+    except FileNotFoundError:
+        raise HarnessError(f"{snapshot}: no config.json (not a transformers repo)") from None
+    except ValueError as exc:
+        raise HarnessError(f"{snapshot}/config.json is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HarnessError(f"{snapshot}/config.json is not a JSON object")
+    return data
+
+
+def context_length_of(config: dict[str, Any], requested: int | None) -> int:
+    """The model's context (``max_position_embeddings``), lowered to what the load asked for."""
+    native = config.get("max_position_embeddings") or config.get("n_positions") or 2048
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict) and text_config.get("max_position_embeddings"):
+        native = text_config["max_position_embeddings"]
+    return int(min(native, requested)) if requested else int(native)
 
 
 @attrs.frozen
@@ -23,18 +78,67 @@ class TorchHarness:
         )
 
     def files_needed(self, preflight: Preflight) -> list[str]:
-        return [
-            f
-            for f in preflight.file_names()
-            if f.endswith((".json", ".safetensors", ".jinja", ".txt", ".model", ".tiktoken"))
-            and "/" not in f
-        ]
+        return [f for f in preflight.file_names() if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
 
     def estimate_memory(self, preflight: Preflight, options: LoadOptions) -> int:
+        """Weights at the dtype of the target device, a KV cache for one sequence, and headroom.
+        Reads the repo's ``config.json`` from ``options.extra["config"]`` when the neuron
+        fetched it first (it does when the repo has one); without it, assumes 16-bit weights."""
         weights = sum(
             preflight.size_of(f) for f in preflight.file_names() if f.endswith(".safetensors")
         )
-        return int(weights * 1.2) + 64 * 2**20
+        config = options.extra.get("config")
+        return estimate_bytes(
+            weights,
+            config if isinstance(config, dict) else None,
+            options.device_kind or "cpu",
+            options.context_length,
+        )
 
     def load(self, snapshot: Path, device: Device, options: LoadOptions) -> LoadedModel:
-        raise HarnessError("the torch harness cannot load models yet")
+        snapshot = Path(snapshot)
+        config = read_config(snapshot)
+        torch_device = torch_device_of(device)
+        try:
+            return self._load(snapshot, device, torch_device, config, options)
+        except HarnessError:
+            release_device_cache(torch_device)
+            raise
+        except Exception as exc:
+            # a device error keeps its meaning (poison or retry later); anything else
+            # (corrupt safetensors, unknown architecture, bad tokenizer) is a bad repo
+            release_device_cache(torch_device)
+            mapped = classify_torch_error(exc)
+            if mapped is exc:
+                mapped = HarnessError(
+                    f"transformers could not load {snapshot.name}: {type(exc).__name__}: {exc}"
+                )
+            raise mapped from exc
+
+    def _load(
+        self,
+        snapshot: Path,
+        device: Device,
+        torch_device: Any,
+        config: dict[str, Any],
+        options: LoadOptions,
+    ) -> TorchModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = dtype_for(device)
+        tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            snapshot, dtype=dtype, local_files_only=True, trust_remote_code=False
+        )
+        try:
+            model.to(torch_device)
+        except Exception as exc:
+            mapped = classify_torch_error(exc)
+            del model
+            if isinstance(mapped, DeviceOutOfMemory):
+                raise mapped from exc
+            raise
+        model.eval()
+        context = context_length_of(config, options.context_length)
+        log.info("loaded %s on %s as %s (context %d)", snapshot.name, torch_device, dtype, context)
+        return TorchModel(model, tokenizer, torch_device, context)
