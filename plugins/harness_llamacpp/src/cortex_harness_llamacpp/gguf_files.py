@@ -52,6 +52,20 @@ def matching_ggufs(names: Iterable[str], quant: str | None) -> list[str]:
     return [n for n in candidates if needle in n.rsplit("/", 1)[-1].lower()]
 
 
+def exact_quant_matches(names: Iterable[str], quant: str) -> list[str]:
+    """Files whose name has ``quant`` as a whole label (``F16`` in ``m-F16.gguf``, not in
+    ``m-BF16.gguf``); used to settle a substring match that hit several files."""
+    label = re.compile(rf"(?i)(^|[-_.]){re.escape(quant)}($|[-_.])")
+    out = []
+    for name in names:
+        stem = name.rsplit("/", 1)[-1]
+        shard = _SHARD.match(stem)
+        stem = shard.group("stem") if shard else stem[: -len(".gguf")]
+        if label.search(stem):
+            out.append(name)
+    return out
+
+
 def local_ggufs(snapshot: Path) -> list[str]:
     """Model GGUF files under a local snapshot directory, as paths relative to it."""
     return sorted(

@@ -80,6 +80,8 @@ def choose_local_gguf(snapshot: Path, quant: str | None) -> Path:
     names = gguf_files.local_ggufs(snapshot)
     matches = gguf_files.matching_ggufs(names, quant)
     groups = {gguf_files.first_shard(gguf_files.shard_group(n, names)) for n in matches}
+    if len(groups) > 1 and quant:
+        groups = set(gguf_files.exact_quant_matches(groups, quant)) or groups
     if len(groups) == 1:
         return snapshot / groups.pop()
     if not names:
