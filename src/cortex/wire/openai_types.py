@@ -1,0 +1,184 @@
+"""Builders for the OpenAI chat shapes the neuron emits and the translators consume.
+
+One place builds ``chat.completion`` and ``chat.completion.chunk`` dicts, so the neuron, the
+gateway and the Anthropic/Responses translators agree on every field (tests parse the results
+with the ``openai`` SDK's own models). Plain dicts, not classes: they go straight to JSON on the
+hot path.
+
+cortex extension: a choice whose ``finish_reason`` is ``"stop"`` because a stop string matched
+carries ``"stop_sequence": "<the string>"`` (null otherwise), so the Anthropic translator can
+report ``stop_reason: "stop_sequence"`` with the sequence, as Anthropic's API does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import string
+import time
+from typing import Any
+
+_ALPHABET = string.ascii_letters + string.digits
+
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
+
+
+def random_id(prefix: str, size: int = 24) -> str:
+    """``prefix`` + random alphanumerics: the id style of both APIs (``chatcmpl-``, ``msg_``)."""
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(size))
+
+
+def completion_id() -> str:
+    return random_id("chatcmpl-")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def assistant_message(
+    content: str | None,
+    *,
+    reasoning_content: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The ``message`` of a non-streaming choice; empty content with tool calls becomes null."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": content if (content or not tool_calls) else None,
+    }
+    if reasoning_content:
+        message["reasoning_content"] = reasoning_content
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def chat_completion(
+    *,
+    id: str,
+    model: str,
+    message: dict[str, Any],
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    created: int | None = None,
+    stop_sequence: str | None = None,
+) -> dict[str, Any]:
+    """A whole ``chat.completion`` with one choice and usage."""
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason,
+                "logprobs": None,
+                "stop_sequence": stop_sequence,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(
+    *,
+    id: str,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    created: int | None = None,
+    stop_sequence: str | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` with one choice (role, content, reasoning or tool deltas)."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": delta,
+        "finish_reason": finish_reason,
+        "logprobs": None,
+    }
+    if finish_reason is not None:
+        choice["stop_sequence"] = stop_sequence
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk(
+    *, id: str, model: str, prompt_tokens: int, completion_tokens: int, created: int | None = None
+) -> dict[str, Any]:
+    """The final chunk of a stream with ``stream_options.include_usage``: no choices, usage."""
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def tool_call_arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A copy of OpenAI chat messages with assistant tool-call arguments decoded to dicts.
+
+    OpenAI carries arguments as JSON strings, but many chat templates (Qwen, Llama 3, Hermes)
+    iterate ``tool_call.function.arguments`` as a mapping (``arguments | items``) or dump it with
+    ``tojson``; a string there renders wrongly or fails. Call this before ``apply_chat_template``.
+    Arguments that are not a JSON object are left as they are.
+    """
+    rendered = copy.deepcopy(messages)
+    for message in rendered:
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+                continue
+            try:
+                decoded = json.loads(function["arguments"] or "{}")
+            except ValueError:
+                continue
+            if isinstance(decoded, dict):
+                function["arguments"] = decoded
+    return rendered
+
+
+def message_text(content: Any) -> str:
+    """The text of an OpenAI message ``content``: a string, or the text of its text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return str(content)
+
+
+__all__ = [
+    "FINISH_REASONS",
+    "assistant_message",
+    "chat_chunk",
+    "chat_completion",
+    "completion_id",
+    "message_text",
+    "random_id",
+    "tool_call_arguments_as_objects",
+    "usage",
+    "usage_chunk",
+]
