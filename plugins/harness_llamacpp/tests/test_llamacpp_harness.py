@@ -16,6 +16,7 @@ from cortex.harness import (
     HarnessError,
     LoadedModel,
     LoadOptions,
+    PromptError,
     SamplingParams,
 )
 
@@ -89,6 +90,12 @@ def test_load_without_a_quant_takes_the_only_file(tiny_gguf_repo: Path, tmp_path
         assert loaded.path.name == "only.gguf"
     finally:
         loaded.unload()
+
+
+def test_a_corrupt_file_fails_with_llama_cpps_reason(tmp_path: Path) -> None:
+    (tmp_path / "bad-F16.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(HarnessError, match=r"could not load bad-F16\.gguf onto cpu: .+"):
+        load(tmp_path, "F16")
 
 
 def test_cuda_device_needs_a_gpu_build(tiny_gguf_repo: Path) -> None:
@@ -308,13 +315,17 @@ def test_repetition_penalty_also_counts_the_prompt(model: LlamaCppModel) -> None
     assert penalised != run(model, prompt, 20)
 
 
-def test_prompt_errors(model: LlamaCppModel) -> None:
-    with pytest.raises(HarnessError, match="empty"):
+def test_prompt_errors_are_the_clients_fault(model: LlamaCppModel) -> None:
+    with pytest.raises(PromptError, match="empty"):
         model.start([], GREEDY)
-    with pytest.raises(HarnessError, match="context is 256"):
+    with pytest.raises(PromptError, match="context is 256"):
         model.start([5] * 256, GREEDY)
-    with pytest.raises(HarnessError, match="outside the vocabulary"):
+    with pytest.raises(PromptError, match="outside the vocabulary"):
         model.start([5, 10_000], GREEDY)
+    with pytest.raises(PromptError, match="chat template failed"):
+        model.render_chat([{"role": "user"}])  # no content: the template cannot concatenate
+    # The model is still fine afterwards.
+    assert len(run(model, model.tokenize("the cat"), 3)) == 3
 
 
 def test_generation_stops_at_the_context_length(tiny_gguf_repo: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from cortex.devices import Device
-from cortex.harness import HarnessError, LoadedModel, LoadOptions
+from cortex.harness import DeviceOutOfMemory, HarnessError, LoadedModel, LoadOptions
 from cortex.source import Preflight, WeightFormat
 from cortex_harness_llamacpp import gguf_files
 from cortex_harness_llamacpp.settings import LlamaCppSettings, resolve_settings
@@ -124,9 +124,10 @@ def load_gguf(
     else:
         raise HarnessError(f"the llama.cpp harness cannot load onto a {device.kind!r} device")
 
+    native.take_recent_problems()
     model = lib.llama_model_load_from_file(str(path).encode("utf-8"), model_params)
     if model is None:
-        raise HarnessError(f"llama.cpp could not load {path.name} (see the neuron log)")
+        raise _load_failure(f"llama.cpp could not load {path.name} onto {device.key}")
     try:
         metadata = native.model_metadata(lib, model)
         context = resolve_context_length(
@@ -134,9 +135,9 @@ def load_gguf(
         )
         ctx = lib.llama_init_from_model(model, _context_params(lib, device, settings, context))
         if ctx is None:
-            raise HarnessError(
+            raise _load_failure(
                 f"llama.cpp could not create a context of {context} tokens for {path.name} "
-                f"on {device.key} (out of memory?)"
+                f"on {device.key}"
             )
     except BaseException:
         lib.llama_model_free(model)
@@ -161,6 +162,19 @@ def load_gguf(
         loaded.memory_bytes() / MIB,
     )
     return loaded
+
+
+def _load_failure(what: str) -> HarnessError:
+    """A typed error for a NULL from llama.cpp, with the reason it logged: out of memory is
+    :class:`DeviceOutOfMemory` (retryable elsewhere or after an eviction), anything else (a
+    corrupt or unsupported file) a plain :class:`HarnessError`."""
+    from cortex_harness_llamacpp import native
+
+    problems = native.take_recent_problems()
+    detail = f": {problems[-1]}" if problems else " (see the neuron log)"
+    if native.looks_like_out_of_memory(problems):
+        return DeviceOutOfMemory(f"{what}: out of memory{detail}")
+    return HarnessError(f"{what}{detail}")
 
 
 def resolve_context_length(trained: int, requested: int | None, settings: LlamaCppSettings) -> int:

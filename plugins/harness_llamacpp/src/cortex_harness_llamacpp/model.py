@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from cortex.devices import Device
-from cortex.harness import HarnessError, SamplingParams, Step
+from cortex.harness import HarnessError, PromptError, SamplingParams, Step
 from cortex_harness_llamacpp import native
 from cortex_harness_llamacpp.sampling import build_sampler
 from cortex_harness_llamacpp.settings import LlamaCppSettings
@@ -121,7 +121,7 @@ class LlamaCppModel:
         if self._formatter is None:
             template = self.metadata.get("tokenizer.chat_template")
             if not template:
-                raise HarnessError(
+                raise PromptError(
                     f"{self.path.name} has no chat template (tokenizer.chat_template); "
                     "use /v1/completions"
                 )
@@ -153,7 +153,7 @@ class LlamaCppModel:
         try:
             rendered = formatter(messages=plain, tools=tools or None)
         except Exception as exc:  # jinja errors, raise_exception() in templates
-            raise HarnessError(f"the chat template failed: {exc}") from exc
+            raise PromptError(f"the chat template failed: {exc}") from exc
         return native.tokenize(self._lib, self._vocab, rendered.prompt, False, True)
 
     def tokenize(self, text: str) -> list[int]:
@@ -180,15 +180,15 @@ class LlamaCppModel:
     def start(self, prompt_ids: list[int], sampling: SamplingParams) -> LlamaCppGeneration:
         self._check_loaded()
         if not prompt_ids:
-            raise HarnessError("the prompt is empty")
+            raise PromptError("the prompt is empty")
         if len(prompt_ids) >= self.context_length:
-            raise HarnessError(
+            raise PromptError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                 f"{self.context_length} tokens"
             )
         bad = [t for t in prompt_ids if not 0 <= t < self.n_vocab]
         if bad:
-            raise HarnessError(f"token id {bad[0]} is outside the vocabulary ({self.n_vocab})")
+            raise PromptError(f"token id {bad[0]} is outside the vocabulary ({self.n_vocab})")
         sampler = build_sampler(
             self._lib, self.n_vocab, sampling, prompt_ids, history=self.context_length
         )

@@ -8,6 +8,7 @@ runs on the device worker thread that owns the model. ``llama_cpp`` is imported 
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import threading
@@ -33,6 +34,8 @@ _LEVELS = {
 }
 _CONT = 5
 _last_level = logging.DEBUG
+# The last few warnings and errors llama.cpp logged: a failed load returns NULL, and these say why.
+_recent_problems: collections.deque[str] = collections.deque(maxlen=8)
 
 
 def llama() -> Any:
@@ -58,11 +61,25 @@ def llama() -> Any:
                 message = text.decode("utf-8", errors="replace").rstrip()
                 if message:
                     log.log(_last_level, "%s", message)
+                    if _last_level >= logging.WARNING:
+                        _recent_problems.append(message)
 
             _log_callback = _route
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             _initialised = True
     return llama_cpp
+
+
+def take_recent_problems() -> list[str]:
+    """The warnings and errors llama.cpp logged since the last call (and forget them)."""
+    problems = list(_recent_problems)
+    _recent_problems.clear()
+    return problems
+
+
+def looks_like_out_of_memory(problems: list[str]) -> bool:
+    text = " ".join(problems).lower()
+    return "out of memory" in text or "failed to allocate" in text or "unable to allocate" in text
 
 
 def gpu_offload_supported() -> bool:
