@@ -287,3 +287,12 @@ def test_token_never_in_logs_or_errors(
     assert all(token not in m for m in messages)
     assert token not in repr(source)
     assert all(e.authorization == f"Bearer {token}" for e in registry.request_log.entries())
+
+
+def test_a_repo_without_weights_that_a_harness_accepts(hf_registry, tmp_path: Path) -> None:
+    """The built-in echo harness loads an ``echo.json``: such a repo is not an error."""
+    publish_repo(tmp_path / "repos", "acme/echo", {"echo.json": b'{"reply": "hi"}'})
+    source = make_source(tmp_path, hf_registry(tmp_path / "repos").url)
+    preflight = source.preflight(mid("mirror:acme/echo"))
+    assert preflight.weight_format == WeightFormat.NONE
+    assert preflight.file_names() == ["echo.json"]

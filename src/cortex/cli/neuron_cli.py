@@ -6,6 +6,7 @@ import click
 
 from cortex import __version__
 from cortex.cli.common import add_plugin_commands, plugins_command
+from cortex.cli.pull import pull
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +16,7 @@ def cli() -> None:
 
 
 cli.add_command(plugins_command())
+cli.add_command(pull)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from cortex.source import (
     FetchError,
     ModelSourceId,
+    NoLoadableWeightsError,
     Preflight,
     ProgressCallback,
     RegistryUnreachableError,
@@ -37,6 +38,7 @@ from cortex.source import (
     SourceError,
     SourceSettings,
     UnauthorizedError,
+    WeightFormat,
 )
 from cortex_source_huggingface import cache
 from cortex_source_huggingface.classify import classify, gguf_shards
@@ -99,7 +101,17 @@ class HubSource:
     def _preflight(
         self, qid: str, commit: str, files: tuple[RepoFile, ...], quant: str | None
     ) -> Preflight:
-        found = classify(files, quant, qid)
+        try:
+            found = classify(files, quant, qid)
+        except NoLoadableWeightsError:
+            # No weights by file name, but a harness may still load it (the built-in echo
+            # harness loads an ``echo.json``): only a repo nothing accepts is an error.
+            bare = Preflight(
+                model_id=qid, revision=commit, weight_format=WeightFormat.NONE, files=files
+            )
+            if not _some_harness_accepts(bare):
+                raise
+            return bare
         return Preflight(
             model_id=qid,
             revision=commit,
@@ -298,6 +310,17 @@ class HubSource:
         if env:
             return f"no token configured (set ${env})"
         return f"no token configured (set auth_env in [sources.{self.settings.scheme}])"
+
+
+def _some_harness_accepts(preflight: Preflight) -> bool:
+    from cortex.harness import accepting_harnesses
+    from cortex.plugins import get_registry
+
+    try:
+        return bool(accepting_harnesses(get_registry().harnesses(), preflight))
+    except Exception as exc:  # a broken harness plugin must not turn into a source error
+        log.warning("could not ask the installed harnesses about %s: %s", preflight.model_id, exc)
+        return False
 
 
 def _first_line(exc: BaseException) -> str:
