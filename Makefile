@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 PLUGINS := plugins/source_huggingface plugins/source_helexa plugins/harness_torch plugins/harness_llamacpp
 # Example third-party plugins (docs/plugin-authors.md): installed and tested like the others.
 EXAMPLES := examples/cortex-source-local
-# llama-cpp-python compiles from source; these flags keep the build portable and a little faster.
-# pip's wheel cache makes a rebuild take seconds (its key ignores CMAKE_ARGS: see docs/harnesses.md).
+# llama-cpp-python compiles from source (~6 min on two cores); these flags keep the build portable
+# and a little faster. pip's wheel cache makes a repeat install take seconds (its key ignores
+# CMAKE_ARGS: see docs/harnesses.md); LLAMA_BUILD_DIR keeps CMake's build tree, so a rebuild after
+# a cache miss (a new version, new flags with --no-cache-dir) only recompiles what changed.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
 .PHONY: venv test lint format help clean
@@ -22,6 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(foreach p,$(PLUGINS) $(EXAM
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet 'llama-cpp-python>=0.3' \
+		--config-settings=build-dir=$(LLAMA_BUILD_DIR)/{wheel_tag}
 	$(BIN)/python -m pip install --quiet -e '.[test]' $(foreach p,$(PLUGINS) $(EXAMPLES),-e $(p))
 	touch $@
 
