@@ -367,3 +367,26 @@ def test_memory_counts_weights_and_kv_cache_and_unload_frees_it(tiny_gguf_repo: 
     finally:
         small.unload()
         large.unload()
+
+
+# ---- CUDA (skipped without a GPU and a CUDA build of llama.cpp) ---------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_offload_matches_cpu_greedy(tiny_gguf_repo: Path) -> None:
+    import llama_cpp
+
+    from cortex.devices import cuda_devices
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("llama.cpp was built without GPU offload")
+    gpu = cuda_devices()[0]
+    on_gpu = LlamaCppHarness().load(tiny_gguf_repo, gpu, LoadOptions(quant="F32"))
+    on_cpu = load(tiny_gguf_repo, "F32")
+    try:
+        prompt = on_cpu.tokenize("the quick dog sings today")
+        assert run(on_gpu, prompt, 16) == run(on_cpu, prompt, 16)
+        assert on_gpu.memory_bytes() > 0
+    finally:
+        on_gpu.unload()
+        on_cpu.unload()
