@@ -92,7 +92,7 @@ def pull_model(
         "files": [
             {
                 "path": p.relative_to(snapshot).as_posix(),
-                "local_path": str(p.resolve()),
+                "local_path": str(p),
                 "size": p.stat().st_size,
             }
             for p in local
@@ -159,6 +159,8 @@ def pull(
       neuron pull acme/tiny --harness torch --json
     """
     configure_logging(log_level)
+    # one line per HTTP request drowns the progress lines an operator is watching
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         result = pull_model(model_id, quant, harness_name, config_path)
     except SourceError as exc:
