@@ -42,11 +42,11 @@ def run(model: LoadedModel, prompt: list[int], n: int, sampling: SamplingParams 
         generation.close()
 
 
-def reference_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
+def reference_greedy(path: Path, prompt: list[int], n: int, flash_attn: bool) -> list[int]:
     """What llama-cpp-python's high-level API generates for the same file and prompt."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, flash_attn=flash_attn, verbose=False)
     try:
         return list(itertools.islice(llm.generate(prompt, temp=0.0), n))
     finally:
@@ -126,20 +126,38 @@ def test_bad_option_values_are_harness_errors(tiny_gguf_repo: Path) -> None:
         load(tiny_gguf_repo, n_threads="many")
     with pytest.raises(HarnessError, match="parallel"):
         load(tiny_gguf_repo, parallel=0)
+    with pytest.raises(HarnessError, match="flash_attn must be one of auto, on, off"):
+        load(tiny_gguf_repo, flash_attn="sometimes")
 
 
 # ---- parity ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quant", ["F32", "F16"])
-def test_greedy_matches_llama_cpp_python_token_for_token(tiny_gguf_repo: Path, quant: str) -> None:
-    loaded = load(tiny_gguf_repo, quant)
+@pytest.fixture(scope="module")
+def q8_repo(tiny_gguf_repo: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny repo plus a Q8_0 file (a real block quantisation, not just a float type)."""
+    from cortex.testing.tiny_gguf import write_gguf
+
+    repo = tmp_path_factory.mktemp("q8")
+    for f in tiny_gguf_repo.iterdir():
+        (repo / f.name).symlink_to(f)
+    write_gguf(tiny_llama_dir, repo / "tiny-Q8_0.gguf", "Q8_0")
+    return repo
+
+
+@pytest.mark.parametrize("flash_attn", ["off", "on"])
+@pytest.mark.parametrize("quant", ["F32", "F16", "Q8_0"])
+def test_greedy_matches_llama_cpp_python_token_for_token(
+    q8_repo: Path, quant: str, flash_attn: str
+) -> None:
+    loaded = load(q8_repo, quant, flash_attn=flash_attn)
     try:
         prompt = loaded.render_chat([{"role": "user", "content": "the quick dog sings today"}])
         ours = run(loaded, prompt, 32)
     finally:
         loaded.unload()
-    assert ours == reference_greedy(tiny_gguf_repo / f"tiny-{quant}.gguf", prompt, 32)
+    path = q8_repo / f"tiny-{quant}.gguf"
+    assert ours == reference_greedy(path, prompt, 32, flash_attn=flash_attn == "on")
 
 
 def test_chat_template_and_tokenizer_match_transformers(

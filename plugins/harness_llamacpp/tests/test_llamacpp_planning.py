@@ -111,9 +111,14 @@ def test_context_length_resolution() -> None:
 
 
 def test_settings_come_from_extra_then_environment_then_defaults() -> None:
-    env = {"CORTEX_LLAMACPP_N_THREADS": "6", "CORTEX_LLAMACPP_PREFIX_CACHE": "off"}
+    env = {
+        "CORTEX_LLAMACPP_N_THREADS": "6",
+        "CORTEX_LLAMACPP_PREFIX_CACHE": "off",
+        "CORTEX_LLAMACPP_FLASH_ATTN": "OFF",
+    }
     settings = resolve_settings(LoadOptions(extra={"parallel": "2", "other": 1}), env)
     assert (settings.n_threads, settings.parallel, settings.prefix_cache) == (6, 2, False)
+    assert settings.flash_attn == "off"
     assert settings.threads == 6 and settings.threads_batch == 6
     assert resolve_settings(LoadOptions(extra={"n_threads": 3}), env).n_threads == 3
     defaults = resolve_settings(LoadOptions(), {})

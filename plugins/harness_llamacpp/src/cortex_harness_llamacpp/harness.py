@@ -202,8 +202,11 @@ def _context_params(lib: Any, device: Device, settings: LlamaCppSettings, contex
     params.n_threads = settings.threads
     params.n_threads_batch = settings.threads_batch
     params.no_perf = True
-    if settings.flash_attn:
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.flash_attn_type = {
+        "auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        "on": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        "off": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[settings.flash_attn]
     if device.kind == "cpu":
         # A CUDA build would otherwise move KV and big batches to a GPU the neuron did not pick.
         params.offload_kqv = False

@@ -30,6 +30,20 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+FLASH_ATTN_MODES = ("auto", "on", "off")
+
+
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise HarnessError(
+                f"llama.cpp option {attribute.name} must be one of {', '.join(choices)}, "
+                f"got {value!r}"
+            )
+
+    return check
+
+
 def _positive(_instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and value < 1:
         raise HarnessError(f"llama.cpp option {attribute.name} must be >= 1, got {value}")
@@ -43,7 +57,8 @@ class LlamaCppSettings:
     (GGUF files often declare 128k contexts whose KV cache would not fit); ``parallel`` is how many
     generations keep their KV cache resident at once (more streams still work, they take turns and
     re-evaluate what they lost); ``prefix_cache`` keeps a finished generation's KV cache so a
-    request sharing its prefix skips that part of the prefill.
+    request sharing its prefix skips that part of the prefill; ``flash_attn`` is llama.cpp's
+    choice by default (``auto``: on where the backend supports it), ``on`` or ``off`` to force it.
     """
 
     n_threads: int | None = attrs.field(default=None, validator=_positive)
@@ -52,7 +67,7 @@ class LlamaCppSettings:
     parallel: int = attrs.field(default=DEFAULT_PARALLEL, validator=_positive)
     n_batch: int = attrs.field(default=DEFAULT_BATCH, validator=_positive)
     prefix_cache: bool = True
-    flash_attn: bool = False
+    flash_attn: str = attrs.field(default="auto", validator=_one_of(FLASH_ATTN_MODES))
 
     @property
     def threads(self) -> int:
@@ -70,6 +85,8 @@ _FIELDS = {f.name: f for f in attrs.fields(LlamaCppSettings)}
 
 def _coerce(name: str, value: Any) -> Any:
     field_type = _FIELDS[name].type
+    if field_type in ("str", str):
+        return str(value).strip().lower()
     try:
         if field_type in ("bool", bool):
             if isinstance(value, str):
