@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -11,6 +14,9 @@ import uvicorn
 
 from cortex.cli.common import configure_logging
 from cortex.config import parse_listen
+from cortex.registry.store import RepoStore
+
+log = logging.getLogger("cortex.registry")
 
 
 @click.group("registry")
@@ -54,8 +60,24 @@ def serve(directory: Path, listen: str, token_env: str | None, log_level: str) -
         if not token:
             raise click.UsageError(f"--token-env {token_env}: the variable is unset or empty")
     app = create_app(directory, token=token)
+    threading.Thread(
+        target=_warm, args=(app.state.registry.store,), name="registry-warm", daemon=True
+    ).start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
     asyncio.run(_serve(uvicorn.Server(config), host, directory, token is not None))
+
+
+def _warm(store: RepoStore) -> None:
+    """Hash everything once in the background; requests meanwhile hash what they need."""
+    started = time.monotonic()
+    try:
+        revisions, files = store.warm()
+    except OSError as exc:
+        log.warning("indexing %s failed: %s", store.root, exc)
+        return
+    log.info(
+        "indexed %d revision(s), %d file(s) in %.1fs", revisions, files, time.monotonic() - started
+    )
 
 
 async def _serve(server: uvicorn.Server, host: str, directory: Path, auth: bool) -> None:

@@ -147,6 +147,18 @@ class RepoStore:
                     found.add(f"{org_dir.name}/{repo_dir.name.split(REVISION_SEPARATOR)[0]}")
         return sorted(found)
 
+    def warm(self) -> tuple[int, int]:
+        """Hash every file of every revision now (a server calls this in the background at
+        start, so the first request for a multi-gigabyte model does not wait for its hashes).
+        Returns (revisions, files)."""
+        revisions = files = 0
+        for repo_id in self.repo_ids():
+            org, name = repo_id.split("/", 1)
+            for revision in self.revision_names(org, name):
+                files += len(self._load(org, name, revision).files)
+                revisions += 1
+        return revisions, files
+
     # ---- scanning --------------------------------------------------------------------------
 
     def _load(self, org: str, name: str, revision: str) -> Revision:
