@@ -7,6 +7,7 @@ import click
 from cortex import __version__
 from cortex.cli.common import add_plugin_commands, plugins_command
 from cortex.cli.pull import pull
+from cortex.cli.run import run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,7 @@ def cli() -> None:
 
 cli.add_command(plugins_command())
 cli.add_command(pull)
+cli.add_command(run)
 
 
 def main() -> None:

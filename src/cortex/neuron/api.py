@@ -1,0 +1,393 @@
+"""The neuron's HTTP routes, exactly per the neuron HTTP API contract (docs/architecture.md).
+
+Handlers read raw JSON and structure it themselves (cortex.neuron.requests); every error leaves
+as the OpenAI envelope with the right status, and Retry-After when retrying can work. Generation
+errors before the first byte of a stream are real HTTP errors; after it, an error frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from cortex import __version__
+from cortex.neuron.discovery import discovery_json
+from cortex.neuron.generation import (
+    GenerationStream,
+    check_context,
+    ready_entry,
+    run_on_worker,
+)
+from cortex.neuron.loader import Loader, LoadRequest, parse_model_id
+from cortex.neuron.models import READY
+from cortex.neuron.node import Node
+from cortex.neuron.output import ContentDelta, OutputEvent, ReasoningDelta, output_parser
+from cortex.neuron.requests import (
+    ChatRequest,
+    CompletionRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
+from cortex.wire import sse
+from cortex.wire.errors import ApiError, bad_request
+from cortex.wire.http import install_error_handlers, read_json_object
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 2**20
+
+
+def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -> FastAPI:
+    """The neuron's ASGI app over an already-built :class:`Node`."""
+    loader = loader or Loader(node)
+    app = FastAPI(title="neuron", version=__version__, lifespan=lifespan, docs_url=None)
+    app.state.node = node
+    app.state.loader = loader
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        node.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        status = "ok"
+        if node.draining:
+            status = "draining"
+        elif node.default_models.pending:
+            status = "starting"
+        return {
+            "status": status,
+            "node": node.name,
+            "version": __version__,
+            "default_models": node.default_models.to_json(),
+        }
+
+    @app.get("/discovery")
+    async def discovery() -> dict[str, Any]:
+        return await asyncio.to_thread(discovery_json, node)
+
+    @app.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"models": [entry.to_json() for entry in node.models.all()]}
+
+    @app.post("/models/load")
+    async def load(request: Request) -> dict[str, Any]:
+        body = await read_json_object(request, MAX_BODY_BYTES)
+        if node.draining:
+            raise ApiError(503, "draining", "this neuron is shutting down", retry_after=30)
+        entry = await loader.load(LoadRequest.from_json(body))
+        return {"model": entry.to_json()}
+
+    @app.post("/models/estimate")
+    async def estimate(request: Request) -> dict[str, Any]:
+        body = await read_json_object(request, MAX_BODY_BYTES)
+        return await loader.estimate(body)
+
+    @app.post("/models/unload")
+    async def unload(request: Request) -> dict[str, Any]:
+        body = await read_json_object(request, MAX_BODY_BYTES)
+        if "model_id" not in body:
+            raise bad_request("'model_id' is required", param="model_id")
+        return await loader.unload(body["model_id"])
+
+    @app.post("/admin/release-memory")
+    async def release_memory() -> dict[str, Any]:
+        """Drop cached KV state and allocator caches of idle models."""
+        for entry in node.models.all():
+            if entry.state == READY and entry.in_flight == 0 and entry.handle is not None:
+                await run_on_worker(entry, entry.handle.reset, internal=True)
+        return {"released": True}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await read_json_object(request, MAX_BODY_BYTES)
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise bad_request("'model' is required", param="model")
+        entry = ready_entry(node, model)
+        if "messages" in body:
+            chat = parse_chat_request(body)
+            ids = await _render(entry, chat)
+        elif isinstance(body.get("prompt"), str):
+            text = body["prompt"]
+            handle = entry.handle
+            assert handle is not None
+            ids = await run_on_worker(entry, lambda: handle.tokenize(text))
+        else:
+            raise bad_request("give 'messages' (chat) or 'prompt' (a string)", param="messages")
+        return {"model": entry.id, "count": len(ids), "context_length": entry.context_length}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.monotonic()
+        chat = parse_chat_request(await read_json_object(request, MAX_BODY_BYTES))
+        entry = ready_entry(node, chat.options.model)
+        entry.begin_request()
+        node.metrics.in_flight.labels(entry.id).inc()
+        try:
+            prompt_ids = await _render(entry, chat)
+            stream = await _start(node, entry, prompt_ids, chat.options, started)
+        except BaseException:
+            _end(node, entry)
+            raise
+        if chat.options.stream:
+            return _sse(_chat_stream(node, entry, stream, chat, request))
+        try:
+            return JSONResponse(await _chat_whole(stream, chat, request))
+        finally:
+            _end(node, entry)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        started = time.monotonic()
+        req = parse_completion_request(await read_json_object(request, MAX_BODY_BYTES))
+        entry = ready_entry(node, req.options.model)
+        entry.begin_request()
+        node.metrics.in_flight.labels(entry.id).inc()
+        try:
+            prompt_ids = await _prompt_ids(entry, req)
+            stream = await _start(node, entry, prompt_ids, req.options, started)
+        except BaseException:
+            _end(node, entry)
+            raise
+        if req.options.stream:
+            return _sse(_completion_stream(node, entry, stream, req, request))
+        try:
+            return JSONResponse(await _completion_whole(stream, request))
+        finally:
+            _end(node, entry)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        _refresh_gauges(node)
+        return Response(node.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _end(node: Node, entry: Any) -> None:
+    entry.end_request()
+    node.metrics.in_flight.labels(entry.id).dec()
+
+
+async def _render(entry: Any, chat: ChatRequest) -> list[int]:
+    handle = entry.handle
+    if handle is None:
+        raise ApiError(503, "model_unloading", f"{entry.id} is being unloaded", retry_after=5)
+    messages, tools = chat.messages, chat.tools
+    return list(await run_on_worker(entry, lambda: handle.render_chat(messages, tools)))
+
+
+async def _prompt_ids(entry: Any, req: CompletionRequest) -> list[int]:
+    if req.prompt_ids is not None:
+        return req.prompt_ids
+    handle = entry.handle
+    if handle is None:
+        raise ApiError(503, "model_unloading", f"{entry.id} is being unloaded", retry_after=5)
+    text = req.prompt_text or ""
+    ids = list(await run_on_worker(entry, lambda: handle.tokenize(text)))
+    if not ids:
+        raise bad_request("the prompt is empty after tokenization", param="prompt")
+    return ids
+
+
+async def _start(
+    node: Node, entry: Any, prompt_ids: list[int], options: Any, started: float
+) -> GenerationStream:
+    max_tokens = check_context(entry, len(prompt_ids), options.max_tokens)
+    stream = GenerationStream(node, entry, prompt_ids, options, max_tokens, started)
+    await stream.start()
+    return stream
+
+
+def _sse(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _deltas_until_disconnect(
+    stream: GenerationStream, request: Request
+) -> AsyncIterator[str]:
+    """The stream's deltas; stops (and closes the generation) as soon as the client is gone."""
+    iterator = stream.deltas()
+    try:
+        async for text in iterator:
+            if await request.is_disconnected():
+                stream.cancelled = True
+                return
+            yield text
+    finally:
+        await iterator.aclose()
+        stream.close()
+
+
+def _ids(prefix: str) -> tuple[str, int]:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+
+def _event_delta(event: OutputEvent) -> dict[str, Any]:
+    if isinstance(event, ContentDelta):
+        return {"content": event.text}
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text}
+    return {"tool_calls": [event.openai_delta()]}
+
+
+async def _chat_whole(stream: GenerationStream, chat: ChatRequest, request: Request) -> dict:
+    parser = output_parser(bool(chat.tools))
+    events: list[OutputEvent] = []
+    async for text in _deltas_until_disconnect(stream, request):
+        events.extend(parser.feed(text))
+    events.extend(parser.finish())
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    calls = [e.openai() for e in events if not isinstance(e, ContentDelta | ReasoningDelta)]
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": content if content or not calls else None,
+    }
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    completion_id, created = _ids("chatcmpl")
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": stream.entry.id,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": "tool_calls" if calls else stream.finish_reason,
+            }
+        ],
+        "usage": stream.usage(),
+    }
+
+
+async def _chat_stream(
+    node: Node, entry: Any, stream: GenerationStream, chat: ChatRequest, request: Request
+) -> AsyncIterator[bytes]:
+    completion_id, created = _ids("chatcmpl")
+    base = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": entry.id,
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return sse.encode_data({**base, "choices": [choice]})
+
+    parser = output_parser(bool(chat.tools))
+    saw_call = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for text in _deltas_until_disconnect(stream, request):
+                for event in parser.feed(text):
+                    saw_call = saw_call or not isinstance(event, ContentDelta | ReasoningDelta)
+                    yield chunk(_event_delta(event))
+            for event in parser.finish():
+                saw_call = saw_call or not isinstance(event, ContentDelta | ReasoningDelta)
+                yield chunk(_event_delta(event))
+        except ApiError as exc:
+            yield sse.encode_data(exc.openai_body())
+            yield sse.DONE
+            return
+        if stream.cancelled:
+            return
+        yield chunk({}, "tool_calls" if saw_call else stream.finish_reason)
+        if chat.options.include_usage:
+            yield sse.encode_data({**base, "choices": [], "usage": stream.usage()})
+        yield sse.DONE
+    finally:
+        stream.close()
+        _end(node, entry)
+
+
+async def _completion_whole(stream: GenerationStream, request: Request) -> dict[str, Any]:
+    text = "".join([t async for t in _deltas_until_disconnect(stream, request)])
+    completion_id, created = _ids("cmpl")
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": stream.entry.id,
+        "choices": [
+            {"text": text, "index": 0, "logprobs": None, "finish_reason": stream.finish_reason}
+        ],
+        "usage": stream.usage(),
+    }
+
+
+async def _completion_stream(
+    node: Node, entry: Any, stream: GenerationStream, req: CompletionRequest, request: Request
+) -> AsyncIterator[bytes]:
+    completion_id, created = _ids("cmpl")
+    base = {"id": completion_id, "object": "text_completion", "created": created, "model": entry.id}
+
+    def chunk(text: str, finish: str | None = None) -> bytes:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        return sse.encode_data({**base, "choices": [choice]})
+
+    try:
+        try:
+            async for text in _deltas_until_disconnect(stream, request):
+                yield chunk(text)
+        except ApiError as exc:
+            yield sse.encode_data(exc.openai_body())
+            yield sse.DONE
+            return
+        if stream.cancelled:
+            return
+        yield chunk("", stream.finish_reason)
+        if req.options.include_usage:
+            yield sse.encode_data({**base, "choices": [], "usage": stream.usage()})
+        yield sse.DONE
+    finally:
+        stream.close()
+        _end(node, entry)
+
+
+def _refresh_gauges(node: Node) -> None:
+    metrics = node.metrics
+    for key in node.devices:
+        worker = node.workers.get(key)
+        metrics.queue_depth.labels(key).set(worker.queue_depth if worker else 0)
+        metrics.device_poisoned.labels(key).set(1 if worker is not None and worker.poisoned else 0)
+        metrics.device_memory.labels(key, "total").set(node.budget(key))
+        metrics.device_memory.labels(key, "used").set(node.used(key))
+        metrics.device_memory.labels(key, "free").set(max(0, node.budget(key) - node.used(key)))
+    counts: dict[str, int] = {"loading": 0, "ready": 0, "failed": 0, "unloading": 0}
+    for entry in node.models.all():
+        counts[entry.state] = counts.get(entry.state, 0) + 1
+    for state, count in counts.items():
+        metrics.models.labels(state).set(count)
+
+
+__all__ = ["create_app", "parse_model_id"]

@@ -1,0 +1,129 @@
+"""``neuron run``: build the node, bind the listener, serve, and shut down cleanly.
+
+Start-up order matters to an operator: the socket is bound and ``listening on http://H:P`` is
+printed before any model loads, so ``/health`` answers at once and reports the progress of the
+``[[default_models]]``, which load in the background. SIGTERM (or Ctrl-C): ``/health`` says
+``draining``, new connections are refused, in-flight requests get up to ``drain_seconds`` to
+finish, every model is unloaded on its worker, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from cortex.config import NeuronConfig, parse_listen
+from cortex.neuron.api import create_app
+from cortex.neuron.loader import Loader, LoadRequest
+from cortex.neuron.node import Node
+from cortex.plugins import get_registry
+from cortex.source_resolver import SourceResolver
+from cortex.wire.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+DRAIN_SECONDS = 30.0
+
+
+def build_node(config: NeuronConfig) -> Node:
+    """Plugins, sources, devices and one worker per device, from the config."""
+    registry = get_registry()
+    resolver = SourceResolver.from_config(config, registry.source_plugins())
+    return Node.build(config, registry.harnesses(), registry.devices(), resolver)
+
+
+async def load_default_models(node: Node, loader: Loader) -> None:
+    """Load ``[[default_models]]`` one after another; failures are logged and counted."""
+    for model in node.config.default_models:
+        request = LoadRequest(
+            model_id=model.id, harness=model.harness, quant=model.quant, device=model.device
+        )
+        try:
+            await loader.load(request)
+            node.default_models.ready += 1
+            log.info("default model %s is ready", model.id)
+        except ApiError as exc:
+            node.default_models.failed += 1
+            log.error("default model %s failed to load: %s", model.id, exc.message)
+        except Exception:
+            node.default_models.failed += 1
+            log.exception("default model %s failed to load", model.id)
+
+
+def make_app(node: Node, drain_seconds: float = DRAIN_SECONDS) -> FastAPI:
+    loader = Loader(node)
+    node.default_models.total = len(node.config.default_models)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(load_default_models(node, loader))
+        node.started = True
+        try:
+            yield
+        finally:
+            node.draining = True
+            task.cancel()
+            await loader.unload_all(wait_seconds=min(5.0, drain_seconds))
+            node.workers.stop()
+            log.info("neuron stopped")
+
+    return create_app(node, loader, lifespan=lifespan)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but ``/health`` says ``draining`` from the moment a signal arrives, and a
+    graceful SIGTERM ends the process with exit code 0 (uvicorn would re-raise the signal)."""
+
+    def __init__(self, config: uvicorn.Config, node: Node) -> None:
+        super().__init__(config)
+        self.node = node
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.node.draining = True
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests
+        else:
+            self.should_exit = True
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: NeuronConfig, listen: str | None, drain_seconds: float = DRAIN_SECONDS) -> int:
+    host, port = parse_listen(listen or config.listen)
+    node = build_node(config)
+    app = make_app(node, drain_seconds)
+    sock = bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    uv_config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=int(drain_seconds),
+        lifespan="on",
+        access_log=False,
+    )
+    server = DrainingServer(uv_config, node)
+    devices = ", ".join(node.devices)
+    harnesses = ", ".join(node.harnesses) or "none"
+    print(f"neuron {node.name}: devices {devices}; harnesses {harnesses}", flush=True)
+    print(f"listening on http://{shown}:{bound_port}", flush=True)
+    server.run(sockets=[sock])
+    sys.stdout.flush()
+    return 0

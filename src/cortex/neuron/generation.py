@@ -1,0 +1,241 @@
+"""The step loop: one worker job per token, text deltas out, limits and finish reasons applied.
+
+Each token is its own job on the device worker (step + incremental decode), so streams on one
+device take turns token by token, and a request whose client left stops submitting steps: the
+generation ends within one step and its KV cache is released on the worker.
+
+Everything above token ids lives here, identical for every harness: detokenisation that never
+emits half a character, stop strings (never emitted, held back across deltas), ``max_tokens``,
+finish reasons ``stop``/``length``, usage and timing metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+
+from cortex.harness import DeviceFault, DeviceOutOfMemory, Generation, HarnessError, PromptError
+from cortex.neuron.models import READY, ModelEntry
+from cortex.neuron.node import Node
+from cortex.neuron.requests import GenerationOptions
+from cortex.neuron.textstream import IncrementalDecoder, StopMatcher
+from cortex.neuron.workers import DevicePoisonedError, WorkerError
+from cortex.wire.errors import ApiError, model_not_found
+
+log = logging.getLogger(__name__)
+
+STOP = "stop"
+LENGTH = "length"
+
+
+def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
+    """Map what a worker job raised to the client's error."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, DevicePoisonedError):
+        return ApiError(503, "device_poisoned", str(exc), retry_after=60)
+    if isinstance(exc, WorkerError):
+        return ApiError(
+            503, "queue_full", f"{exc}; retry shortly", retry_after=2, error_type="overloaded_error"
+        )
+    if isinstance(exc, PromptError):
+        return ApiError(400, "invalid_prompt", str(exc), param="messages")
+    if isinstance(exc, DeviceOutOfMemory):
+        return ApiError(503, "device_out_of_memory", str(exc), retry_after=10)
+    if isinstance(exc, DeviceFault):
+        return ApiError(503, "device_poisoned", f"device {entry.device} fault: {exc}")
+    if isinstance(exc, HarnessError):
+        return ApiError(500, "generation_failed", f"{entry.id}: {exc}")
+    log.error("generation on %s failed", entry.id, exc_info=exc)
+    return ApiError(500, "generation_failed", f"{entry.id}: {type(exc).__name__}: {exc}")
+
+
+def ready_entry(node: Node, raw_model: str) -> ModelEntry:
+    """The ready model a request names, or 404 ``model_not_found`` / 503 while loading."""
+    from cortex.neuron.loader import parse_model_id
+
+    model_id = str(parse_model_id(node, raw_model, param="model"))
+    entry = node.models.get(model_id)
+    if entry is None:
+        raise model_not_found(model_id, "it is not loaded on this node (POST /models/load)")
+    if entry.state != READY or entry.handle is None:
+        if entry.state == "loading":
+            raise ApiError(503, "model_loading", f"{model_id} is still loading", retry_after=5)
+        reason = (entry.error or {}).get("message", "")
+        raise ApiError(
+            503,
+            f"model_{entry.state}",
+            f"{model_id} is {entry.state}{': ' + reason if reason else ''}",
+            retry_after=30,
+        )
+    return entry
+
+
+async def run_on_worker(entry: ModelEntry, fn: Any, *, internal: bool = False) -> Any:
+    try:
+        return await entry.worker.run(fn, internal=internal)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            raise worker_api_error(exc, entry) from None
+        raise
+
+
+def check_context(entry: ModelEntry, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The effective max_tokens, or 400 ``context_length_exceeded`` naming both numbers."""
+    context = entry.context_length or 0
+    if max_tokens is None:
+        if prompt_tokens >= context:
+            raise ApiError(
+                400,
+                "context_length_exceeded",
+                f"the prompt has {prompt_tokens} tokens but the model's context is {context} "
+                "tokens; shorten the prompt",
+                param="messages",
+            )
+        return context - prompt_tokens
+    if prompt_tokens + max_tokens > context:
+        raise ApiError(
+            400,
+            "context_length_exceeded",
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+            f"{prompt_tokens + max_tokens} tokens, over the model's context of {context} tokens",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
+@attrs.define
+class StepResult:
+    token_id: int
+    is_eos: bool
+    text: str
+
+
+class GenerationStream:
+    """One generation of one request: ``await start()``, iterate ``deltas()``, then read
+    ``finish_reason`` and usage. ``close()`` is idempotent and always releases the KV cache."""
+
+    def __init__(
+        self,
+        node: Node,
+        entry: ModelEntry,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        max_tokens: int,
+        started_at: float,
+    ) -> None:
+        self.node = node
+        self.entry = entry
+        self.prompt_ids = prompt_ids
+        self.options = options
+        self.max_tokens = max_tokens
+        self.started_at = started_at
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+        self._generation: Generation | None = None
+        self._decoder: IncrementalDecoder | None = None
+        self._closed = False
+        self.cancelled = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    async def start(self) -> None:
+        handle = self.entry.handle
+        if handle is None:
+            raise ApiError(503, "model_unloading", f"{self.entry.id} is being unloaded")
+        prompt_ids, sampling = self.prompt_ids, self.options.sampling
+
+        def start_job() -> Generation:
+            self._decoder = IncrementalDecoder(handle.decode)
+            return handle.start(prompt_ids, sampling)
+
+        self._generation = await run_on_worker(self.entry, start_job)
+
+    def _step_job(self) -> StepResult:
+        assert self._generation is not None and self._decoder is not None
+        step = self._generation.step()
+        if step.is_eos:
+            return StepResult(step.token_id, True, self._decoder.flush())
+        text = self._decoder.push(step.token_id)
+        return StepResult(step.token_id, False, text)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas until EOS, a stop string or max_tokens. Cancelling the consumer stops it
+        before the next step."""
+        stops = StopMatcher(self.options.stop)
+        model = self.entry.id
+        try:
+            while self.completion_tokens < self.max_tokens:
+                if self.entry.state != READY:
+                    raise ApiError(
+                        503,
+                        "model_unloading",
+                        f"{model} was unloaded during the generation",
+                        retry_after=5,
+                    )
+                result: StepResult = await run_on_worker(self.entry, self._step_job)
+                self.completion_tokens += 1
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                    self.node.metrics.ttft.labels(model).observe(
+                        self.first_token_at - self.started_at
+                    )
+                text = stops.feed(result.text) if result.text else ""
+                if text:
+                    yield text
+                if stops.stopped or result.is_eos:
+                    self.finish_reason = STOP
+                    break
+            else:
+                self.finish_reason = LENGTH
+            if not stops.stopped:
+                held = ""
+                if self.finish_reason == LENGTH and self._decoder is not None:
+                    held = await run_on_worker(self.entry, self._decoder.flush, internal=True)
+                tail = (stops.feed(held) if held else "") + stops.flush()
+                if tail:
+                    yield tail
+        except BaseException:
+            if self.finish_reason is None:
+                self.cancelled = True
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the generation on its worker (without waiting: this also runs when the
+        request task is being cancelled) and record metrics. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        generation, self._generation = self._generation, None
+        if generation is not None:
+            # poisoned or stopped: nothing left to release
+            with contextlib.suppress(WorkerError):
+                self.entry.worker.submit(generation.close, internal=True)
+        model = self.entry.id
+        metrics = self.node.metrics
+        metrics.tokens.labels(model, "prompt").inc(self.prompt_tokens)
+        metrics.tokens.labels(model, "completion").inc(self.completion_tokens)
+        reason = self.finish_reason or ("cancelled" if self.cancelled else "error")
+        metrics.generations.labels(model, reason).inc()
+        if self.first_token_at is not None and self.completion_tokens > 1:
+            decode_time = time.monotonic() - self.first_token_at
+            if decode_time > 0:
+                rate = (self.completion_tokens - 1) / decode_time
+                metrics.tokens_per_second.labels(model).observe(rate)

@@ -1,0 +1,396 @@
+"""Loading and unloading models: id -> source -> preflight -> harness -> memory check -> fetch
+-> load on the device worker.
+
+Each step fails with the error a client can act on: a bad id or unknown scheme is a 400, a
+preflight error a 422 carrying the source's error JSON in ``details``, a load that does not fit a
+503 with Retry-After naming the bytes required and free. Network work (preflight, fetch) runs in
+a thread, never on the event loop and never on a device worker, so a slow download does not hold
+up generation. Concurrent loads of one model share one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cortex.harness import (
+    DeviceFault,
+    DeviceOutOfMemory,
+    Harness,
+    HarnessError,
+    LoadOptions,
+    accepting_harnesses,
+)
+from cortex.neuron.models import FAILED, LOADING, READY, UNLOADING, ModelEntry
+from cortex.neuron.node import Node
+from cortex.neuron.workers import DevicePoisonedError, DeviceWorker, WorkerError
+from cortex.source import ModelIdError, ModelSource, ModelSourceId, Preflight, SourceError
+from cortex.wire.errors import ApiError, bad_request, model_not_found
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+CONFIG_PREFETCH_MAX_BYTES = 4 * 2**20
+RETRY_AFTER_MEMORY = 30.0
+
+
+@attrs.frozen
+class LoadRequest:
+    model_id: str
+    harness: str | None = None
+    quant: str | None = None
+    device: str | None = None
+    context_length: int | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> LoadRequest:
+        model_id = body.get("model_id")
+        if not isinstance(model_id, str):
+            raise bad_request("'model_id' is required and must be a string", param="model_id")
+        values: dict[str, Any] = {"model_id": model_id}
+        for key in ("harness", "quant", "device"):
+            value = body.get(key)
+            if value is not None and not isinstance(value, str):
+                raise bad_request(f"'{key}' must be a string", param=key)
+            values[key] = value or None
+        context = body.get("context_length")
+        if context is not None and (
+            isinstance(context, bool) or not isinstance(context, int) or context < 1
+        ):
+            raise bad_request("'context_length' must be a positive integer", param="context_length")
+        values["context_length"] = context
+        return cls(**values)
+
+
+def parse_model_id(node: Node, raw: Any, param: str = "model_id") -> ModelSourceId:
+    """A typed 400 for anything that is not a valid model id; bare ids get the default scheme."""
+    if not isinstance(raw, str):
+        raise bad_request(f"'{param}' must be a string", param=param)
+    try:
+        return node.resolver.canonical(raw)
+    except ModelIdError as exc:
+        raise ApiError(400, exc.code, str(exc), param=param) from None
+
+
+def source_error(exc: SourceError, stage: str) -> ApiError:
+    """A source's typed error as an API error: 400 for config problems, 503 + Retry-After when
+    the registry is unreachable or a download failed (retryable), else 422."""
+    details = exc.to_json()
+    if exc.http_status == 400:
+        return ApiError(400, exc.kind, exc.message, param="model_id", details=details)
+    if exc.http_status >= 500:
+        return ApiError(503, exc.kind, f"{stage}: {exc.message}", retry_after=10, details=details)
+    return ApiError(422, exc.kind, f"{stage}: {exc.message}", param="model_id", details=details)
+
+
+def resolve_source(node: Node, model_id: ModelSourceId) -> ModelSource:
+    try:
+        return node.resolver.resolve(model_id)[1]
+    except SourceError as exc:
+        raise source_error(exc, "source") from None
+
+
+async def preflight(
+    node: Node, model_id: ModelSourceId, quant: str | None
+) -> tuple[ModelSource, Preflight]:
+    source = resolve_source(node, model_id)
+    try:
+        result = await asyncio.to_thread(source.preflight, model_id, quant)
+    except SourceError as exc:
+        raise source_error(exc, "preflight") from None
+    return source, result
+
+
+def choose_harness(node: Node, requested: str | None, result: Preflight) -> Harness:
+    if requested is not None:
+        harness = node.harnesses.get(requested)
+        if harness is None:
+            raise bad_request(
+                f"harness {requested!r} is not installed on this node "
+                f"(installed: {', '.join(sorted(node.harnesses)) or 'none'})",
+                param="harness",
+            )
+        if not harness.accepts(result):
+            raise ApiError(
+                422,
+                "harness_rejects_repo",
+                f"harness {requested!r} cannot load {result.model_id} "
+                f"(weights: {result.weight_format})",
+                param="harness",
+            )
+        return harness
+    candidates = accepting_harnesses(list(node.harnesses.values()), result)
+    if not candidates:
+        raise ApiError(
+            422,
+            "no_harness",
+            f"no installed harness can load {result.model_id} (weights: "
+            f"{result.weight_format}; installed: {', '.join(sorted(node.harnesses)) or 'none'})",
+            param="model_id",
+        )
+    return candidates[0]
+
+
+async def prefetch_config(
+    source: ModelSource, model_id: ModelSourceId, result: Preflight
+) -> dict[str, Any] | None:
+    """Fetch ``config.json`` alone (tiny) so the memory estimate can use it; None if absent."""
+    if "config.json" not in result.file_names():
+        return None
+    if result.size_of("config.json") > CONFIG_PREFETCH_MAX_BYTES:
+        return None
+    try:
+        snapshot = await asyncio.to_thread(source.fetch, model_id, ["config.json"])
+        data = json.loads((Path(snapshot) / "config.json").read_text())
+    except (SourceError, OSError, ValueError) as exc:
+        log.info("could not prefetch config.json of %s: %s", model_id, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pick_device(node: Node, requested: str | None, needed_by_kind: dict[str, int]) -> str:
+    """The requested device, or the accelerator with the most free memory that fits, else CPU."""
+    if requested is not None:
+        if requested not in node.devices:
+            raise bad_request(
+                f"device {requested!r} does not exist on this node "
+                f"(devices: {', '.join(node.devices)})",
+                param="device",
+            )
+        return requested
+    usable = [k for k, w in node.workers.workers.items() if not w.poisoned]
+    accelerators = sorted(
+        (k for k in usable if node.devices[k].kind != "cpu"), key=lambda k: -node.free(k)
+    )
+    for key in accelerators:
+        if node.free(key) >= needed_by_kind.get(node.devices[key].kind, 0):
+            return key
+    if "cpu" in usable:
+        return "cpu"
+    if accelerators:
+        return accelerators[0]
+    raise ApiError(503, "no_device", "every device of this node is poisoned", retry_after=60)
+
+
+def _worker_error(exc: WorkerError, device: str) -> ApiError:
+    if isinstance(exc, DevicePoisonedError):
+        return ApiError(503, "device_poisoned", str(exc), retry_after=60)
+    return ApiError(503, "queue_full", str(exc), retry_after=2)
+
+
+class Loader:
+    """Loads and unloads models on one node; one instance per node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def load(self, request: LoadRequest) -> ModelEntry:
+        """Load (or join the load of) a model; returns its entry once ready."""
+        node = self.node
+        model_id = parse_model_id(node, request.model_id)
+        key = str(model_id)
+        resolve_source(node, model_id)  # unknown scheme: a 400 before anything is recorded
+        if request.device is not None and request.device not in node.devices:
+            pick_device(node, request.device, {})  # raises the 400
+        entry = node.models.get(key)
+        if entry is not None:
+            if entry.state == READY:
+                return entry
+            if entry.state == LOADING and entry.load_task is not None:
+                return await asyncio.shield(entry.load_task)
+            if entry.state == UNLOADING:
+                raise ApiError(
+                    409,
+                    "model_unloading",
+                    f"model {key!r} is being unloaded; load it again when that finished",
+                    retry_after=2,
+                )
+            node.models.remove(key)  # failed before: try again
+        worker = node.workers.get(request.device or "cpu") or next(iter(node.workers))
+        entry = ModelEntry(id=key, harness=request.harness or "", device="", worker=worker)
+        node.models.put(entry)
+        entry.load_task = asyncio.create_task(self._load(entry, model_id, request))
+        return await asyncio.shield(entry.load_task)
+
+    async def _load(
+        self, entry: ModelEntry, model_id: ModelSourceId, request: LoadRequest
+    ) -> ModelEntry:
+        node = self.node
+        started = time.monotonic()
+        try:
+            await self._run_load(entry, model_id, request)
+        except ApiError as exc:
+            node.metrics.loads.labels("failed").inc()
+            if not entry.device:
+                # refused before a device was chosen (bad repo, no harness, does not fit):
+                # nothing happened on this node worth listing
+                node.models.remove(entry.id)
+                raise
+            entry.fail(exc.code, exc.message, exc.details)
+            entry.reserved_bytes = 0
+            raise
+        except Exception as exc:  # a harness bug: report it, keep the node up
+            log.exception("loading %s failed", entry.id)
+            entry.fail("load_failed", f"{type(exc).__name__}: {exc}")
+            entry.reserved_bytes = 0
+            node.metrics.loads.labels("failed").inc()
+            raise ApiError(422, "load_failed", f"loading {entry.id} failed: {exc}") from exc
+        entry.load_seconds = round(time.monotonic() - started, 3)
+        node.metrics.loads.labels("ok").inc()
+        node.metrics.load_seconds.observe(entry.load_seconds)
+        return entry
+
+    async def _run_load(
+        self, entry: ModelEntry, model_id: ModelSourceId, request: LoadRequest
+    ) -> None:
+        node = self.node
+        source, result = await preflight(node, model_id, request.quant)
+        harness = choose_harness(node, request.harness, result)
+        entry.harness = harness.name
+        config = await prefetch_config(source, model_id, result)
+        extra = {"config": config} if config is not None else {}
+
+        def options_for(kind: str) -> LoadOptions:
+            return LoadOptions(
+                quant=request.quant,
+                context_length=request.context_length,
+                device_kind=kind,
+                extra=extra,
+            )
+
+        kinds = {d.kind for d in node.devices.values()}
+        needed = {kind: harness.estimate_memory(result, options_for(kind)) for kind in kinds}
+        device_key = pick_device(node, request.device, needed)
+        device = node.devices[device_key]
+        worker = node.workers.get(device_key)
+        assert worker is not None
+        required = needed[device.kind]
+        free = node.free(device_key)
+        if required > free:
+            raise ApiError(
+                503,
+                "insufficient_memory",
+                f"{entry.id} needs about {_size(required)} on {device_key}, which has "
+                f"{_size(free)} free (of {_size(node.budget(device_key))}); unload a model "
+                "or choose another device",
+                retry_after=RETRY_AFTER_MEMORY,
+                details={"required_bytes": required, "free_bytes": free, "device": device_key},
+            )
+        entry.device = device_key
+        entry.worker = worker
+        entry.reserved_bytes = required
+        files = harness.files_needed(result)
+        try:
+            snapshot = await asyncio.to_thread(source.fetch, model_id, files)
+        except SourceError as exc:
+            raise source_error(exc, "fetch") from None
+        options = options_for(device.kind)
+        try:
+            handle = await worker.run(lambda: harness.load(Path(snapshot), device, options))
+            memory = await worker.run(handle.memory_bytes, internal=True)
+        except WorkerError as exc:
+            raise _worker_error(exc, device_key) from None
+        except DeviceOutOfMemory as exc:
+            raise ApiError(503, "device_out_of_memory", str(exc), retry_after=30) from None
+        except DeviceFault as exc:
+            raise ApiError(503, "device_poisoned", f"device fault while loading: {exc}") from None
+        except HarnessError as exc:
+            raise ApiError(422, "load_failed", f"{harness.name} could not load: {exc}") from None
+        entry.handle = handle
+        entry.memory_bytes = int(memory)
+        entry.reserved_bytes = max(int(memory), 0)
+        entry.context_length = int(handle.context_length)
+        entry.loaded_at = time.time()
+        entry.last_used = entry.loaded_at
+        entry.state = READY
+        entry.error = None
+        log.info("loaded %s on %s with %s (%s)", entry.id, device_key, harness.name, _size(memory))
+
+    async def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
+        request = LoadRequest.from_json(body)
+        model_id = parse_model_id(self.node, request.model_id)
+        _source, result = await preflight(self.node, model_id, request.quant)
+        harness = choose_harness(self.node, request.harness, result)
+        kind = "cuda" if any(d.kind == "cuda" for d in self.node.devices.values()) else "cpu"
+        if request.device is not None:
+            kind = self.node.devices[pick_device(self.node, request.device, {})].kind
+        options = LoadOptions(
+            quant=request.quant, context_length=request.context_length, device_kind=kind
+        )
+        return {
+            "model_id": str(model_id),
+            "harness": harness.name,
+            "memory_bytes": harness.estimate_memory(result, options),
+            "download_bytes": result.download_bytes,
+            "device_kind": kind,
+        }
+
+    async def unload(self, raw_id: Any, wait_seconds: float | None = None) -> dict[str, Any]:
+        """Wait for in-flight requests (up to a bound), then free the model's memory."""
+        node = self.node
+        model_id = str(parse_model_id(node, raw_id))
+        entry = node.models.get(model_id)
+        if entry is None:
+            raise model_not_found(model_id, "it is not loaded on this node")
+        if entry.state == LOADING and entry.load_task is not None:
+            with contextlib.suppress(ApiError):
+                await asyncio.shield(entry.load_task)
+        if entry.state == UNLOADING:
+            raise ApiError(409, "model_unloading", f"{model_id} is already being unloaded")
+        freed = entry.memory_bytes
+        if entry.state == FAILED or entry.handle is None:
+            node.models.remove(model_id)
+            return {"model_id": model_id, "state": "unloaded", "freed_bytes": 0}
+        entry.state = UNLOADING
+        bound = node.unload_wait_seconds if wait_seconds is None else wait_seconds
+        try:
+            await asyncio.wait_for(entry.idle.wait(), timeout=bound)
+        except TimeoutError:
+            log.warning(
+                "unloading %s with %d requests still in flight after %.0fs",
+                model_id,
+                entry.in_flight,
+                bound,
+            )
+        handle, entry.handle = entry.handle, None
+        await release(entry.worker, handle)
+        node.models.remove(model_id)
+        node.metrics.unloads.inc()
+        log.info("unloaded %s from %s (%s)", model_id, entry.device, _size(freed))
+        return {"model_id": model_id, "state": "unloaded", "freed_bytes": freed}
+
+    async def unload_all(self, wait_seconds: float) -> None:
+        for entry in node_entries(self.node):
+            try:
+                await self.unload(entry.id, wait_seconds)
+            except ApiError as exc:
+                log.warning("unload of %s at shutdown: %s", entry.id, exc.message)
+
+
+def node_entries(node: Node) -> list[ModelEntry]:
+    return node.models.all()
+
+
+async def release(worker: DeviceWorker, handle: Any) -> None:
+    """Unload on the device's thread; a poisoned worker cannot run it (the process will exit)."""
+    if handle is None:
+        return
+    try:
+        await worker.run(handle.unload, internal=True)
+    except WorkerError as exc:
+        log.warning("could not unload on %s: %s", worker.device.key, exc)
+    except Exception:
+        log.exception("unload failed on %s", worker.device.key)
+
+
+def _size(n: int) -> str:
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,107 @@
+"""The models of this node: one entry per canonical id, with its lifecycle state.
+
+States: ``loading`` -> ``ready`` -> ``unloading`` -> (gone); ``loading`` -> ``failed``; a model on
+a poisoned device becomes ``failed``. The entry holds an opaque handle to the loaded model; only
+the device worker ever calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import attrs
+
+from cortex.harness import LoadedModel
+from cortex.neuron.workers import DeviceWorker
+
+LOADING = "loading"
+READY = "ready"
+FAILED = "failed"
+UNLOADING = "unloading"
+
+
+@attrs.define
+class ModelEntry:
+    """One model on this node. ``reserved_bytes`` is what the memory ledger counts: the estimate
+    while loading, the measured size once ready."""
+
+    id: str
+    harness: str
+    device: str
+    worker: DeviceWorker
+    state: str = LOADING
+    reserved_bytes: int = 0
+    memory_bytes: int = 0
+    load_seconds: float | None = None
+    loaded_at: float | None = None
+    last_used: float | None = None
+    in_flight: int = 0
+    context_length: int | None = None
+    error: dict[str, Any] | None = None
+    handle: LoadedModel | None = attrs.field(default=None, repr=False)
+    load_task: asyncio.Task[ModelEntry] | None = attrs.field(default=None, repr=False)
+    idle: asyncio.Event = attrs.field(factory=asyncio.Event, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.idle.set()
+
+    def begin_request(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+        self.last_used = time.time()
+
+    def end_request(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        self.last_used = time.time()
+        if self.in_flight == 0:
+            self.idle.set()
+
+    def fail(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        self.state = FAILED
+        self.error = {"code": code, "message": message}
+        if details:
+            self.error["details"] = details
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``ModelEntry`` of the neuron HTTP API contract."""
+        return {
+            "id": self.id,
+            "harness": self.harness,
+            "device": self.device,
+            "state": self.state,
+            "memory_bytes": self.memory_bytes,
+            "load_seconds": self.load_seconds,
+            "loaded_at": self.loaded_at,
+            "last_used": self.last_used,
+            "in_flight": self.in_flight,
+            "context_length": self.context_length,
+            "error": self.error,
+        }
+
+
+class ModelTable:
+    """Entries by canonical id. Lives on the event loop (no locks needed)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+
+    def get(self, model_id: str) -> ModelEntry | None:
+        return self._entries.get(model_id)
+
+    def put(self, entry: ModelEntry) -> None:
+        self._entries[entry.id] = entry
+
+    def remove(self, model_id: str) -> None:
+        self._entries.pop(model_id, None)
+
+    def all(self) -> list[ModelEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.id)
+
+    def on_device(self, device_key: str) -> list[ModelEntry]:
+        return [e for e in self._entries.values() if e.device == device_key]
+
+    def reserved_on(self, device_key: str) -> int:
+        """Bytes held or being loaded on a device (failed entries hold nothing)."""
+        return sum(e.reserved_bytes for e in self.on_device(device_key) if e.state != FAILED)

@@ -1,0 +1,156 @@
+"""Everything one neuron process holds: config, sources, harnesses, devices and their workers,
+the model table and the metrics. Built once at start; the routes and the loader share it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import attrs
+
+from cortex.config import DeviceSettings, NeuronConfig
+from cortex.devices import Device, cuda_devices
+from cortex.harness import Harness
+from cortex.neuron.metrics import NeuronMetrics
+from cortex.neuron.models import FAILED, ModelTable
+from cortex.neuron.workers import DeviceWorker, WorkerPool
+from cortex.source_resolver import SourceResolver
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+
+
+@attrs.define
+class DefaultModelsProgress:
+    """What ``/health`` reports about ``[[default_models]]``."""
+
+    total: int = 0
+    ready: int = 0
+    failed: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.ready - self.failed
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "total": self.total,
+            "ready": self.ready,
+            "failed": self.failed,
+            "pending": self.pending,
+        }
+
+
+@attrs.define
+class Node:
+    config: NeuronConfig
+    resolver: SourceResolver
+    harnesses: dict[str, Harness]
+    devices: dict[str, Device]
+    workers: WorkerPool
+    models: ModelTable = attrs.field(factory=ModelTable)
+    metrics: NeuronMetrics = attrs.field(factory=NeuronMetrics)
+    name: str = attrs.field(factory=socket.gethostname)
+    default_models: DefaultModelsProgress = attrs.field(factory=DefaultModelsProgress)
+    draining: bool = False
+    started: bool = False
+    started_at: float = attrs.field(factory=time.time)
+    unload_wait_seconds: float = 30.0
+
+    @classmethod
+    def build(
+        cls,
+        config: NeuronConfig,
+        harnesses: list[Harness],
+        devices: list[Device],
+        resolver: SourceResolver,
+    ) -> Node:
+        by_key: dict[str, Device] = {}
+        for device in devices:
+            settings = config.devices.get(device.key, DeviceSettings())
+            if device.kind == "cpu" and settings.memory_mb is not None:
+                budget = settings.memory_mb * MIB
+                device = attrs.evolve(device, total_memory=budget, free_memory=budget)
+            by_key[device.key] = device
+        node = cls(
+            config=config,
+            resolver=resolver,
+            harnesses={h.name: h for h in harnesses},
+            devices=by_key,
+            workers=WorkerPool([]),
+            name=config.name or socket.gethostname(),
+        )
+        workers = []
+        for key, device in by_key.items():
+            settings = config.devices.get(key, DeviceSettings())
+            workers.append(DeviceWorker(device, settings.max_queue, on_poison=node._poisoned))
+        node.workers = WorkerPool(workers)
+        return node
+
+    def _poisoned(self, worker: DeviceWorker) -> None:
+        """Called on the worker thread: mark its models failed (a plain attribute write)."""
+        for entry in self.models.on_device(worker.device.key):
+            entry.fail(
+                "device_poisoned",
+                f"device {worker.device.key} is poisoned: {worker.poison_reason}",
+            )
+
+    # ---- memory ledger -------------------------------------------------------------------
+
+    def budget(self, key: str) -> int:
+        """The memory models may use on a device: its configured ``memory_mb`` or its total."""
+        device = self.devices[key]
+        settings = self.config.devices.get(key)
+        if settings is not None and settings.memory_mb is not None:
+            return min(settings.memory_mb * MIB, device.total_memory)
+        return device.total_memory
+
+    def used(self, key: str) -> int:
+        return self.models.reserved_on(key)
+
+    def free(self, key: str) -> int:
+        """Budget minus what models hold or are loading; on CUDA also what the driver says."""
+        free = self.budget(key) - self.used(key)
+        device = self.devices[key]
+        if device.kind == "cuda":
+            live = self._live_cuda_free(device.index)
+            if live is not None:
+                loading = sum(
+                    e.reserved_bytes
+                    for e in self.models.on_device(key)
+                    if e.state != FAILED and e.handle is None
+                )
+                free = min(free, live - loading)
+        return max(0, free)
+
+    @staticmethod
+    def _live_cuda_free(index: int) -> int | None:
+        try:
+            for device in cuda_devices():
+                if device.index == index:
+                    return device.free_memory
+        except Exception as exc:
+            log.debug("live CUDA memory query failed: %s", exc)
+        return None
+
+    def device_json(self, key: str) -> dict[str, Any]:
+        device = self.devices[key]
+        worker = self.workers.get(key)
+        return {
+            "key": key,
+            "kind": device.kind,
+            "index": device.index,
+            "name": device.name,
+            "total_memory": self.budget(key),
+            "free_memory": self.free(key),
+            "physical_total_memory": device.total_memory,
+            "compute_capability": device.compute_capability,
+            "worker": device.worker_name,
+            "state": "poisoned" if worker is not None and worker.poisoned else "ok",
+            "poison_reason": worker.poison_reason if worker is not None else None,
+            "queue_depth": worker.queue_depth if worker is not None else 0,
+            "max_queue": worker.max_queue if worker is not None else 0,
+        }

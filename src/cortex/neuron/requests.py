@@ -1,0 +1,211 @@
+"""OpenAI ``/v1/chat/completions`` and ``/v1/completions`` bodies -> attrs types, or a clear 400.
+
+Parsed by hand from the raw JSON (no pydantic on the hot path): each wrong type or value gets a
+400 naming the parameter, and parameters we do not implement (``n > 1``, ``logprobs``, ``echo``)
+are refused loudly instead of being silently ignored. Unknown keys are ignored, as the OpenAI API
+does, because SDKs send fields (``user``, ``metadata``) that do not change generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from cortex.harness import SamplingParams
+from cortex.wire.errors import ApiError, bad_request
+
+MAX_STOPS = 16
+
+
+@attrs.frozen
+class GenerationOptions:
+    """What both endpoints share: sampling, limits, stop strings, streaming."""
+
+    model: str
+    sampling: SamplingParams
+    max_tokens: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+@attrs.frozen
+class ChatRequest:
+    options: GenerationOptions
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+
+
+@attrs.frozen
+class CompletionRequest:
+    options: GenerationOptions
+    prompt_text: str | None
+    prompt_ids: list[int] | None
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float, default: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(f"'{key}' must be a number, got {value!r}", param=key)
+    if not low <= value <= high:
+        raise bad_request(f"'{key}' must be between {low:g} and {high:g}, got {value!r}", param=key)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{key}' must be an integer, got {value!r}", param=key)
+    if low is not None and value < low:
+        raise bad_request(f"'{key}' must be at least {low}, got {value}", param=key)
+    return value
+
+
+def _bool(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"'{key}' must be true or false, got {value!r}", param=key)
+    return value
+
+
+def _unsupported(message: str, param: str) -> ApiError:
+    return ApiError(400, "unsupported_parameter", message, param=param)
+
+
+def _stops(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOPS:
+            raise bad_request(f"'stop' takes at most {MAX_STOPS} strings", param="stop")
+        return tuple(s for s in value if s)
+    raise bad_request("'stop' must be a string or a list of strings", param="stop")
+
+
+def _options(body: dict[str, Any]) -> GenerationOptions:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a non-empty string", param="model")
+    n = _integer(body, "n")
+    if n is not None and n != 1:
+        raise _unsupported(f"only n=1 is supported, got n={n}", "n")
+    best_of = _integer(body, "best_of")
+    if best_of is not None and best_of != 1:
+        raise _unsupported(f"best_of is not supported (got {best_of})", "best_of")
+    if body.get("logprobs") not in (None, False):
+        raise _unsupported("logprobs are not supported by this server", "logprobs")
+    if body.get("top_logprobs") is not None:
+        raise _unsupported("top_logprobs are not supported by this server", "top_logprobs")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind != "text":
+            raise _unsupported(
+                f"response_format {kind!r} is not supported (only 'text')", "response_format"
+            )
+    max_tokens = _integer(body, "max_completion_tokens", low=1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", low=1)
+    top_k = _integer(body, "top_k", low=-1)
+    seed = _integer(body, "seed")
+    sampling = SamplingParams(
+        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
+        top_k=max(0, top_k or 0),
+        seed=seed,
+        repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, 1.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+    )
+    if sampling.top_p == 0.0:
+        raise bad_request("'top_p' must be greater than 0", param="top_p")
+    stream = _bool(body, "stream")
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise bad_request("'stream_options' must be an object", param="stream_options")
+        include_usage = _bool(stream_options, "include_usage")
+    return GenerationOptions(
+        model=model,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop=_stops(body),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad_request(
+                f"messages[{i}].role must be system, developer, user, assistant or tool, "
+                f"got {role!r}",
+                param=f"messages[{i}].role",
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise bad_request(
+                f"messages[{i}].content must be a string or a list of parts",
+                param=f"messages[{i}].content",
+            )
+    # ``developer`` is the newer name of ``system``; templates only know ``system``
+    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None or body.get("tool_choice") == "none":
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise bad_request("'tools' must be a list of objects", param="tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(
+                f"tools[{i}] needs a 'function' with a 'name'", param=f"tools[{i}].function"
+            )
+    return tools or None
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    return ChatRequest(options=_options(body), messages=_messages(body), tools=_tools(body))
+
+
+def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
+    options = _options(body)
+    if body.get("echo"):
+        raise _unsupported("echo is not supported by this server", "echo")
+    if body.get("suffix"):
+        raise _unsupported("suffix is not supported by this server", "suffix")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return CompletionRequest(options=options, prompt_text=prompt, prompt_ids=None)
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    ):
+        return CompletionRequest(options=options, prompt_text=None, prompt_ids=list(prompt))
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise _unsupported("only one prompt per request is supported", "prompt")
+    raise bad_request("'prompt' must be a string or a non-empty list of token ids", param="prompt")
