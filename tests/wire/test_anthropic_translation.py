@@ -12,7 +12,9 @@ from openai.types.chat import ChatCompletion
 
 from cortex.testing.golden import check_golden, golden_cases, load_case
 from cortex.wire.anthropic import (
+    count_tokens_response,
     message_from_chat_completion,
+    parse_count_tokens_request,
     parse_messages_request,
     tool_input,
 )
@@ -131,3 +133,30 @@ def test_tool_input_never_loses_arguments() -> None:
     assert tool_input("") == {}
     assert tool_input("[1]") == {"_raw_arguments": "[1]"}
     assert tool_input("oops") == {"_raw_arguments": "oops"}
+
+
+def test_count_tokens_request_builds_the_tokenize_body() -> None:
+    body = {
+        "model": "m",
+        "system": "s",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"name": "w", "input_schema": {"type": "object"}}],
+    }
+    parsed = parse_count_tokens_request(body)
+    assert parsed.tokenize == {
+        "model": "m",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
+        "tools": [
+            {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}
+        ],
+    }
+    assert count_tokens_response({"model": "m", "count": 12, "context_length": 256}) == {
+        "input_tokens": 12
+    }
+    anthropic.types.MessageTokensCount.model_validate(count_tokens_response({"count": 3}))
+
+
+def test_count_tokens_request_is_validated() -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_count_tokens_request({"model": "m", "messages": []})
+    assert caught.value.status == 400 and caught.value.param == "messages"

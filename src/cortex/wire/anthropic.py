@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from cortex.wire.errors import ApiError, bad_request
-from cortex.wire.openai_types import random_id
+from cortex.wire.openai_types import random_id, stream_error
 from cortex.wire.sse import encode_event
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,34 @@ def parse_messages_request(body: Any) -> MessagesRequest:
     return MessagesRequest(
         model=model, stream=stream, chat=chat, thinking=_thinking_enabled(body.get("thinking"))
     )
+
+
+@attrs.frozen
+class CountTokensRequest:
+    """A validated ``/v1/messages/count_tokens`` request and the neuron ``/tokenize`` body."""
+
+    model: str
+    tokenize: dict[str, Any]  # {"model", "messages", "tools"?} for the neuron's POST /tokenize
+
+
+def parse_count_tokens_request(body: Any) -> CountTokensRequest:
+    """Validate a count_tokens request (a Messages request without ``max_tokens``).
+
+    The count comes from the neuron rendering the same chat messages and tools it would
+    generate from, so it is the real prompt length, template included.
+    """
+    if isinstance(body, dict) and "max_tokens" not in body:
+        body = {**body, "max_tokens": 1}
+    parsed = parse_messages_request(body)
+    tokenize: dict[str, Any] = {"model": parsed.model, "messages": parsed.chat["messages"]}
+    if "tools" in parsed.chat:
+        tokenize["tools"] = parsed.chat["tools"]
+    return CountTokensRequest(model=parsed.model, tokenize=tokenize)
+
+
+def count_tokens_response(tokenize_answer: dict[str, Any]) -> dict[str, int]:
+    """Anthropic's answer from the neuron's ``/tokenize`` answer (``{"count": N, ...}``)."""
+    return {"input_tokens": int(tokenize_answer["count"])}
 
 
 def _thinking_enabled(thinking: Any) -> bool:
@@ -508,6 +536,9 @@ class AnthropicStreamTranslator:
         """One decoded ``chat.completion.chunk``."""
         if self.closed:
             return []
+        error = stream_error(chunk)
+        if error is not None:  # the upstream reported a failure mid-stream
+            return self.fail(error)
         frames = self.start()
         usage = chunk.get("usage")
         if isinstance(usage, dict):
@@ -643,9 +674,12 @@ class AnthropicStreamTranslator:
 
 __all__ = [
     "AnthropicStreamTranslator",
+    "CountTokensRequest",
     "MessagesRequest",
     "anthropic_error_type",
+    "count_tokens_response",
     "message_from_chat_completion",
+    "parse_count_tokens_request",
     "parse_messages_request",
     "stop_reason_for",
     "tool_input",

@@ -19,6 +19,8 @@ import string
 import time
 from typing import Any
 
+from cortex.wire.errors import ApiError
+
 _ALPHABET = string.ascii_letters + string.digits
 
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
@@ -130,6 +132,33 @@ def usage_chunk(
     }
 
 
+# HTTP status for an OpenAI error ``type`` (a stream error frame carries no status of its own).
+_STATUS_FOR_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "server_error": 500,
+    "upstream_error": 502,
+    "service_unavailable_error": 503,
+    "timeout_error": 504,
+}
+
+
+def stream_error(chunk: dict[str, Any]) -> ApiError | None:
+    """The error in a mid-stream ``data: {"error": {...}}`` frame, or None for a normal chunk.
+
+    Neurons and the proxy report a failure after the headers went out this way; the status is
+    recovered from the error ``type`` so the Anthropic translator can pick its error type.
+    """
+    error = chunk.get("error")
+    if not isinstance(error, dict) or "choices" in chunk:
+        return None
+    status = _STATUS_FOR_TYPE.get(str(error.get("type")), 502)
+    return ApiError.from_openai_body(status, chunk)
+
+
 def tool_call_arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A copy of OpenAI chat messages with assistant tool-call arguments decoded to dicts.
 
@@ -178,6 +207,7 @@ __all__ = [
     "completion_id",
     "message_text",
     "random_id",
+    "stream_error",
     "tool_call_arguments_as_objects",
     "usage",
     "usage_chunk",

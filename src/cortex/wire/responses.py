@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from cortex.wire.errors import ApiError, bad_request
-from cortex.wire.openai_types import random_id
+from cortex.wire.openai_types import random_id, stream_error
 from cortex.wire.sse import COMMENT_KEEPALIVE, encode_event
 
 log = logging.getLogger(__name__)
@@ -523,6 +523,9 @@ class ResponsesStreamTranslator:
     def feed(self, chunk: dict[str, Any]) -> list[bytes]:
         if self.closed:
             return []
+        error = stream_error(chunk)
+        if error is not None:  # the upstream reported a failure mid-stream
+            return self.fail(error)
         frames = self.start()
         usage = chunk.get("usage")
         if isinstance(usage, dict):
