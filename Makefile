@@ -13,13 +13,15 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: venv test lint format help clean
+.PHONY: venv test lint format help clean dist version
 
 help:
 	@echo "make venv    build .venv with cortex, every plugin and the test tools (editable)"
 	@echo "make test    lint, then run all tests (core and every plugin)"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make format  apply ruff formatting"
+	@echo "make dist    wheel + sdist of every distribution into dist/, checked by twine"
+	@echo "make version V=1.2.3  set the version of every distribution (docs/deploy.md)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt $(foreach p,$(PLUGINS) $(EXAMPLES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +47,22 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+
+# The five distributions `make dist` builds (the examples are third-party plugins, not shipped).
+DISTRIBUTIONS := . $(PLUGINS)
+DIST_DIR ?= dist
+
+# Builds each sdist, then the wheel from that sdist (so a file missing from the sdist fails here),
+# with the venv's setuptools (--no-isolation: no network needed).
+dist: venv
+	rm -rf $(DIST_DIR)
+	for d in $(DISTRIBUTIONS); do $(BIN)/python -m build --no-isolation --outdir $(DIST_DIR) $$d || exit 1; done
+	$(BIN)/twine check $(DIST_DIR)/*
+
+# One version for every distribution: the root pyproject.toml's is the reference, this rewrites
+# the `version = "..."` line of all five, and tests/packaging/test_versions.py checks they agree.
+version:
+	@test -n "$(V)" || { echo "usage: make version V=1.2.3"; exit 2; }
+	@echo "$(V)" | grep -Eq '^[0-9]+\.[0-9]+\.[0-9]+([.-]?(a|b|rc|dev|post)[0-9]+)?$$' || { echo "not a version: $(V)"; exit 2; }
+	for d in $(DISTRIBUTIONS); do sed -i -E 's/^version = "[^"]*"$$/version = "$(V)"/' $$d/pyproject.toml; done
+	@echo "set $(V); reinstall (make venv, or pip install -e) so installed metadata follows"
