@@ -173,3 +173,13 @@ def test_read_only(repos: Path, hf_registry) -> None:
     response = httpx.post(f"{registry.url}/api/models/acme/tiny", json={})
     assert response.status_code == 405
     assert "error" in response.json()
+
+
+def test_hidden_folders_are_not_repos(repos: Path, hf_registry) -> None:
+    (repos / ".cache" / "x").mkdir(parents=True)
+    (repos / ".cache" / "x" / "config.json").write_text("{}")
+    (repos / "acme" / ".git").mkdir()
+    registry = hf_registry(repos)
+    assert httpx.get(f"{registry.url}/api/models/.cache/x").status_code == 404
+    assert httpx.get(f"{registry.url}/api/models/acme/.git").status_code == 404
+    assert [r["id"] for r in httpx.get(f"{registry.url}/api/models").json()] == ["acme/tiny"]

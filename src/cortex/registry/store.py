@@ -80,6 +80,11 @@ def is_valid_segment(segment: str) -> bool:
     return segment not in ("", ".", "..") and "/" not in segment and "\\" not in segment
 
 
+def is_valid_repo_segment(segment: str) -> bool:
+    """An org or repo name: a valid segment that is not hidden (``.cache`` is never a repo)."""
+    return is_valid_segment(segment) and not segment.startswith(".")
+
+
 class RepoStore:
     """Reads repos and revisions from a directory; thread-safe, re-scans on every call."""
 
@@ -91,7 +96,9 @@ class RepoStore:
     # ---- lookups ---------------------------------------------------------------------------
 
     def repo_dir(self, org: str, name: str) -> Path | None:
-        if not (is_valid_segment(org) and is_valid_segment(name)) or REVISION_SEPARATOR in name:
+        if not (is_valid_repo_segment(org) and is_valid_repo_segment(name)):
+            return None
+        if REVISION_SEPARATOR in name:
             return None
         path = self.root / org / name
         return path if path.is_dir() else None
@@ -99,7 +106,7 @@ class RepoStore:
     def revision_names(self, org: str, name: str) -> list[str]:
         """``main`` (when the plain folder exists) plus every ``name@rev`` folder."""
         org_dir = self.root / org
-        if not is_valid_segment(org) or not org_dir.is_dir():
+        if not is_valid_repo_segment(org) or not org_dir.is_dir():
             return []
         names = []
         prefix = name + REVISION_SEPARATOR
@@ -114,8 +121,8 @@ class RepoStore:
 
     def repo_exists(self, org: str, name: str) -> bool:
         return (
-            is_valid_segment(org)
-            and is_valid_segment(name)
+            is_valid_repo_segment(org)
+            and is_valid_repo_segment(name)
             and REVISION_SEPARATOR not in name
             and bool(self.revision_names(org, name))
         )
