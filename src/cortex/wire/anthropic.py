@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from cortex.wire.errors import ApiError, bad_request
-from cortex.wire.openai_types import random_id, stream_error
+from cortex.wire.openai_types import count, items, obj, random_id, stream_error, text
 from cortex.wire.sse import encode_event
 
 log = logging.getLogger(__name__)
@@ -418,40 +418,43 @@ def stop_reason_for(finish_reason: Any, stop_sequence: Any, has_tool_calls: bool
         return "tool_use"
     if finish_reason == "stop" and isinstance(stop_sequence, str):
         return "stop_sequence"
-    return STOP_REASONS.get(finish_reason, "end_turn")
+    return (
+        STOP_REASONS.get(finish_reason, "end_turn")
+        if isinstance(finish_reason, str)
+        else "end_turn"
+    )
 
 
 def message_from_chat_completion(
     completion: dict[str, Any], model: str, *, thinking: bool = False
 ) -> dict[str, Any]:
     """An Anthropic ``message`` from an OpenAI ``chat.completion``; ``model`` is what was asked."""
-    choices = completion.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
+    choice = obj((items(obj(completion).get("choices")) or [{}])[0])
+    message = obj(choice.get("message"))
     content: list[dict[str, Any]] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if thinking and isinstance(reasoning, str) and reasoning:
+    reasoning = text(message.get("reasoning_content")) or text(message.get("reasoning"))
+    if thinking and reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = message.get("content")
-    if isinstance(text, str) and text:
-        content.append({"type": "text", "text": text})
-    calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+    answer = text(message.get("content"))
+    if answer:
+        content.append({"type": "text", "text": answer})
+    calls = [c for c in items(message.get("tool_calls")) if isinstance(c, dict)]
     for call in calls:
-        function = call.get("function") or {}
+        function = obj(call.get("function"))
         content.append(
             {
                 "type": "tool_use",
-                "id": call.get("id") or random_id("toolu_"),
-                "name": function.get("name") or "",
+                "id": text(call.get("id")) or random_id("toolu_"),
+                "name": text(function.get("name")),
                 "input": tool_input(function.get("arguments")),
             }
         )
     stop_reason = stop_reason_for(
         choice.get("finish_reason"), choice.get("stop_sequence"), bool(calls)
     )
-    usage = completion.get("usage") or {}
+    usage = obj(obj(completion).get("usage"))
     return {
-        "id": message_id_from(completion.get("id")),
+        "id": message_id_from(obj(completion).get("id")),
         "type": "message",
         "role": "assistant",
         "model": model,
@@ -459,8 +462,8 @@ def message_from_chat_completion(
         "stop_reason": stop_reason,
         "stop_sequence": choice.get("stop_sequence") if stop_reason == "stop_sequence" else None,
         "usage": {
-            "input_tokens": int(usage.get("prompt_tokens") or 0),
-            "output_tokens": int(usage.get("completion_tokens") or 0),
+            "input_tokens": count(usage.get("prompt_tokens")),
+            "output_tokens": count(usage.get("completion_tokens")),
         },
     }
 
@@ -536,6 +539,7 @@ class AnthropicStreamTranslator:
         """One decoded ``chat.completion.chunk``."""
         if self.closed:
             return []
+        chunk = obj(chunk)
         error = stream_error(chunk)
         if error is not None:  # the upstream reported a failure mid-stream
             return self.fail(error)
@@ -543,24 +547,23 @@ class AnthropicStreamTranslator:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             if isinstance(usage.get("prompt_tokens"), int):
-                self._input_tokens = usage["prompt_tokens"]
+                self._input_tokens = count(usage["prompt_tokens"])
             if isinstance(usage.get("completion_tokens"), int):
-                self._output_tokens = usage["completion_tokens"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning and self.thinking:
+                self._output_tokens = count(usage["completion_tokens"])
+        for choice in items(chunk.get("choices")):
+            choice = obj(choice)
+            delta = obj(choice.get("delta"))
+            reasoning = text(delta.get("reasoning_content")) or text(delta.get("reasoning"))
+            if reasoning and self.thinking:
                 frames += self._delta("thinking", {"type": "thinking_delta", "thinking": reasoning})
-            text = delta.get("content")
-            if isinstance(text, str) and text:
+            answer = text(delta.get("content"))
+            if answer:
                 self._content_chunks += 1
-                frames += self._delta("text", {"type": "text_delta", "text": text})
-            for call in delta.get("tool_calls") or ():
+                frames += self._delta("text", {"type": "text_delta", "text": answer})
+            for call in items(delta.get("tool_calls")):
                 if isinstance(call, dict):
                     frames += self._tool_delta(call)
-            if choice.get("finish_reason"):
+            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
                 self._finish_reason = choice["finish_reason"]
                 if isinstance(choice.get("stop_sequence"), str):
                     self._stop_sequence = choice["stop_sequence"]
@@ -640,15 +643,15 @@ class AnthropicStreamTranslator:
         return frames
 
     def _tool_delta(self, call: dict[str, Any]) -> list[bytes]:
-        index = call.get("index", 0)
-        function = call.get("function") or {}
+        index = count(call.get("index"))
+        function = obj(call.get("function"))
         arguments = function.get("arguments")
         frames: list[bytes] = []
         if index not in self._tool_blocks:
             block = {
                 "type": "tool_use",
-                "id": call.get("id") or random_id("toolu_"),
-                "name": function.get("name") or "",
+                "id": text(call.get("id")) or random_id("toolu_"),
+                "name": text(function.get("name")),
                 "input": {},
             }
             frames += self._open_block("tool_use", block)

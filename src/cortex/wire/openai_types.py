@@ -132,6 +132,29 @@ def usage_chunk(
     }
 
 
+# Upstream JSON is read defensively: a malformed field reads as absent, never as a crash.
+
+
+def obj(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def items(value: Any) -> list[Any]:
+    """``value`` if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
+def text(value: Any, default: str = "") -> str:
+    """``value`` if it is a non-empty string, else ``default``."""
+    return value if isinstance(value, str) and value else default
+
+
+def count(value: Any) -> int:
+    """``value`` if it is a non-negative integer (a token count), else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 # HTTP status for an OpenAI error ``type`` (a stream error frame carries no status of its own).
 _STATUS_FOR_TYPE = {
     "invalid_request_error": 400,
@@ -155,8 +178,10 @@ def stream_error(chunk: dict[str, Any]) -> ApiError | None:
     error = chunk.get("error")
     if not isinstance(error, dict) or "choices" in chunk:
         return None
+    if not isinstance(error.get("message"), str):
+        error = {**error, "message": "the upstream failed mid-stream"}
     status = _STATUS_FOR_TYPE.get(str(error.get("type")), 502)
-    return ApiError.from_openai_body(status, chunk)
+    return ApiError.from_openai_body(status, {"error": error})
 
 
 def tool_call_arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,9 +230,13 @@ __all__ = [
     "chat_chunk",
     "chat_completion",
     "completion_id",
+    "count",
+    "items",
     "message_text",
+    "obj",
     "random_id",
     "stream_error",
+    "text",
     "tool_call_arguments_as_objects",
     "usage",
     "usage_chunk",

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from cortex.wire.errors import ApiError, bad_request
-from cortex.wire.openai_types import random_id, stream_error
+from cortex.wire.openai_types import count, items, obj, random_id, stream_error, text
 from cortex.wire.sse import COMMENT_KEEPALIVE, encode_event
 
 log = logging.getLogger(__name__)
@@ -416,32 +416,31 @@ def response_from_chat_completion(
 ) -> dict[str, Any]:
     """A ``response`` object from the neuron's ``chat.completion``."""
     id = id or response_id()
-    choices = completion.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
+    choice = obj((items(obj(completion).get("choices")) or [{}])[0])
+    message = obj(choice.get("message"))
     status, incomplete = _status_for(choice.get("finish_reason"))
     item_status = "incomplete" if status == "incomplete" else "completed"
     output: list[dict[str, Any]] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
+    reasoning = text(message.get("reasoning_content")) or text(message.get("reasoning"))
+    if reasoning:
         output.append(
             _reasoning_item_object(_item_id(id, "rs", len(output)), reasoning, "completed")
         )
-    text = message.get("content")
-    if isinstance(text, str) and text:
-        output.append(_message_item_object(_item_id(id, "msg", len(output)), text, item_status))
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
+    answer = text(message.get("content"))
+    if answer:
+        output.append(_message_item_object(_item_id(id, "msg", len(output)), answer, item_status))
+    for call in items(message.get("tool_calls")):
+        function = obj(obj(call).get("function"))
         output.append(
             _function_call_object(
                 _item_id(id, "fc", len(output)),
-                call.get("id") or random_id("call_"),
-                function.get("name") or "",
-                function.get("arguments") or "{}",
+                text(obj(call).get("id")) or random_id("call_"),
+                text(function.get("name")),
+                text(function.get("arguments"), "{}"),
                 "completed",
             )
         )
-    usage = completion.get("usage") or {}
+    usage = obj(obj(completion).get("usage"))
     return response_object(
         request,
         id=id,
@@ -449,7 +448,7 @@ def response_from_chat_completion(
         status=status,
         output=output,
         usage=usage_object(
-            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
         ),
         incomplete_details=incomplete,
     )
@@ -521,8 +520,10 @@ class ResponsesStreamTranslator:
         return [*self.start(), COMMENT_KEEPALIVE]
 
     def feed(self, chunk: dict[str, Any]) -> list[bytes]:
+        """One decoded ``chat.completion.chunk``."""
         if self.closed:
             return []
+        chunk = obj(chunk)
         error = stream_error(chunk)
         if error is not None:  # the upstream reported a failure mid-stream
             return self.fail(error)
@@ -530,25 +531,21 @@ class ResponsesStreamTranslator:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._saw_usage = True
-            self._usage = (
-                int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0),
-            )
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
+            self._usage = (count(usage.get("prompt_tokens")), count(usage.get("completion_tokens")))
+        for choice in items(chunk.get("choices")):
+            choice = obj(choice)
+            delta = obj(choice.get("delta"))
+            reasoning = text(delta.get("reasoning_content")) or text(delta.get("reasoning"))
+            if reasoning:
                 frames += self._text_delta("reasoning", reasoning)
-            text = delta.get("content")
-            if isinstance(text, str) and text:
+            answer = text(delta.get("content"))
+            if answer:
                 self._content_chunks += 1
-                frames += self._text_delta("message", text)
-            for call in delta.get("tool_calls") or ():
+                frames += self._text_delta("message", answer)
+            for call in items(delta.get("tool_calls")):
                 if isinstance(call, dict):
                     frames += self._tool_delta(call)
-            if choice.get("finish_reason"):
+            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
                 self._finish_reason = choice["finish_reason"]
         return frames
 
@@ -732,8 +729,8 @@ class ResponsesStreamTranslator:
         return frames
 
     def _tool_delta(self, call: dict[str, Any]) -> list[bytes]:
-        index = call.get("index", 0)
-        function = call.get("function") or {}
+        index = count(call.get("index"))
+        function = obj(call.get("function"))
         arguments = function.get("arguments")
         frames: list[bytes] = []
         if index not in self._tool_items:
@@ -744,8 +741,8 @@ class ResponsesStreamTranslator:
                 "function_call",
                 output_index,
                 _item_id(self.id, "fc", output_index),
-                call_id=call.get("id") or random_id("call_"),
-                name=function.get("name") or "",
+                call_id=text(call.get("id")) or random_id("call_"),
+                name=text(function.get("name")),
                 tool_index=index,
             )
             frames += self._open_item(item)
