@@ -183,3 +183,12 @@ def test_hidden_folders_are_not_repos(repos: Path, hf_registry) -> None:
     assert httpx.get(f"{registry.url}/api/models/.cache/x").status_code == 404
     assert httpx.get(f"{registry.url}/api/models/acme/.git").status_code == 404
     assert [r["id"] for r in httpx.get(f"{registry.url}/api/models").json()] == ["acme/tiny"]
+
+
+def test_request_log_is_bounded() -> None:
+    from cortex.registry.requestlog import LoggedRequest, RequestLog
+
+    log = RequestLog(capacity=3)
+    for i in range(5):
+        log.append(LoggedRequest("GET", f"/{i}", "", None, None, 200))
+    assert [e.path for e in log.entries()] == ["/2", "/3", "/4"]

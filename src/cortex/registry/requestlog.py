@@ -8,6 +8,7 @@ a second fetch made no request, that a download resumed with a ``Range`` header.
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import attrs
 
@@ -28,11 +29,15 @@ class LoggedRequest:
         return self.authorization is not None
 
 
-class RequestLog:
-    """Thread-safe, append-only; ``entries()`` returns a snapshot copy."""
+DEFAULT_CAPACITY = 10_000
 
-    def __init__(self) -> None:
-        self._entries: list[LoggedRequest] = []
+
+class RequestLog:
+    """Thread-safe, append-only, bounded (a long-running registry keeps only the newest
+    ``capacity`` requests); ``entries()`` returns a snapshot copy."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self._entries: deque[LoggedRequest] = deque(maxlen=capacity)
         self._lock = threading.Lock()
 
     def append(self, entry: LoggedRequest) -> None:
