@@ -61,7 +61,12 @@ def cpu_device(memory_budget: int | None = None) -> Device:
 
 
 def cuda_devices() -> list[Device]:
-    """CUDA devices via nvidia-ml-py (no CUDA context needed), else torch, else none."""
+    """CUDA devices via nvidia-ml-py (no CUDA context needed), else torch, else none.
+
+    ``CUDA_VISIBLE_DEVICES=""`` hides every GPU: then nothing is probed (and torch, slow to
+    import, is not imported just to find none)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return []
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
