@@ -206,3 +206,23 @@ def test_feed_after_finish_is_an_error() -> None:
     parser.finish()
     with pytest.raises(RuntimeError):
         parser.feed("x")
+
+
+@pytest.mark.parametrize(
+    "prefix,suffix", [("<|python_tag|>", ""), ("<tool_call>", "</tool_call>"), ("", "")]
+)
+def test_long_tool_call_in_small_deltas_is_linear(prefix: str, suffix: str) -> None:
+    """A 20 kB file written through a tool, 4 characters a delta: scanning must not be
+    quadratic (it took 15 s before the resumable scanner; about 0.05 s now)."""
+    import time
+
+    content = 'def f(x):\n    return x * 2  # "quoted" {braces} [brackets]\n' * 350
+    call_json = json.dumps({"name": "write", "arguments": {"path": "a.py", "content": content}})
+    text = prefix + call_json + suffix
+    parser = OutputParser()
+    started = time.perf_counter()
+    events = [e for i in range(0, len(text), 4) for e in parser.feed(text[i : i + 4])]
+    events += parser.finish()
+    assert time.perf_counter() - started < 2.0
+    (call,) = events
+    assert isinstance(call, ToolCall) and json.loads(call.arguments)["content"] == content

@@ -95,6 +95,49 @@ class ParsedOutput:
         return "tool_calls" if self.tool_calls else None
 
 
+@attrs.define
+class _JsonScan:
+    """Finds where the JSON object/array at the start of a growing text ends.
+
+    Resumable: each call scans only what was appended since the last one, so a long tool call
+    streamed in small deltas costs linear time, not quadratic. Counts brackets outside strings;
+    whether the value is valid JSON is decided later.
+    """
+
+    _text: str = ""  # the text scanned so far (the same string object, not a copy)
+    _depth: int = 0
+    _in_string: bool = False
+    _escaped: bool = False
+
+    def end(self, text: str) -> int | None:
+        """Index just past the value, 0 if ``text`` does not start one, None while incomplete."""
+        if not text or text[0] not in "[{":
+            return 0 if text else None
+        if not self._text or not text.startswith(self._text):
+            self._text, self._depth, self._in_string, self._escaped = "", 0, False, False
+        depth, in_string, escaped = self._depth, self._in_string, self._escaped
+        for position in range(len(self._text), len(text)):
+            char = text[position]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    self._text = ""
+                    return position + 1
+        self._text, self._depth, self._in_string, self._escaped = text, depth, in_string, escaped
+        return None
+
+
 # Parser modes.
 _TEXT = "text"
 _THINK = "think"
@@ -124,6 +167,7 @@ class OutputParser:
     _strip_leading: bool = attrs.field(default=False, init=False)
     _calls: int = attrs.field(default=0, init=False)
     _between_calls: bool = attrs.field(default=False, init=False)  # separators may follow
+    _scan: _JsonScan = attrs.field(factory=_JsonScan, init=False)
     _finished: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -275,7 +319,7 @@ class OutputParser:
         if self._raw_start == MISTRAL_TOOL_CALLS and stripped[0] not in "[{":
             self._step_mistral_named(events, final)
             return
-        end = _json_value_end(stripped)
+        end = self._scan.end(stripped)
         if end is None:
             if final:  # never completed: give the text back
                 self._emit_content(events, self._raw_start + buffer)
@@ -305,7 +349,7 @@ class OutputParser:
         name = buffer[:args_at].strip()
         rest = buffer[args_at + len(MISTRAL_ARGS) :]
         stripped = rest.lstrip()
-        end = _json_value_end(stripped) if stripped else None
+        end = self._scan.end(stripped) if stripped else None
         if end is None:
             if final:
                 self._emit_content(events, self._raw_start + buffer)
@@ -406,35 +450,6 @@ def _partial_suffix(buffer: str, markers: list[str]) -> int:
                 longest = size
                 break
     return longest
-
-
-def _json_value_end(text: str) -> int | None:
-    """Where the JSON object/array starting ``text`` ends, or None while it is incomplete.
-
-    Counts brackets outside strings; whether the value is valid JSON is decided later.
-    """
-    if not text or text[0] not in "[{":
-        return 0 if text else None
-    depth = 0
-    in_string = False
-    escaped = False
-    for position, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-            if depth == 0:
-                return position + 1
-    return None
 
 
 _INVALID = object()
