@@ -94,3 +94,36 @@ def test_official_sdk_accumulates_the_stream(path: Path) -> None:
     except anthropic.APIStatusError as exc:
         outcome = {"error": {"class": type(exc).__name__, "body": exc.body}}
     check_golden(path, case, "expected_sdk", outcome)
+
+
+@pytest.mark.parametrize("name", ["text_only", "tool_call_after_text", "midstream_error"])
+def test_async_sdk_reads_the_same_stream(name: str) -> None:
+    """``AsyncAnthropic`` with ``messages.stream`` ends with the same message (or error)."""
+    import asyncio
+
+    path = FOLDER / f"{name}.json"
+    case = load_case(path)
+    stream_bytes = run_steps(case)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=stream_bytes
+        )
+
+    async def run() -> dict[str, Any]:
+        client = anthropic.AsyncAnthropic(
+            api_key="k",
+            base_url="http://cortex.test",
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+            max_retries=0,
+        )
+        try:
+            async with client.messages.stream(
+                model=case["model"], max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
+                message = await stream.get_final_message()
+            return {"message": message.model_dump(mode="json", exclude_none=True)}
+        except anthropic.APIStatusError as exc:
+            return {"error": {"class": type(exc).__name__, "body": exc.body}}
+
+    assert asyncio.run(run()) == case["expected_sdk"]
