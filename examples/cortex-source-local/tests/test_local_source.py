@@ -119,6 +119,7 @@ def test_preflight_gguf_default_requested_and_missing_quant(local: LocalSource) 
     assert payload["kind"] == "quant_not_found"
     assert payload["model_id"] == "local:acme/tiny-gguf"
     assert payload["available"] == ["F16", "Q4_K_M", "Q8_0"]
+    assert payload["requested"] == "Q2_K"
     assert caught.value.http_status == 422
 
 

@@ -67,3 +67,9 @@ def test_choose_quant_explicit_is_case_insensitive_and_may_be_missing() -> None:
     assert chosen is not None and chosen.first_file == "m.Q8_0.gguf"
     assert choose_quant(quants, "Q6_K") is None
     assert choose_quant([], None) is None
+
+
+def test_vision_projectors_are_not_quants() -> None:
+    paths = ["m.Q4_K_M.gguf", "mmproj-m-F16.gguf"]
+    assert [q.name for q in gguf_quants(paths)] == ["Q4_K_M"]
+    assert classify(["mmproj-m-F16.gguf", "model.safetensors"]) == WeightFormat.SAFETENSORS

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from cortex.config import ConfigError
 from cortex.source import (
     FetchError,
     ModelSourceId,
@@ -32,12 +33,12 @@ from cortex.source import (
     UnauthorizedError,
     WeightFormat,
 )
-from cortex_source_local.weights import choose_quant, classify, gguf_quants, is_gguf
+from cortex_source_local.weights import choose_quant, classify, gguf_quants
 
 log = logging.getLogger(__name__)
 
 
-class StoreEndpointError(ValueError):
+class StoreEndpointError(ConfigError):
     """An endpoint that does not name a local directory (raised when the source is created, so
     the neuron refuses a bad config at start instead of at the first load)."""
 
@@ -63,6 +64,15 @@ def store_root(endpoint: str) -> Path:
             f"endpoint {endpoint!r} is not an absolute path; use file:///absolute/path"
         )
     return Path(path)
+
+
+def _a_harness_accepts(preflight: Preflight) -> bool:
+    """Whether an installed harness loads a repo without weight files by name (the built-in
+    ``echo`` harness loads an ``echo.json``; a third-party harness may have a format of its
+    own). Only a repo that nothing accepts is refused here."""
+    from cortex.plugins import get_registry
+
+    return any(harness.accepts(preflight) for harness in get_registry().harnesses())
 
 
 class LocalSource:
@@ -161,28 +171,31 @@ class LocalSource:
         """List the repo, classify its weights and pick the GGUF quant; nothing is read.
 
         ``download_bytes`` is 0: a fetch downloads nothing. A ``quant`` is checked against the
-        GGUF files; for a repo without GGUF files it is left to the harness.
+        GGUF files; for a repo without GGUF files it is left to the harness. A repo without
+        weight files passes only if an installed harness accepts it (e.g. an ``echo.json``).
         """
         qualified = self._qualified(model_id)
         repo = self.repo_dir(model_id)
         files = self._list_files(model_id, repo)
         names = [f.path for f in files]
         weight_format = classify(names)
-        if weight_format == WeightFormat.NONE:
+        if weight_format == WeightFormat.NONE and not _a_harness_accepts(
+            Preflight(qualified, "0" * 40, weight_format, tuple(files))
+        ):
             raise NoLoadableWeightsError(
                 qualified,
-                "the repo has no *.safetensors or *.gguf weights",
+                "the repo has no *.safetensors or *.gguf weights and no installed harness "
+                "accepts its files",
                 files=names[:50],
             )
         quants = gguf_quants(names)
         chosen = choose_quant(quants, quant)
-        has_gguf = any(is_gguf(n) for n in names)
-        if has_gguf and quant is not None and chosen is None:
+        if quants and quant is not None and chosen is None:
             available = [q.name for q in quants]
             raise QuantNotFoundError(
                 qualified,
                 f"the repo has no {quant!r} GGUF file (it has {', '.join(available)})",
-                quant=quant,
+                requested=quant,
                 available=available,
             )
         return Preflight(

@@ -16,8 +16,10 @@ import attrs
 from cortex.source import WeightFormat
 
 _SHARD_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})$")
+# Vision projectors ship as GGUF files next to the model but are not a model by themselves.
+_PROJECTOR = re.compile(r"(^|/)mmproj", re.IGNORECASE)
 _QUANT_SUFFIX = re.compile(
-    r"[.\-_](?P<quant>(?:I?Q\d+(?:_[A-Z0-9]+)*)|F16|F32|BF16)$",
+    r"[.\-_](?P<quant>(?:I?Q\d+(?:_[A-Z0-9]+)*)|BF16|FP16|FP32|F16|F32|MXFP4)$",
     re.IGNORECASE,
 )
 
@@ -27,7 +29,8 @@ size and quality. A repo with none of them falls back to its first quant in name
 
 
 def is_gguf(path: str) -> bool:
-    return path.lower().endswith(".gguf")
+    """A GGUF model file (vision projectors excluded)."""
+    return path.lower().endswith(".gguf") and not _PROJECTOR.search(path)
 
 
 def is_safetensors(path: str) -> bool:
