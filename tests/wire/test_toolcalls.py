@@ -18,6 +18,7 @@ from cortex.wire.toolcalls import (
     collect,
     new_tool_call_id,
     parse_output,
+    prompt_opens_reasoning,
 )
 
 
@@ -169,6 +170,10 @@ def test_reasoning_streams_as_it_arrives() -> None:
 
 
 def test_template_opened_think_in_the_prompt() -> None:
+    prompt = "<|im_start|>assistant\n<think>\n"
+    assert prompt_opens_reasoning(prompt)
+    assert not prompt_opens_reasoning("<|im_start|>assistant\n")
+    assert not prompt_opens_reasoning("<think>x</think>\n")
     parsed = parse_output("planning</think>answer", starts_in_reasoning=True)
     assert parsed == ParsedOutput("answer", "planning", ())
 

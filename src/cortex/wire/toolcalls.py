@@ -392,6 +392,16 @@ class OutputParser:
             self._calls += 1
 
 
+def prompt_opens_reasoning(prompt_text: str) -> bool:
+    """Whether a rendered prompt ends inside an opened ``<think>`` (DeepSeek-R1 style templates).
+
+    Such models never write ``<think>`` themselves; their output starts with reasoning and only
+    closes it. Pass the result as ``starts_in_reasoning`` so that reasoning does not reach content.
+    """
+    tail = prompt_text.rstrip()
+    return tail.endswith(THINK_OPEN)
+
+
 def parse_output(
     text: str,
     *,
@@ -507,4 +517,5 @@ __all__ = [
     "collect",
     "new_tool_call_id",
     "parse_output",
+    "prompt_opens_reasoning",
 ]
