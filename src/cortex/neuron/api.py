@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,15 +52,7 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
     app.state.loader = loader
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        node.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestCounter, node=node)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -180,6 +172,35 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+class RequestCounter:
+    """Counts requests by route template and status. A plain ASGI middleware (not
+    ``BaseHTTPMiddleware``, whose wrapped ``receive`` reports a disconnect as soon as a
+    streaming response has started, which would cut every stream short)."""
+
+    def __init__(self, app: Any, node: Node) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.node.metrics.requests.labels(path, str(status)).inc()
 
 
 def _end(node: Node, entry: Any) -> None:
