@@ -209,8 +209,14 @@ def test_revision_changes_when_a_file_changes(local: LocalSource, store: Path) -
     model = ModelSourceId.parse("local:acme/tiny-chat")
     before = local.preflight(model).revision
     assert local.preflight(model).revision == before
+    assert local.fetch(model, ["model.safetensors"], revision=before).is_dir()
     (store / "acme/tiny-chat/model.safetensors").write_bytes(b"\1" * 1001)
-    assert local.preflight(model).revision != before
+    after = local.preflight(model).revision
+    assert after != before
+    with pytest.raises(FetchError, match="changed on disk since preflight") as caught:
+        local.fetch(model, ["model.safetensors"], revision=before)
+    assert caught.value.to_json()["current"] == after
+    assert local.fetch(model, ["model.safetensors"], revision=after).is_dir()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file: permissions cannot fail")

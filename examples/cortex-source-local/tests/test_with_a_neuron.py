@@ -8,6 +8,7 @@ loads a tiny random Llama with the torch harness, straight from the store withou
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +113,19 @@ def test_torch_harness_loads_safetensors_straight_from_the_store(
     # Nothing was copied into the neuron's caches.
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_neuron_pull_points_at_the_store_itself(tmp_path: Path, store: Path) -> None:
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'[sources.local]\nendpoint = "file://{store}"\n')
+    pull = python_program("cortex.cli", "neuron", "pull", "-c", str(config), "--json")
+    result = subprocess.run([*pull, "local:acme/echo"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pulled = json.loads(result.stdout)
+    assert pulled["snapshot"] == str((store / "acme" / "echo").resolve())
+    assert pulled["download_bytes"] == 0
+    missing = subprocess.run(
+        [*pull, "local:acme/nope"], capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode != 0
+    assert json.loads(missing.stdout)["error"]["kind"] == "repo_not_found"

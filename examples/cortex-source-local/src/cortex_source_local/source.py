@@ -215,15 +215,28 @@ class LocalSource:
         model_id: ModelSourceId,
         files: list[str],
         progress: ProgressCallback | None = None,
+        revision: str | None = None,
     ) -> Path:
         """Check that every requested file is in the repo and return the repo directory.
 
         No copy is made, so there is no partial file to leave behind; progress is reported once
         per file as already complete, so a caller that shows progress still sees each file.
+        ``revision`` (a preflight's) must still describe the repo: a store edited between
+        preflight and fetch is reported rather than loaded half old, half new.
         """
         qualified = self._qualified(model_id)
         repo = self.repo_dir(model_id)
         root = self._resolved_root(model_id)
+        if revision is not None:
+            current = self._fingerprint(repo, self._list_files(model_id, repo))
+            if current != revision:
+                raise FetchError(
+                    qualified,
+                    f"the repo changed on disk since preflight (revision {revision[:12]}, now "
+                    f"{current[:12]}); preflight again",
+                    revision=revision,
+                    current=current,
+                )
         missing: list[str] = []
         for name in files:
             target = (repo / name).resolve()
