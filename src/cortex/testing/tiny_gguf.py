@@ -15,11 +15,13 @@ the functions: ``cortex.testing`` stays importable on a gateway-only install.
 
 from __future__ import annotations
 
+import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from cortex.testing.tiny_models import tiny_model_dir
+from cortex.testing.tiny_models import build_tiny_model
 
 DEFAULT_QUANTS = ("F32", "F16")
 
@@ -203,17 +205,38 @@ def build_tiny_gguf_repo(
     model_dir: str | Path | None = None,
 ) -> Path:
     """A directory laid out like a GGUF repo on the hub: ``{stem}-{QUANT}.gguf`` per quant plus a
-    README, written from the tiny llama model in ``model_dir`` (built in a sibling ``tiny-hf``
-    folder when not given, so ``out_dir`` holds only what a registry should publish)."""
+    README, written from the tiny llama model in ``model_dir`` (built in a temporary folder when
+    not given, so ``out_dir`` holds only what a registry should publish)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model_dir is None:
-        model_dir = tiny_model_dir(out.parent / "tiny-hf", arch="llama", seed=seed)
-    model_dir = Path(model_dir)
-    for quant in quants:
-        write_gguf(model_dir, out / f"{stem}-{quant.upper()}.gguf", quant)
+        with tempfile.TemporaryDirectory(prefix="tiny-hf-") as scratch:
+            source = build_tiny_model(Path(scratch) / "llama", arch="llama", seed=seed)
+            for quant in quants:
+                write_gguf(source, out / f"{stem}-{quant.upper()}.gguf", quant)
+    else:
+        for quant in quants:
+            write_gguf(model_dir, out / f"{stem}-{quant.upper()}.gguf", quant)
     (out / "README.md").write_text(
         f"# {stem}\n\nA tiny random llama model for tests, in GGUF ({', '.join(quants)}).\n",
         encoding="utf-8",
     )
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cortex.testing.tiny_gguf OUT_DIR [--quants F16,Q8_0]``: a GGUF repo to publish
+    with ``cortex registry serve`` (what docs/harnesses.md's walkthrough uses)."""
+    parser = argparse.ArgumentParser(prog="python -m cortex.testing.tiny_gguf")
+    parser.add_argument("out_dir", type=Path, help="folder to write the repo into")
+    parser.add_argument("--quants", default=",".join(DEFAULT_QUANTS), help="F32, F16, Q8_0")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quants = tuple(q.strip() for q in args.quants.split(",") if q.strip())
+    out = build_tiny_gguf_repo(args.out_dir, quants=quants, seed=args.seed)
+    for path in sorted(out.iterdir()):
+        print(f"{path} ({path.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()
