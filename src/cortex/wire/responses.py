@@ -123,7 +123,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         "max_output_tokens": max_output_tokens,
         "metadata": metadata or {},
         "parallel_tool_calls": True if parallel is None else parallel,
-        "reasoning": body.get("reasoning") if isinstance(body.get("reasoning"), dict) else None,
+        "reasoning": _reasoning_echo(body.get("reasoning")),
         "temperature": chat.get("temperature"),
         "text": {"format": {"type": "text"}},
         "tool_choice": tool_choice if tool_choice is not None else "auto",
@@ -133,6 +133,22 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         "user": body.get("user") if isinstance(body.get("user"), str) else None,
     }
     return ResponsesRequest(model, stream, chat, echo, tuple(ignored))
+
+
+_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+_SUMMARIES = ("auto", "concise", "detailed")
+
+
+def _reasoning_echo(reasoning: Any) -> dict[str, Any] | None:
+    """The ``reasoning`` settings repeated in the response (accepted, not acted on): only
+    values the client's own types accept, so a typo cannot break the client's parsing."""
+    if not isinstance(reasoning, dict):
+        return None
+    effort, summary = reasoning.get("effort"), reasoning.get("summary")
+    return {
+        "effort": effort if effort in _EFFORTS else None,
+        "summary": summary if summary in _SUMMARIES else None,
+    }
 
 
 def _input_messages(raw: Any, system_parts: list[str], ignored: list[str]) -> list[dict[str, Any]]:
