@@ -112,6 +112,8 @@ CASES: list[tuple[str, str, ParsedOutput]] = [
         ParsedOutput("[TOOL_CALLS]oops", "", ()),
     ),
     ("json content", '{"a": 1} is json', ParsedOutput('{"a": 1} is json', "", ())),
+    ("brace prose", "{ braces } start this", ParsedOutput("{ braces } start this", "", ())),
+    ("empty object", "{}", ParsedOutput("{}", "", ())),
     ("json content padded", ' {"a": 1}  ', ParsedOutput(' {"a": 1}  ', "", ())),
     (
         "marker lookalikes",
@@ -231,3 +233,9 @@ def test_long_tool_call_in_small_deltas_is_linear(prefix: str, suffix: str) -> N
     assert time.perf_counter() - started < 2.0
     (call,) = events
     assert isinstance(call, ToolCall) and json.loads(call.arguments)["content"] == content
+
+
+def test_brace_prose_is_not_held_back() -> None:
+    parser = OutputParser()
+    assert parser.feed("{ no") == [ContentDelta("{ no")]
+    assert parser.feed("t json") == [ContentDelta("t json")]

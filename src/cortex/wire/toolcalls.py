@@ -316,6 +316,13 @@ class OutputParser:
             return
         if not final and MISTRAL_TOOL_CALLS.startswith(stripped):
             return  # could still become the marker
+        if self._raw_start.strip() == "" and stripped[0] == "{":
+            inner = stripped[1:].lstrip()
+            if inner and inner[0] != '"':  # a brace, but no object with keys: plain text
+                self._emit_content(events, self._raw_start + buffer)
+                self._buffer = ""
+                self._back_to_text()
+                return
         if self._raw_start == MISTRAL_TOOL_CALLS and stripped[0] not in "[{":
             self._step_mistral_named(events, final)
             return
