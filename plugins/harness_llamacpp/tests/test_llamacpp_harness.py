@@ -340,6 +340,8 @@ def test_prompt_errors_are_the_clients_fault(model: LlamaCppModel) -> None:
         model.start([5] * 256, GREEDY)
     with pytest.raises(PromptError, match="outside the vocabulary"):
         model.start([5, 10_000], GREEDY)
+    with pytest.raises(PromptError, match="outside the vocabulary"):
+        model.decode([5, -1])
     with pytest.raises(PromptError, match="chat template failed"):
         model.render_chat([{"role": "user"}])  # no content: the template cannot concatenate
     # The model is still fine afterwards.

@@ -170,6 +170,8 @@ class LlamaCppModel:
         for token in token_ids:
             piece = pieces.get(token)
             if piece is None:
+                if not 0 <= token < self.n_vocab:  # llama.cpp would abort the process
+                    raise PromptError(f"token id {token} is outside the vocabulary")
                 piece = native.token_piece(self._lib, self._vocab, token)
                 pieces[token] = piece
             out += piece
