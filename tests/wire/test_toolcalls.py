@@ -112,6 +112,11 @@ CASES: list[tuple[str, str, ParsedOutput]] = [
         ParsedOutput("[TOOL_CALLS]oops", "", ()),
     ),
     ("json content", '{"a": 1} is json', ParsedOutput('{"a": 1} is json', "", ())),
+    (
+        "hermes tag in prose",
+        'Wrap calls in <tool_call> tags, like <tool_call>{"name": "f"}</tool_call>.',
+        ParsedOutput("Wrap calls in <tool_call> tags, like .", "", (call(0, "f", {}),)),
+    ),
     ("brace prose", "{ braces } start this", ParsedOutput("{ braces } start this", "", ())),
     ("empty object", "{}", ParsedOutput("{}", "", ())),
     ("json content padded", ' {"a": 1}  ', ParsedOutput(' {"a": 1}  ', "", ())),

@@ -284,6 +284,11 @@ class OutputParser:
 
     def _step_hermes(self, events: list[OutputEvent], final: bool) -> None:
         buffer = self._buffer
+        head = buffer.lstrip()
+        if head and head[0] not in "[{":  # the tag mentioned in prose, not a call: stream on
+            self._emit_content(events, HERMES_OPEN)
+            self._mode = _TEXT
+            return
         position = buffer.find(HERMES_CLOSE)
         if position < 0 and not final:
             return
