@@ -181,7 +181,9 @@ class GenerationStream:
         model = self.entry.id
         try:
             while self.completion_tokens < self.max_tokens:
-                if self.entry.state != READY:
+                # an unload lets running requests finish (up to its bound); once it took
+                # the model away, the generation cannot go on
+                if self.entry.handle is None:
                     raise ApiError(
                         503,
                         "model_unloading",
