@@ -120,16 +120,15 @@ class Loader:
     async def _load(self, resolved: Resolved) -> str:
         needed = await self._needed_bytes(resolved)
         async with self._placement_lock:
-            placement = place(
-                resolved,
-                needed,
-                list(self.fleet.nodes.values()),
-                self.usage,
-                self.strategy,
-                self.models,
-                self.default_source,
-                retry_after=self._retry_after,
-            )
+            try:
+                placement = self._place(resolved, needed)
+            except ApiError as exc:
+                if exc.code != "insufficient_memory":
+                    raise
+                # In-flight counts from the last poll may be stale (a request that just ended):
+                # look again before telling the client to come back later.
+                await self.fleet.poll_all()
+                placement = self._place(resolved, needed)
             node = self.fleet.nodes[placement.node]
             for victim in placement.victims:
                 self.usage.evicting.add((node.name, victim))
@@ -140,6 +139,18 @@ class Loader:
             return await self._start_load(node, placement, resolved)
         finally:
             self.usage.release(token)
+
+    def _place(self, resolved: Resolved, needed: int) -> Placement:
+        return place(
+            resolved,
+            needed,
+            list(self.fleet.nodes.values()),
+            self.usage,
+            self.strategy,
+            self.models,
+            self.default_source,
+            retry_after=self._retry_after,
+        )
 
     async def _evict(self, node: NodeState, placement: Placement) -> None:
         try:

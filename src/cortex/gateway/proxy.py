@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from cortex.wire.errors import ApiError
@@ -235,13 +234,10 @@ async def forward(
             usage = None
         if isinstance(usage, dict):
             observer.on_usage(usage)
-    error = None if resp.status == 200 else f"upstream_{resp.status}"
-    return Response(
-        raw,
-        status_code=resp.status,
-        headers=headers,
-        background=BackgroundTask(observer.on_end, error),
-    )
+    # The neuron is done once its answer is read: end the in-flight count now, not after the
+    # client got the bytes (its next request must not see this one as still running).
+    observer.on_end(None if resp.status == 200 else f"upstream_{resp.status}")
+    return Response(raw, status_code=resp.status, headers=headers)
 
 
 def elapsed_since(started: float) -> float:
