@@ -1,0 +1,5 @@
+"""``python -m cortex.demo``."""
+
+from cortex.demo.main import main
+
+main()

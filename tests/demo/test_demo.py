@@ -1,0 +1,70 @@
+"""``make demo ARGS=--once`` end to end: the real programs, the real SDKs, the walkthrough's checks.
+
+The demo itself asserts what each step should show (the eviction picks the least recently used
+model, the metrics carry an eviction sample, every stream carries text) and exits 1 when a step
+fails; this test runs it as a user would and checks the exit code and the printed steps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cortex.demo.models import harness_installed
+
+
+@pytest.mark.slow
+def test_demo_once_walks_through_every_step(tmp_path: Path) -> None:
+    env = {**os.environ, "CORTEX_DEMO_ONCE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex.demo", "--data-dir", str(tmp_path / "d"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "Traceback" not in out
+    for step in (
+        "the merged catalogue: /v1/models",
+        "a streamed chat with the openai SDK (cold load on first use)",
+        "the same model through the anthropic SDK",
+        "fleet status",
+        "an eviction when a third model needs room",
+        "the metrics that traffic produced",
+        'cortex_evictions_total{node="beta",reason="make_room"} 1.0',
+        "walkthrough done",
+    ):
+        assert step in out, f"missing {step!r} in:\n{out}"
+    if harness_installed("llamacpp"):
+        assert "through the llama.cpp harness" in out
+    # The configs were printed and written, and every child was stopped.
+    config_dir = tmp_path / "d" / "config"
+    assert {p.name for p in config_dir.iterdir()} == {
+        "alpha.toml",
+        "beta.toml",
+        "models.toml",
+        "cortex.toml",
+    }
+    assert (config_dir / "cortex.toml").read_text().splitlines()[0] in out
+    assert "cortex keeps serving" not in out  # --once exits after the walkthrough
+
+
+def test_demo_configs_load_with_the_strict_loaders(tmp_path: Path) -> None:
+    """The configs the demo prints are the ones the programs accept (checked without starting
+    anything); a model missing from models.toml would make the walkthrough ask for nothing."""
+    from cortex.config import load_models_config
+    from cortex.demo.configs import Ports, write_configs
+    from cortex.demo.models import ECHO_MODELS, DemoModels
+
+    models = DemoModels(tmp_path / "repos", "demo/tiny-llama", None, ECHO_MODELS)
+    configs = write_configs(tmp_path, Ports(1, 2, 3, 4, 5), models)
+    loaded = load_models_config(configs.path("models.toml"))
+    assert [m.id for m in loaded.models] == ["demo/tiny-llama", *ECHO_MODELS]
+    assert loaded.aliases == {"tiny": "demo/tiny-llama", "echo": "demo/echo-a"}
+    assert 'endpoint = "http://127.0.0.1:1"' in configs.path("alpha.toml").read_text()
