@@ -38,15 +38,19 @@ def model_registry(
     tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_qwen2_dir: Path
 ) -> Iterator[RunningRegistry]:
     """acme/tiny-llama, acme/tiny-qwen2 (transformers), acme/echo (instant), acme/slow-echo
-    (20 tokens/s, long), acme/readme-only (nothing loadable)."""
+    (20 tokens/s, long), acme/readme-only (nothing loadable) and
+    acme/weights-only (weights no harness accepts)."""
     root = tmp_path_factory.mktemp("repos")
     publish_repo(root, "acme/tiny-llama", tiny_llama_dir)
     publish_repo(root, "acme/tiny-qwen2", tiny_qwen2_dir)
     publish_repo(root, "acme/echo", echo_repo(reply=ECHO_REPLY))
     slow_reply = " ".join(f"word{i}" for i in range(SLOW_WORDS))
     publish_repo(root, "acme/slow-echo", echo_repo(reply=slow_reply, tokens_per_second=20))
-    publish_repo(root, "acme/huge-echo", echo_repo(reply="x", memory_mb=4096))
     publish_repo(root, "acme/readme-only", {"README.md": b"no weights here\n"})
+    # safetensors without config.json: the source finds weights, no harness accepts them
+    publish_repo(
+        root, "acme/weights-only", {"model.safetensors": tiny_llama_dir / "model.safetensors"}
+    )
     registry = start_registry(root)
     yield registry
     registry.stop()
