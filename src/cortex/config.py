@@ -123,12 +123,31 @@ class GatewaySection:
     load_timeout: Duration = attrs.field(default=Duration(600.0), converter=Duration.parse)
     # Retry-After (seconds) on retryable errors the gateway makes itself.
     retry_after: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    # Request bodies over this many bytes get 413 before they are read whole.
+    max_body_bytes: int = attrs.field(default=32 * 2**20, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen
 class EvictionSection:
     strategy: str = "lru"
     defrag_after_cycles: int = attrs.field(default=50, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class AuthSection:
+    """``[auth]``: who may call the gateway (docs/security.md). Secrets never live here: the
+    config names environment variables holding keys, or a file of *hashed* keys."""
+
+    # Client API keys: an env var with comma-separated keys and/or a file of sha256 hashes.
+    keys_env: str | None = None
+    keys_file: str | None = None
+    # Keys for /admin/* (and model load/unload): the same two forms.
+    admin_keys_env: str | None = None
+    admin_keys_file: str | None = None
+    # The env var holding the token the gateway sends to neurons (same name in neuron.toml).
+    neuron_token_env: str | None = None
+    # None: keys are required when configured, and a non-loopback listener without keys warns.
+    required: bool | None = None
 
 
 @attrs.frozen
@@ -141,6 +160,7 @@ class NeuronRef:
 class CortexConfig:
     gateway: GatewaySection = attrs.field(factory=GatewaySection)
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
+    auth: AuthSection = attrs.field(factory=AuthSection)
     neurons: list[NeuronRef] = attrs.field(factory=list)
     models_config: str = "models.toml"
     base_dir: Path = attrs.field(default=Path("."), metadata={"file": False})
@@ -230,6 +250,11 @@ class NeuronConfig:
     sources: dict[str, SourceSection] = attrs.field(factory=dict)
     default_models: list[DefaultModel] = attrs.field(factory=list)
     devices: dict[str, DeviceSettings] = attrs.field(factory=dict)
+    # The env var holding the shared gateway<->neuron token; when set, lifecycle and generation
+    # calls without it get 401 (``/health`` stays open). See docs/security.md.
+    token_env: str | None = None
+    # Request bodies over this many bytes get 413 before they are read whole.
+    max_body_bytes: int = attrs.field(default=32 * 2**20, validator=attrs.validators.gt(0))
     base_dir: Path = attrs.field(default=Path("."), metadata={"file": False})
 
 

@@ -6,6 +6,7 @@ import click
 
 from cortex import __version__
 from cortex.cli.common import add_plugin_commands, plugins_command
+from cortex.cli.keys import keys
 from cortex.cli.plugin_new import plugin_group
 from cortex.cli.serve import serve
 from cortex.registry.cli import registry
@@ -21,6 +22,7 @@ cli.add_command(plugins_command())
 cli.add_command(serve)
 cli.add_command(registry)
 cli.add_command(plugin_group)
+cli.add_command(keys)
 
 
 def main() -> None:

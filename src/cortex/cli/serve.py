@@ -7,6 +7,7 @@ huggingface_hub: a gateway host installs ``cortex`` alone (a test checks ``sys.m
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import attrs
@@ -60,6 +61,11 @@ def _bound_port(server: uvicorn.Server) -> int:
     return next(s.getsockname()[1] for srv in server.servers for s in srv.sockets)
 
 
+def _stop_all(*servers: uvicorn.Server) -> None:
+    for server in servers:
+        server.should_exit = True
+
+
 def _shown(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -67,6 +73,7 @@ def _shown(host: str) -> str:
 async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> None:
     from prometheus_client import make_asgi_app
 
+    from cortex.auth import GatewayAuth, warn_if_exposed
     from cortex.gateway.app import create_app
     from cortex.gateway.metrics import GatewayMetrics
     from cortex.gateway.service import Gateway, load_strategy
@@ -76,12 +83,17 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     metrics = GatewayMetrics()
-    gateway = Gateway(config, models, strategy, metrics)
+    try:
+        gateway = Gateway(config, models, strategy, metrics)
+        auth = GatewayAuth.from_config(config.auth, config.base_dir)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     host, port = parse_listen(config.gateway.listen)
+    warn_if_exposed(host, auth)
     m_host, m_port = parse_listen(config.gateway.metrics_listen)
     api = uvicorn.Server(
         uvicorn.Config(
-            create_app(gateway), host=host, port=port, log_level=log_level, access_log=False
+            create_app(gateway, auth), host=host, port=port, log_level=log_level, access_log=False
         )
     )
     metrics_server = uvicorn.Server(
@@ -94,7 +106,13 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
             lifespan="off",
         )
     )
-    metrics_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # One handler for both servers, and a clean exit (status 0) on SIGTERM/SIGINT: uvicorn's
+    # own handlers would re-raise the signal after shutdown.
+    loop = asyncio.get_running_loop()
+    for server in (api, metrics_server):
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop_all, api, metrics_server)
     metrics_task = asyncio.create_task(metrics_server.serve())
     api_task = asyncio.create_task(api.serve())
     while not (api.started and metrics_server.started):

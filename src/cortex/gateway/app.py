@@ -13,16 +13,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from cortex import __version__
+from cortex.auth import AuthMiddleware, GatewayAuth
 from cortex.gateway.service import Gateway
 from cortex.wire.errors import ApiError
 from cortex.wire.http import install_error_handlers, read_json_object
+from cortex.wire.limits import BodyLimitMiddleware
 
 MAX_BODY_BYTES = 32 * 2**20
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
-def create_app(gateway: Gateway) -> FastAPI:
-    """A FastAPI app whose lifespan starts and stops ``gateway`` (poller, sessions, tasks)."""
+def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
+    """A FastAPI app whose lifespan starts and stops ``gateway`` (poller, sessions, tasks).
+    ``auth`` defaults to the keys named in ``[auth]`` (docs/security.md)."""
+    if auth is None:
+        auth = GatewayAuth.from_config(gateway.config.auth, gateway.config.base_dir)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +47,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     )
     app.state.gateway = gateway
     install_error_handlers(app)
+    # Outermost last: keys are checked before a byte of the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.config.gateway.max_body_bytes)
+    app.add_middleware(AuthMiddleware, auth=auth)
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
@@ -61,7 +69,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def generation(request: Request) -> Response:
         route = request.url.path
         try:
-            payload = await read_json_object(request, MAX_BODY_BYTES)
+            payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
             return await gateway.generate(route, payload, request.headers)
         except ApiError as exc:
             gateway.metrics.requests.labels(route, "other", "error").inc()

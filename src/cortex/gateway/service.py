@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import aiohttp
 from starlette.responses import Response
 
+from cortex.auth import NEURON_TOKEN_HEADER, read_token, without_credentials
 from cortex.config import CortexConfig, ModelsConfig
 from cortex.eviction import EvictionStrategy
 from cortex.gateway.catalogue import build_catalogue
@@ -61,6 +63,10 @@ class Gateway:
         self.loader: Loader | None = None
         self._maintenance: asyncio.Task[None] | None = None
         g = config.gateway
+        # The shared token every call to a neuron carries (None: neurons run without one).
+        self.neuron_token = read_token(
+            config.auth.neuron_token_env, os.environ, "[auth] neuron_token_env"
+        )
         self.retry_after = float(g.retry_after)
         self.proxy_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -73,7 +79,10 @@ class Gateway:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        headers = {NEURON_TOKEN_HEADER: self.neuron_token} if self.neuron_token else None
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, headers=headers
+        )
         g = self.config.gateway
         self.fleet = Fleet(
             self.config.neurons,
@@ -233,6 +242,8 @@ class Gateway:
         resolved = resolve(requested, self.models, self.default_source)
         body = json.dumps({**payload, "model": resolved.canonical}).encode()
         rewrite = ModelRewriter(resolved.canonical, requested)
+        # A client's key is for the gateway alone; the neuron gets the cluster token instead.
+        client_headers = without_credentials(client_headers)
         tried: set[str] = set()
         while True:
             node = await self.route(resolved, exclude=tried)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from cortex.auth import NeuronTokenMiddleware, read_token
 from cortex.config import NeuronConfig, parse_listen
 from cortex.neuron.api import create_app
 from cortex.neuron.loader import Loader, LoadRequest
@@ -28,6 +30,7 @@ from cortex.neuron.node import Node
 from cortex.plugins import get_registry
 from cortex.source_resolver import SourceResolver
 from cortex.wire.errors import ApiError
+from cortex.wire.limits import BodyLimitMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,18 @@ def make_app(node: Node, drain_seconds: float = DRAIN_SECONDS) -> FastAPI:
             node.workers.stop()
             log.info("neuron stopped")
 
-    return create_app(node, loader, lifespan=lifespan)
+    app = create_app(node, loader, lifespan=lifespan)
+    install_guards(app, node.config)
+    return app
+
+
+def install_guards(app: FastAPI, config: NeuronConfig) -> None:
+    """The body size limit, and the shared token when ``token_env`` is set (docs/security.md).
+    The token guard is outermost: an unauthenticated caller never gets a body read."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    token = read_token(config.token_env, os.environ, "neuron.toml token_env")
+    if token is not None:
+        app.add_middleware(NeuronTokenMiddleware, token=token)
 
 
 class DrainingServer(uvicorn.Server):
