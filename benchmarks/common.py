@@ -1,0 +1,279 @@
+"""Shared by the benchmarks: child processes, CPU accounting, the load generators, statistics.
+
+CPU is read from the kernel for the *proxy's* whole process tree (user + system), before and after
+a measured run, so "CPU per request" excludes the load generator and the upstream that share the
+machine. It is the figure that carries over between machines best; wall-clock figures do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import attrs
+import psutil
+
+from cortex.testing.servers import ProcessServer
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+DOCS = ROOT.parent / "docs"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on (absolute times are only valid for this)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def save(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and all its descendants, now."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def python_server(module: str, *args: str, env: dict[str, str] | None = None) -> ProcessServer:
+    return ProcessServer([sys.executable, "-m", module, *args], env=env, cwd=str(ROOT.parent))
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+# ---- wrk (plain requests) ------------------------------------------------------------------
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+
+
+@attrs.frozen
+class LoadResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    proxy_cpu_s: float
+
+    @property
+    def cpu_per_request_ms(self) -> float:
+        return self.proxy_cpu_s / self.requests * 1000 if self.requests else float("nan")
+
+
+def _wrk_ms(text: str, label: str) -> float:
+    match = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+    if not match:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def run_wrk(
+    url: str, model: str, concurrency: int, seconds: float, proxy_pid: int | None, key: str = "x"
+) -> LoadResult:
+    """``wrk`` POSTs for ``seconds`` at ``concurrency`` connections (one thread per 32)."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % (model, key))
+        script = f.name
+    threads = max(1, min(2, concurrency // 32 + 1))
+    before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            script,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
+    used = (cpu_seconds(proxy_pid) - before) if proxy_pid else 0.0
+    os.unlink(script)
+    text = out.stdout
+    total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", text)
+    if not total:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    requests = int(total.group(1))
+    dur = float(total.group(2)) * {"s": 1.0, "ms": 0.001, "m": 60.0}.get(total.group(3), 1.0)
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return LoadResult(
+        requests=requests,
+        seconds=dur,
+        rps=requests / dur if dur else 0.0,
+        p50_ms=_wrk_ms(text, "50%"),
+        p99_ms=_wrk_ms(text, "99%"),
+        errors=errors,
+        proxy_cpu_s=used,
+    )
+
+
+# ---- a light asyncio client for streams ----------------------------------------------------
+
+
+@attrs.frozen
+class StreamResult:
+    streams: int
+    chunks: int
+    ttft_ms: list[float]
+    total_ms: list[float]
+    proxy_cpu_s: float
+
+    @property
+    def cpu_per_chunk_us(self) -> float:
+        return self.proxy_cpu_s / self.chunks * 1e6 if self.chunks else float("nan")
+
+
+async def _one_stream(
+    session: aiohttp.ClientSession, url: str, model: str, chunks: int, key: str
+) -> tuple[float, float, int]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": chunks,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first = None
+    count = 0
+    async with session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"stream answered {resp.status}: {await resp.text()}")
+        async for line in resp.content:
+            if line.startswith(b"data: ") and b'"content"' in line:
+                if first is None and b'"content": ""' not in line and b'"content":""' not in line:
+                    first = time.perf_counter()
+                count += 1
+    done = time.perf_counter()
+    return ((first or done) - started) * 1000, (done - started) * 1000, count
+
+
+def run_streams(
+    url: str, model: str, chunks: int, streams: int, proxy_pid: int | None, key: str = "x"
+) -> StreamResult:
+    """``streams`` sequential streams of ``chunks`` chunks; TTFT and total per stream."""
+
+    async def run() -> StreamResult:
+        ttft, totals, seen = [], [], 0
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await _one_stream(session, url, model, chunks, key)  # warm the connection
+            before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+            for _ in range(streams):
+                first, total, count = await _one_stream(session, url, model, chunks, key)
+                ttft.append(first)
+                totals.append(total)
+                seen += count
+            used = (cpu_seconds(proxy_pid) - before) if proxy_pid else 0.0
+        return StreamResult(streams, seen, ttft, totals, used)
+
+    return asyncio.run(run())
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    if value != value:  # NaN
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""Benchmark 1: what a proxy adds in front of an upstream that answers instantly.
+
+Variants side by side in one run, against one upstream (the bare fake OpenAI server of
+:mod:`benchmarks.fake_neuron`): (a) the upstream directly, (b) cortex, (c) LiteLLM's proxy,
+(d) nginx (the floor). And, to separate gateway cost from neuron cost, an ``echo`` model on a real
+``neuron run`` directly and through cortex. Plain requests: ``wrk`` (p50/p99 at concurrency 1,
+requests/s at 16 and 64); streams: a light asyncio client (time to first chunk and total time of
+a 256-chunk stream). CPU is the proxy process tree's, per request and per chunk.
+
+Run: ``python -m benchmarks.gateway_overhead [--quick] [--no-litellm] [--no-echo]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import proxies
+from benchmarks.common import (
+    LoadResult,
+    StreamResult,
+    fmt,
+    median,
+    python_server,
+    run_streams,
+    run_wrk,
+    save,
+    table,
+)
+from cortex.testing.servers import ProcessServer
+
+MODEL = "bench/fake"
+ECHO_MODEL = "bench/echo"
+STREAM_CHUNKS = 256
+TARGETS = {
+    "added_p50_ms": 1.0,
+    "rps_at_64": 1000.0,
+    "cpu_per_chunk_us": 30.0,
+    "added_stream_ms": 3.0,
+}
+
+
+def start_echo_neuron(tmp: Path) -> tuple[ProcessServer, Any]:
+    """A real ``neuron run`` with an instant echo model (256+ words) loaded from a registry."""
+    from cortex.testing.registry import publish_repo, start_registry
+
+    words = " ".join(f"w{i}" for i in range(STREAM_CHUNKS + 8))
+    publish_repo(
+        tmp / "repos", ECHO_MODEL, {"echo.json": json.dumps({"reply": words, "memory_mb": 10})}
+    )
+    registry = start_registry(tmp / "repos")
+    config = tmp / "neuron.toml"
+    config.write_text(
+        f'name = "echo"\n[sources.huggingface]\nendpoint = "{registry.url}"\n'
+        f'auth_env = "BENCH_NO_TOKEN"\ncache_dir = "{tmp / "cache"}"\n'
+    )
+    neuron = python_server(
+        "cortex.cli",
+        "neuron",
+        "run",
+        "-c",
+        str(config),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-level",
+        "warning",
+        env={"CUDA_VISIBLE_DEVICES": "", "BENCH_NO_TOKEN": ""},
+    ).start()
+    answer = httpx.post(f"{neuron.url}/models/load", json={"model_id": ECHO_MODEL}, timeout=120)
+    answer.raise_for_status()
+    return neuron, registry
+
+
+def measure(proxy: proxies.Proxy, model: str, seconds: float, streams: int) -> dict[str, Any]:
+    url = f"{proxy.base_url}/v1/chat/completions"
+    # warm up: connections, caches, lazy imports
+    run_wrk(url, model, 4, 1, None, proxy.key)
+    result: dict[str, Any] = {}
+    c1: LoadResult = run_wrk(url, model, 1, seconds, proxy.pid, proxy.key)
+    c16 = run_wrk(url, model, 16, seconds, proxy.pid, proxy.key)
+    c64 = run_wrk(url, model, 64, seconds, proxy.pid, proxy.key)
+    stream: StreamResult = run_streams(url, model, STREAM_CHUNKS, streams, proxy.pid, proxy.key)
+    result["p50_ms_c1"] = c1.p50_ms
+    result["p99_ms_c1"] = c1.p99_ms
+    result["rps_c1"] = c1.rps
+    result["rps_c16"] = c16.rps
+    result["rps_c64"] = c64.rps
+    result["errors"] = c1.errors + c16.errors + c64.errors
+    result["cpu_per_request_ms_c1"] = c1.cpu_per_request_ms
+    result["cpu_per_request_ms_c64"] = c64.cpu_per_request_ms
+    result["stream_ttft_ms"] = median(stream.ttft_ms)
+    result["stream_total_ms"] = median(stream.total_ms)
+    result["stream_chunks"] = stream.chunks
+    result["cpu_per_chunk_us"] = stream.cpu_per_chunk_us
+    return result
+
+
+def _started(name: str, start: Any, unavailable: dict[str, str]) -> proxies.Proxy | None:
+    try:
+        return start()
+    except proxies.Unavailable as exc:
+        unavailable[name] = str(exc)
+        print(f"  {name}: unavailable: {exc}")
+        return None
+
+
+def run(quick: bool, with_litellm: bool, with_echo: bool) -> dict[str, Any]:
+    seconds = 1.0 if quick else 5.0
+    streams = 3 if quick else 30
+    fake = python_server("benchmarks.fake_neuron", "--listen", "127.0.0.1:0").start()
+    assert fake.url is not None and fake.proc is not None
+    unavailable: dict[str, str] = {}
+    results: dict[str, dict[str, Any]] = {}
+    running: list[proxies.Proxy] = []
+    cleanup: list[Any] = [fake.terminate]
+    try:
+        starters = [
+            ("direct", lambda: proxies.direct(fake.url, None)),
+            ("cortex", lambda: proxies.cortex(fake.url)),
+            ("nginx", lambda: proxies.nginx(fake.url)),
+        ]
+        if with_litellm:
+            starters.append(("litellm", lambda: proxies.litellm(fake.url)))
+        else:
+            unavailable["litellm"] = "skipped (--no-litellm)"
+        for name, start in starters:
+            proxy = _started(name, start, unavailable)
+            if proxy is not None:
+                running.append(proxy)
+                cleanup.append(proxy.stop)
+        if with_echo:
+            tmp = Path(tempfile.mkdtemp(prefix="bench-echo-"))
+            neuron, registry = start_echo_neuron(tmp)
+            cleanup += [neuron.terminate, registry.stop]
+            assert neuron.url is not None and neuron.proc is not None
+            running.append(proxies.Proxy("echo-neuron direct", neuron.url, None, lambda: None))
+            via = proxies.cortex(neuron.url, name="echo-neuron via cortex")
+            running.append(via)
+            cleanup.append(via.stop)
+        for proxy in running:
+            model = ECHO_MODEL if proxy.name.startswith("echo") else MODEL
+            print(f"  measuring {proxy.name} ...", flush=True)
+            results[proxy.name] = measure(proxy, model, seconds, streams)
+    finally:
+        for stop in reversed(cleanup):
+            stop()
+    report = {
+        "settings": {"seconds": seconds, "streams": streams, "chunks": STREAM_CHUNKS},
+        "results": results,
+        "unavailable": unavailable,
+        "derived": derive(results),
+        "targets": TARGETS,
+    }
+    save("gateway_overhead", report)
+    print_report(report)
+    return report
+
+
+def derive(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Added latency and stream time against the upstream each variant sits in front of."""
+    derived: dict[str, dict[str, float]] = {}
+    for name, r in results.items():
+        base = results.get("echo-neuron direct" if name.startswith("echo") else "direct")
+        if base is None or name in ("direct", "echo-neuron direct"):
+            continue
+        derived[name] = {
+            "added_p50_ms": r["p50_ms_c1"] - base["p50_ms_c1"],
+            "added_p99_ms": r["p99_ms_c1"] - base["p99_ms_c1"],
+            "added_stream_ms": r["stream_total_ms"] - base["stream_total_ms"],
+            "added_ttft_ms": r["stream_ttft_ms"] - base["stream_ttft_ms"],
+        }
+    if "cortex" in results and "litellm" in results:
+        derived["cortex"]["rps_c64_vs_litellm"] = (
+            results["cortex"]["rps_c64"] / results["litellm"]["rps_c64"]
+        )
+    return derived
+
+
+def print_report(report: dict[str, Any]) -> None:
+    results, derived = report["results"], report["derived"]
+    rows = []
+    for name, r in results.items():
+        d = derived.get(name, {})
+        rows.append(
+            [
+                name,
+                fmt(r["p50_ms_c1"]),
+                fmt(r["p99_ms_c1"]),
+                fmt(d.get("added_p50_ms", float("nan"))),
+                fmt(r["rps_c16"], 0),
+                fmt(r["rps_c64"], 0),
+                fmt(r["cpu_per_request_ms_c64"], 3),
+                fmt(r["stream_ttft_ms"]),
+                fmt(r["stream_total_ms"]),
+                fmt(d.get("added_stream_ms", float("nan"))),
+                fmt(r["cpu_per_chunk_us"], 1),
+                r["errors"],
+            ]
+        )
+    print()
+    print("gateway overhead (one worker each; upstream answers instantly)")
+    headers = [
+        "variant",
+        "p50 ms",
+        "p99 ms",
+        "added p50",
+        "rps@16",
+        "rps@64",
+        "cpu/req ms",
+        "ttft ms",
+        f"{STREAM_CHUNKS}-chunk ms",
+        "added ms",
+        "cpu/chunk us",
+        "errors",
+    ]
+    print(table(headers, rows))
+    for name, why in report["unavailable"].items():
+        print(f"{name}: {why}")
+    if "cortex" in results:
+        c, d = results["cortex"], derived.get("cortex", {})
+        checks = [
+            ("added p50 < 1 ms", d.get("added_p50_ms", 99) < TARGETS["added_p50_ms"]),
+            (">= 1,000 req/s at 64", c["rps_c64"] >= TARGETS["rps_at_64"]),
+            ("< 30 us CPU per chunk", c["cpu_per_chunk_us"] < TARGETS["cpu_per_chunk_us"]),
+            ("< 3 ms added to a 256-chunk stream", d.get("added_stream_ms", 99) < 3),
+        ]
+        print(
+            "cortex targets: " + "; ".join(f"{t}: {'met' if ok else 'MISSED'}" for t, ok in checks)
+        )
+        if "rps_c64_vs_litellm" in d:
+            print(f"cortex vs LiteLLM at concurrency 64: {d['rps_c64_vs_litellm']:.1f}x requests/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="seconds, for a smoke test")
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--no-echo", action="store_true")
+    args = parser.parse_args()
+    run(args.quick, not args.no_litellm, not args.no_echo)
+
+
+if __name__ == "__main__":
+    main()
