@@ -89,6 +89,25 @@ def test_make_dist_then_install_wheels_into_a_fresh_venv(tmp_path: Path) -> None
     run([*pip, *core_and_sources], cwd=tmp_path, timeout=600)
     run([*pip, "--no-deps", *harnesses], cwd=tmp_path)
 
+    # The example third-party plugin is a real distribution too: sdist, then the wheel from it
+    # (nothing left in its folder), checked and installed alike.
+    example_dist = tmp_path / "example"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--no-isolation",
+            "--outdir",
+            example_dist,
+            ROOT / "examples" / "cortex-source-local",
+        ],
+        cwd=tmp_path,
+    )
+    checked = run([sys.executable, "-m", "twine", "check", *example_dist.iterdir()], tmp_path)
+    assert checked.stdout.count("PASSED") == 2, checked.stdout
+    run([*pip, "--no-deps", *example_dist.glob("*.whl")], cwd=tmp_path)
+
     where = run([python, "-c", "import cortex; print(cortex.__file__)"], cwd=tmp_path)
     assert where.stdout.startswith(str(venv)), where.stdout
 
@@ -99,7 +118,7 @@ def test_make_dist_then_install_wheels_into_a_fresh_venv(tmp_path: Path) -> None
 
     listing = json.loads(run([venv / "bin" / "cortex", "plugins", "--json"], cwd=tmp_path).stdout)
     names = {p["name"] for p in listing["plugins"]}
-    assert names >= PLUGIN_ENTRY_POINTS
+    assert names >= PLUGIN_ENTRY_POINTS | {"source-local"}
     assert listing["broken"] == []
 
     # The plugin templates are package data: they must be inside the wheel.
