@@ -106,6 +106,10 @@ def test_refuses_bad_names_and_existing_folders(tmp_path: Path) -> None:
     assert "already exists" in again.output
     wrong_kind = runner.invoke(cli, ["plugin", "new", "store", "--kind", "gpu"])
     assert wrong_kind.exit_code == 2
+    shipped = runner.invoke(cli, ["plugin", "new", "torch", "--kind", "harness", "--dir", "x"])
+    assert shipped.exit_code == 2
+    assert "cortex-harness-torch is a distribution cortex ships" in shipped.output
+    assert not Path("x").exists()
 
 
 @pytest.mark.parametrize(

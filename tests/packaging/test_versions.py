@@ -62,3 +62,10 @@ def test_make_dist_builds_exactly_these_distributions() -> None:
     assert re.search(r"^DISTRIBUTIONS := \. \$\(PLUGINS\)$", makefile, re.MULTILINE)
     listed = {ROOT, *(ROOT / p for p in plugins.group(1).split())}
     assert listed == set(DISTRIBUTIONS.values())
+
+
+def test_plugin_new_knows_the_shipped_distributions() -> None:
+    """`cortex plugin new` refuses to generate a skeleton that would replace one of these."""
+    from cortex.cli.plugin_new import SHIPPED_DISTRIBUTIONS
+
+    assert {"cortex", *SHIPPED_DISTRIBUTIONS} == set(DISTRIBUTIONS)

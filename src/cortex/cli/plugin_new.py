@@ -28,6 +28,17 @@ _NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 _MAX_NAME = 30
 
 
+SHIPPED_DISTRIBUTIONS = frozenset(
+    {
+        "cortex-source-huggingface",
+        "cortex-source-helexa",
+        "cortex-harness-torch",
+        "cortex-harness-llamacpp",
+    }
+)
+"""Distributions cortex ships: a skeleton with one of these names would replace it on install."""
+
+
 class PluginNameError(ValueError):
     """A NAME that cannot become a scheme, an entry point and a Python package."""
 
@@ -163,6 +174,11 @@ def new(name: str, kind: str, directory: Path) -> None:
     """
     try:
         names = PluginNames(check_plugin_name(name), kind)
+        if names.distribution in SHIPPED_DISTRIBUTIONS:
+            raise PluginNameError(
+                f"{names.distribution} is a distribution cortex ships; installing a skeleton "
+                "of that name would replace it (pick another NAME)"
+            )
         target = render_plugin(names, directory)
     except PluginNameError as exc:
         raise click.BadParameter(str(exc), param_hint="NAME") from None
