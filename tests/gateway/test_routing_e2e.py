@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from cortex.config import ModelProfile
+from cortex.config import Duration, ModelProfile
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -203,3 +203,45 @@ def test_client_disconnect_stops_upstream_generation(fleet) -> None:
     # 600 tokens at 20/s would keep it busy for 30 s; it stopped within a few steps.
     assert time.monotonic() - started < 5
     assert gw.gateway.usage.busy("n2", model) == 0
+
+
+def test_completions_route_streamed_and_whole(fleet) -> None:
+    model = fleet.publish_echo("acme/complete", reply=None, memory_mb=10)
+    gw = fleet.gateway(models=[ModelProfile(id="acme/complete", memory_mb=10)])
+    client = gw.client()
+    whole = client.completions.create(model="acme/complete", prompt="the prompt comes back")
+    assert whole.model == "acme/complete"
+    assert whole.choices[0].text == "the prompt comes back"
+    assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens >= 4
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(model=model, prompt="a b c", stream=True)
+        if c.choices
+    ]
+    assert "".join(pieces) == "a b c"
+    assert len([p for p in pieces if p]) == 3
+
+
+def test_idle_timeout_bounds_silence_not_the_whole_stream(fleet) -> None:
+    steady = fleet.publish_echo("acme/steady", reply=" ".join(["s"] * 12), tokens_per_second=8)
+    silent = fleet.publish_echo("acme/silent", reply="late words", tokens_per_second=0.4)
+    fleet.load_on("n1", steady)
+    fleet.load_on("n1", silent)
+    gw = fleet.gateway(idle_timeout=Duration(0.8))
+    gw.wait_for(lambda: steady in gw.catalogue() and silent in gw.catalogue())
+    started = time.monotonic()
+    stream = gw.client().chat.completions.create(model=steady, messages=HELLO, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == " ".join(["s"] * 12)
+    assert time.monotonic() - started > 1.2  # longer than the idle timeout, never cut
+    with httpx.stream(
+        "POST",
+        f"{gw.url}/v1/chat/completions",
+        json={"model": silent, "messages": HELLO, "stream": True},
+        timeout=30,
+    ) as resp:
+        body = b"".join(resp.iter_bytes())
+    assert resp.status_code == 200
+    assert b'"code":"upstream_timeout"' in body
+    assert b"late words" not in body
+    gw.wait_for(lambda: gw.gateway.usage.busy("n1", silent) == 0, timeout=5)
