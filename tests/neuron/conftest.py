@@ -46,6 +46,14 @@ def model_registry(
     publish_repo(root, "acme/echo", echo_repo(reply=ECHO_REPLY))
     slow_reply = " ".join(f"word{i}" for i in range(SLOW_WORDS))
     publish_repo(root, "acme/slow-echo", echo_repo(reply=slow_reply, tokens_per_second=20))
+    publish_repo(
+        root,
+        "acme/tool-echo",
+        echo_repo(
+            reply="It is sunny.",
+            tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}],
+        ),
+    )
     publish_repo(root, "acme/readme-only", {"README.md": b"no weights here\n"})
     # safetensors without config.json: the source finds weights, no harness accepts them
     publish_repo(

@@ -1,0 +1,71 @@
+"""Tools reach the chat template, and tool calls in the output come back as OpenAI tool_calls."""
+
+from __future__ import annotations
+
+import json
+
+from tests.neuron.conftest import LiveNeuron
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_tool_calls_come_back_typed(neuron: LiveNeuron) -> None:
+    neuron.load("acme/tool-echo")
+    client = neuron.openai()
+    response = client.chat.completions.create(model="acme/tool-echo", messages=ASK, tools=TOOLS)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+
+    chunks = list(
+        client.chat.completions.create(
+            model="acme/tool-echo", messages=ASK, tools=TOOLS, stream=True
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [t for d in deltas for t in (d.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    # the tool result goes back in; the model answers in text
+    follow_up = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24C"},
+    ]
+    final = client.chat.completions.create(model="acme/tool-echo", messages=follow_up, tools=TOOLS)
+    assert final.choices[0].message.content == "It is sunny."
+    assert final.choices[0].finish_reason == "stop"
+
+
+def test_tools_are_rendered_by_the_chat_template(neuron: LiveNeuron) -> None:
+    neuron.load("acme/tiny-llama")
+    with neuron.http() as client:
+        plain = client.post("/tokenize", json={"model": "acme/tiny-llama", "messages": ASK})
+        with_tools = client.post(
+            "/tokenize", json={"model": "acme/tiny-llama", "messages": ASK, "tools": TOOLS}
+        )
+    assert with_tools.json()["count"] > plain.json()["count"] + 20
+    # tool_choice "none" means the tools are not offered
+    reply = neuron.openai().chat.completions.create(
+        model="acme/tiny-llama",
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=1,
+        temperature=0,
+    )
+    assert reply.usage.prompt_tokens == plain.json()["count"]
