@@ -13,11 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 from click.testing import CliRunner
 
 from cortex.cli.cortex_cli import cli
 from cortex.cli.plugin_new import PluginNameError, PluginNames, check_plugin_name
+from cortex.testing.servers import ProcessServer, python_program
 
 HOOK_OF_KIND = {
     "source": "cortex_register_sources",
@@ -40,6 +43,24 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
+def pip_install_target(projects: list[Path], site: Path) -> None:
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            *map(str, projects),
+        ],
+        cwd=site.parent,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(HOOK_OF_KIND))
 def test_generated_plugin_installs_registers_and_passes_its_tests(
@@ -60,21 +81,7 @@ def test_generated_plugin_installs_registers_and_passes_its_tests(
     run([sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."], cwd=project)
 
     site = tmp_path / "site"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(project),
-        ],
-        cwd=tmp_path,
-    )
+    pip_install_target([project], site)
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
     # Its own tests pass, run from its own folder with its own pytest settings.
@@ -92,6 +99,51 @@ def test_generated_plugin_installs_registers_and_passes_its_tests(
     assert by_name[names.entry_point]["hooks"] == [HOOK_OF_KIND[kind]]
     assert by_name[names.entry_point]["version"] == "0.1.0"
     assert listing["broken"] == []
+
+
+@pytest.mark.slow
+def test_generated_source_and_harness_serve_a_chat_in_a_real_neuron(tmp_path: Path) -> None:
+    """The skeletons are not only self-consistent: a neuron loads a model through the generated
+    source with the generated harness, and the openai client gets the harness's answer."""
+    runner = CliRunner()
+    for name, kind in (("byte-store", "source"), ("bytes", "harness")):
+        args = ["plugin", "new", name, "--kind", kind, "--dir", str(tmp_path)]
+        assert runner.invoke(cli, args).exit_code == 0
+    site = tmp_path / "site"
+    pip_install_target(
+        [tmp_path / "cortex-source-byte-store", tmp_path / "cortex-harness-bytes"], site
+    )
+    repo = tmp_path / "store" / "acme" / "echoes"
+    repo.mkdir(parents=True)
+    (repo / "bytes.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(b"\0" * 8)  # the source skeleton wants weights
+    config = tmp_path / "neuron.toml"
+    config.write_text(
+        f'[sources.byte-store]\nendpoint = "file://{tmp_path / "store"}"\n'
+        '[devices."cpu"]\nmemory_mb = 512\n'
+    )
+    argv = python_program(
+        "cortex.cli", "neuron", "run", "-c", str(config), "--listen", "127.0.0.1:0"
+    )
+    pythonpath = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    with ProcessServer(argv, env={"PYTHONPATH": pythonpath}) as neuron:
+        loaded = httpx.post(
+            f"{neuron.url}/models/load",
+            json={"model_id": "byte-store:acme/echoes", "harness": "bytes"},
+            timeout=120,
+        )
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["model"]["harness"] == "bytes"
+        client = openai.OpenAI(base_url=f"{neuron.url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="byte-store:acme/echoes", messages=[{"role": "user", "content": "bonjour"}]
+        )
+        assert reply.choices[0].message.content == "bonjour"
+        missing = httpx.post(
+            f"{neuron.url}/models/load", json={"model_id": "byte-store:acme/nope"}, timeout=60
+        )
+        assert missing.status_code == 422
+        assert missing.json()["error"]["details"]["model_id"] == "byte-store:acme/nope"
 
 
 def test_refuses_bad_names_and_existing_folders(tmp_path: Path) -> None:
