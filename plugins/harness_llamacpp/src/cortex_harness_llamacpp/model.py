@@ -7,8 +7,9 @@ borrows a slot while it runs. Slots are a cache, not a reservation:
 * a generation that starts looks for the free slot whose cached tokens share the longest prefix
   with its prompt and evaluates only the rest (prefix reuse: a chat that grows by one turn
   re-evaluates one turn, not the whole conversation);
-* with more live generations than slots, a generation takes the least recently used slot; the
-  one that lost it re-evaluates its tokens on its next step (correct, just slower);
+* with more live generations than slots, a generation takes the most recently used slot (streams
+  step in turn, so that one is needed last); the one that lost it re-evaluates its tokens on its
+  next step (correct, just slower);
 * when the shared cache is full, idle slots and then other generations' slots are evicted.
 
 Every method runs on the device's worker thread (the neuron guarantees it), so nothing here locks.
@@ -51,6 +52,7 @@ class PrefillStats:
     prompt_tokens_reused: int = 0
     tokens_evaluated: int = 0
     evictions: int = 0
+    batched_decodes: int = 0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -74,6 +76,10 @@ def _message_text(content: Any) -> Any:
             part.get("text", "") if isinstance(part, dict) else str(part) for part in content
         )
     return content
+
+
+class KvCacheExhausted(HarnessError):
+    """Even after evicting every other sequence the batch does not fit in the KV cache."""
 
 
 class LlamaCppModel:
@@ -199,8 +205,17 @@ class LlamaCppModel:
         return generation
 
     def _advance(self, generation: LlamaCppGeneration) -> Step:
-        """One step of ``generation``: make the KV cache hold all its tokens, then sample."""
+        """One step of ``generation``: make the KV cache hold all its tokens, then sample.
+
+        A generation whose only missing token is its last one is decoded together with every
+        other live generation in the same state (one llama.cpp batch, one row each), and the
+        others' next tokens are kept for their own next ``step`` — continuous batching without a
+        scheduler: while streams take turns token by token, each turn costs one decode for all.
+        """
         self._check_loaded()
+        if generation.ready is not None:
+            token, generation.ready = generation.ready, None
+            return self._emit(generation, token)
         tokens = generation.tokens
         if len(tokens) >= self.context_length:
             raise HarnessError(f"the context of {self.context_length} tokens is full")
@@ -208,15 +223,78 @@ class LlamaCppModel:
         if slot is None or slot.owner is not generation:
             slot = self._claim_slot(generation)
         first = generation.generated == 0
-        reused = self._evaluate(slot, tokens)
-        if first:
-            self.stats.prompt_tokens += len(tokens)
-            self.stats.prompt_tokens_reused += reused
-        token = int(self._lib.llama_sampler_sample(generation.sampler, self._ctx, -1))
-        tokens.append(token)
-        generation.generated += 1
+        companions = (
+            self._companions(generation)
+            if self.settings.batch_streams and not first and len(slot.tokens) == len(tokens) - 1
+            else []
+        )
+        token = self._decode_together(generation, companions) if companions else None
+        if token is None:
+            reused = self._evaluate(slot, tokens)
+            if first:
+                self.stats.prompt_tokens += len(tokens)
+                self.stats.prompt_tokens_reused += reused
+            token = int(self._lib.llama_sampler_sample(generation.sampler, self._ctx, -1))
         slot.last_used = next(self._clock)
+        return self._emit(generation, token)
+
+    def _emit(self, generation: LlamaCppGeneration, token: int) -> Step:
+        generation.tokens.append(token)
+        generation.generated += 1
         return Step(token_id=token, is_eos=bool(self._lib.llama_vocab_is_eog(self._vocab, token)))
+
+    def _companions(self, generation: LlamaCppGeneration) -> list[LlamaCppGeneration]:
+        """Other live generations that need exactly one token evaluated (their last sampled one)
+        and will step again: they can share this step's batch."""
+        out = []
+        for other in sorted(self._generations, key=lambda g: g.slot.seq_id if g.slot else -1):
+            slot = other.slot
+            if (
+                other is generation
+                or other.ready is not None
+                or other.generated == 0
+                or slot is None
+                or slot.owner is not other
+                or len(slot.tokens) != len(other.tokens) - 1
+                or len(other.tokens) >= self.context_length
+                or self._lib.llama_vocab_is_eog(self._vocab, other.tokens[-1])
+            ):
+                continue
+            out.append(other)
+            if len(out) + 1 >= self._n_batch:
+                break
+        return out
+
+    def _decode_together(
+        self, generation: LlamaCppGeneration, companions: list[LlamaCppGeneration]
+    ) -> int | None:
+        """One decode for ``generation`` and ``companions`` (one pending token each); returns
+        ``generation``'s next token and leaves each companion's in its ``ready``. Returns None
+        (nothing changed) when the shared KV cache has no room for all of them at once: the
+        caller then decodes ``generation`` alone, evicting as usual."""
+        members: list[tuple[LlamaCppGeneration, Slot]] = []
+        for member in (generation, *companions):
+            assert member.slot is not None
+            members.append((member, member.slot))
+        self._batch.fill_rows([(m.tokens[-1], len(s.tokens), s.seq_id) for m, s in members])
+        try:
+            self._decode_evicting({s for _, s in members})
+        except KvCacheExhausted:
+            return None  # llama.cpp left the cache as it was
+        except BaseException:
+            for _, slot in members:
+                self._drop(slot)
+            raise
+        for member, slot in members:
+            slot.tokens.append(member.tokens[-1])
+        self.stats.tokens_evaluated += len(members)
+        self.stats.batched_decodes += 1
+        sample = self._lib.llama_sampler_sample
+        token = int(sample(generation.sampler, self._ctx, 0))
+        for row, (companion, slot) in enumerate(members[1:], start=1):
+            companion.ready = int(sample(companion.sampler, self._ctx, row))
+            slot.last_used = next(self._clock)
+        return token
 
     def _claim_slot(self, generation: LlamaCppGeneration) -> Slot:
         free = [s for s in self._slots if s.owner is None]
@@ -225,28 +303,39 @@ class LlamaCppModel:
                 free, key=lambda s: (common_prefix(s.tokens, generation.tokens), -s.last_used)
             )
         else:
-            slot = min(self._slots, key=lambda s: s.last_used)
+            # Streams step in turn, so the least recently used slot belongs to the stream whose
+            # turn is next: stealing it would make every stream re-evaluate every round. The most
+            # recently used one costs a single re-evaluation per round.
+            slot = max(self._slots, key=lambda s: s.last_used)
             assert slot.owner is not None
             slot.owner.slot = None
             self.stats.evictions += 1
         slot.owner = generation
         generation.slot = slot
+        # Keep only what this generation shares with the slot's previous tokens, so an owned slot
+        # always caches a prefix of its owner's tokens (what batching relies on).
+        self._trim(slot, common_prefix(slot.tokens, generation.tokens))
         return slot
+
+    def _trim(self, slot: Slot, keep: int) -> None:
+        """Drop the cached tokens of ``slot`` from position ``keep`` on (all of them when
+        llama.cpp cannot cut a sequence, e.g. recurrent models)."""
+        if keep >= len(slot.tokens):
+            return
+        if keep == 0 or not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+            self._drop(slot)
+        else:
+            del slot.tokens[keep:]
 
     def _evaluate(self, slot: Slot, target: list[int]) -> int:
         """Bring ``slot`` to ``target`` (minus nothing: the last token's logits are needed, so at
         least one token is always evaluated). Returns how many cached tokens were kept."""
-        lib = self._lib
-        keep = min(common_prefix(slot.tokens, target), len(target) - 1)
-        if keep < len(slot.tokens):
-            if not lib.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
-                lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-                keep = 0
-            del slot.tokens[keep:]
+        self._trim(slot, min(common_prefix(slot.tokens, target), len(target) - 1))
+        keep = len(slot.tokens)
         try:
             for chunk in _chunks(target[keep:], self._n_batch):
                 self._batch.fill(chunk, len(slot.tokens), slot.seq_id)
-                self._decode_evicting(slot)
+                self._decode_evicting({slot})
                 slot.tokens.extend(chunk)
                 self.stats.tokens_evaluated += len(chunk)
         except BaseException:
@@ -254,17 +343,17 @@ class LlamaCppModel:
             raise
         return keep
 
-    def _decode_evicting(self, slot: Slot) -> None:
+    def _decode_evicting(self, batch_slots: set[Slot]) -> None:
         """Decode the filled batch; when the shared cache is full, evict the least recently used
-        other sequence (idle ones first) and retry."""
+        sequence outside the batch (idle ones first) and retry."""
         while True:
             try:
                 native.decode(self._lib, self._ctx, self._batch)
                 return
             except native.KvCacheFull:
-                victims = [s for s in self._slots if s is not slot and s.tokens]
+                victims = [s for s in self._slots if s not in batch_slots and s.tokens]
                 if not victims:
-                    raise HarnessError(
+                    raise KvCacheExhausted(
                         f"the KV cache ({self.kv_cells} tokens) cannot hold this sequence"
                     ) from None
                 victim = min(victims, key=lambda s: (s.owner is not None, s.last_used))
@@ -282,6 +371,7 @@ class LlamaCppModel:
             if not self.settings.prefix_cache:
                 self._drop(slot)
         generation.slot = None
+        generation.ready = None
         self._generations.discard(generation)
 
     def reset(self) -> None:
@@ -323,6 +413,7 @@ class LlamaCppGeneration:
         self.tokens = tokens
         self.sampler = sampler
         self.slot: Slot | None = None
+        self.ready: int | None = None  # next token, sampled early in another stream's batch
         self.generated = 0
         self.closed = False
 

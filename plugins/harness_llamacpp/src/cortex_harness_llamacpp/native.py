@@ -58,6 +58,8 @@ def llama() -> Any:
                 global _last_level
                 if level != _CONT:
                     _last_level = _LEVELS.get(level, logging.DEBUG)
+                    if b"failed to find a memory slot" in text:
+                        _last_level = logging.DEBUG  # a full KV cache: the harness evicts
                 message = text.decode("utf-8", errors="replace").rstrip()
                 if message:
                     log.log(_last_level, "%s", message)
@@ -154,6 +156,20 @@ class Batch:
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = False
         batch.logits[len(tokens) - 1] = True
+
+    def fill_rows(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """One ``(token, position, seq_id)`` per row, each with logits: a decode step for several
+        sequences at once (row ``i``'s logits are output ``i``)."""
+        if not 0 < len(rows) <= self.capacity:
+            raise ValueError(f"batch of {len(rows)} rows (capacity {self.capacity})")
+        batch = self.batch
+        batch.n_tokens = len(rows)
+        for i, (token, pos, seq_id) in enumerate(rows):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = True
 
     def free(self) -> None:
         if self.batch is not None:

@@ -57,7 +57,8 @@ class LlamaCppSettings:
     (GGUF files often declare 128k contexts whose KV cache would not fit); ``parallel`` is how many
     generations keep their KV cache resident at once (more streams still work, they take turns and
     re-evaluate what they lost); ``prefix_cache`` keeps a finished generation's KV cache so a
-    request sharing its prefix skips that part of the prefill; ``flash_attn`` is llama.cpp's
+    request sharing its prefix skips that part of the prefill; ``batch_streams`` decodes the
+    next token of every running stream in one llama.cpp batch; ``flash_attn`` is llama.cpp's
     choice by default (``auto``: on where the backend supports it), ``on`` or ``off`` to force it.
     """
 
@@ -67,6 +68,7 @@ class LlamaCppSettings:
     parallel: int = attrs.field(default=DEFAULT_PARALLEL, validator=_positive)
     n_batch: int = attrs.field(default=DEFAULT_BATCH, validator=_positive)
     prefix_cache: bool = True
+    batch_streams: bool = True
     flash_attn: str = attrs.field(default="auto", validator=_one_of(FLASH_ATTN_MODES))
 
     @property
