@@ -204,3 +204,21 @@ def tiny_model_dir(base: str | Path, arch: str = "llama", seed: int = 0) -> Path
     out = build_tiny_model(Path(base) / f"{arch}-{seed}", arch=arch, seed=seed)
     _CACHE[key] = out
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cortex.testing.tiny_models OUT_DIR [--arch llama|qwen2] [--seed N]``: write a
+    tiny model repo (for walkthroughs and smoke tests of a neuron without a download)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cortex.testing.tiny_models")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed)
+    print(f"wrote a tiny {args.arch} model to {out}")
+
+
+if __name__ == "__main__":
+    main()
