@@ -13,9 +13,11 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: venv test lint format help clean dist version
+.PHONY: venv test lint format help clean dist version demo bench
 
 help:
+	@echo "make demo    a two-neuron fleet on this machine, walked through step by step (ARGS=--once)"
+	@echo "make bench   the benchmarks of docs/benchmarks.md (ARGS=--quick for a smoke run)"
 	@echo "make venv    build .venv with cortex, every plugin and the test tools (editable)"
 	@echo "make test    lint, then run all tests (core and every plugin)"
 	@echo "make lint    ruff check + ruff format --check"
@@ -44,6 +46,16 @@ format: venv
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The first command a newcomer runs (docs/demo.md): no GPU, no download. ARGS=--once exits after
+# the walkthrough (so does CORTEX_DEMO_ONCE=1); otherwise it serves until Ctrl-C.
+demo: venv
+	$(BIN)/python -m cortex.demo $(ARGS)
+
+# docs/benchmarks.md: plotting extras, then every benchmark side by side (slow; not in make test).
+bench: venv
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -29,7 +29,8 @@ import psutil
 from cortex.testing.servers import ProcessServer
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
+# CORTEX_BENCH_RESULTS redirects results (the smoke tests write to a temporary folder).
+RESULTS = Path(os.environ.get("CORTEX_BENCH_RESULTS") or ROOT / "results")
 DOCS = ROOT.parent / "docs"
 
 

@@ -9,6 +9,7 @@ from cortex.cli.common import add_plugin_commands, plugins_command
 from cortex.cli.keys import keys
 from cortex.cli.plugin_new import plugin_group
 from cortex.cli.serve import serve
+from cortex.demo.main import demo
 from cortex.registry.cli import registry
 
 
@@ -20,6 +21,7 @@ def cli() -> None:
 
 cli.add_command(plugins_command())
 cli.add_command(serve)
+cli.add_command(demo)
 cli.add_command(registry)
 cli.add_command(plugin_group)
 cli.add_command(keys)

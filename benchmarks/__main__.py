@@ -1,0 +1,50 @@
+"""``python -m benchmarks [--quick] [--only NAME,...] [--no-litellm]`` (``make bench``).
+
+Runs the benchmarks one after the other (never two at once: they share the machine), writes
+``benchmarks/results/*.json`` and, when matplotlib is installed, one PNG per benchmark in docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from benchmarks import cold_start, gateway_overhead, harness_overhead, scale
+
+NAMES = ("gateway_overhead", "harness_overhead", "cold_start", "scale")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny configuration (a smoke run)")
+    parser.add_argument("--only", default=",".join(NAMES), help="comma-separated benchmark names")
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM variant")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args()
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(chosen) - set(NAMES)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))} (known: {NAMES})")
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        if name == "gateway_overhead":
+            gateway_overhead.run(args.quick, not args.no_litellm, True)
+        elif name == "harness_overhead":
+            harness_overhead.run(args.quick)
+        elif name == "cold_start":
+            cold_start.run(args.quick)
+        elif name == "scale":
+            scale.run(args.quick, [10, 100, 500])
+    if args.no_plots:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        return
+    from benchmarks.plots import plot_all
+
+    for path in plot_all():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

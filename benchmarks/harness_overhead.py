@@ -1,0 +1,189 @@
+"""Benchmark 2: tokens/s through ``neuron run`` (HTTP, streaming) vs. the raw library loop.
+
+The same tiny model and prompt, greedy, the same number of new tokens: once with the library's
+own generation loop in this process (``transformers`` ``generate``; ``llama_cpp``
+``create_completion``), once streamed by a real ``neuron run`` over HTTP (its harness, device
+worker, detokeniser, SSE). Runs alternate (raw, neuron, raw, ...) so background load hits both
+alike; medians are reported, with the per-token overhead in microseconds. Target: >= 90% of raw.
+
+Run: ``python -m benchmarks.harness_overhead [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import fmt, median, python_server, save, table
+from cortex.demo.models import harness_installed
+
+PROMPT = [{"role": "user", "content": "Tell me a story about the river and the mountain."}]
+TORCH_MODEL = "bench/tiny-llama"
+GGUF_MODEL = "bench/tiny-llama-gguf"
+
+
+def neuron_stream(url: str, model: str, tokens: int) -> tuple[float, int]:
+    """Seconds from request to the last chunk, and completion tokens (from usage)."""
+    body = {
+        "model": model,
+        "messages": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    produced = 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                payload = json.loads(line[6:])
+                usage = payload.get("usage")
+                if usage:
+                    produced = usage["completion_tokens"]
+    return time.perf_counter() - started, produced
+
+
+class RawTransformers:
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+
+    def run(self, tokens: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        ids = self.tokenizer.apply_chat_template(
+            PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        with self.torch.inference_mode():
+            out = self.model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        text = self.tokenizer.decode(out[0, ids.shape[1] :])
+        assert isinstance(text, str)
+        return time.perf_counter() - started, int(out.shape[1] - ids.shape[1])
+
+
+class RawLlamaCpp:
+    def __init__(self, gguf: Path) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False)
+
+    def run(self, tokens: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        produced = 0
+        for _chunk in self.llm.create_chat_completion(
+            messages=PROMPT, max_tokens=tokens, temperature=0, stream=True
+        ):
+            produced += 1
+        self.llm.reset()
+        return time.perf_counter() - started, max(0, produced - 2)  # role + finish chunks
+
+
+def build(tmp: Path) -> tuple[Path, Path | None]:
+    from cortex.testing.registry import publish_repo
+    from cortex.testing.tiny_models import build_tiny_model
+
+    model_dir = build_tiny_model(tmp / "tiny-llama")
+    publish_repo(tmp / "repos", TORCH_MODEL, model_dir)
+    gguf = None
+    if harness_installed("llamacpp"):
+        from cortex.testing.tiny_gguf import build_tiny_gguf_repo
+
+        gguf_dir = build_tiny_gguf_repo(tmp / "gguf", quants=("F32",), model_dir=model_dir)
+        publish_repo(tmp / "repos", GGUF_MODEL, gguf_dir)
+        gguf = gguf_dir / "tiny-F32.gguf"
+    return model_dir, gguf
+
+
+def run(quick: bool) -> dict[str, Any]:
+    from cortex.testing.registry import start_registry
+
+    tokens = 16 if quick else 128
+    rounds = 2 if quick else 7
+    tmp = Path(tempfile.mkdtemp(prefix="bench-harness-"))
+    model_dir, gguf = build(tmp)
+    registry = start_registry(tmp / "repos")
+    config = tmp / "neuron.toml"
+    config.write_text(
+        f'name = "bench"\n[sources.huggingface]\nendpoint = "{registry.url}"\n'
+        f'auth_env = "BENCH_NO_TOKEN"\ncache_dir = "{tmp / "cache"}"\n'
+    )
+    neuron = python_server(
+        "cortex.cli",
+        "neuron",
+        "run",
+        "-c",
+        str(config),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-level",
+        "warning",
+        env={"CUDA_VISIBLE_DEVICES": "", "BENCH_NO_TOKEN": ""},
+    ).start(timeout=120)
+    assert neuron.url is not None
+    pairs: list[tuple[str, str, Any]] = [("transformers", TORCH_MODEL, RawTransformers(model_dir))]
+    if gguf is not None:
+        pairs.append(("llama.cpp", GGUF_MODEL, RawLlamaCpp(gguf)))
+    results: dict[str, Any] = {}
+    try:
+        for label, model_id, raw in pairs:
+            load = {"model_id": model_id, "context_length": 256}
+            httpx.post(f"{neuron.url}/models/load", json=load, timeout=300).raise_for_status()
+            raw.run(4)
+            neuron_stream(neuron.url, model_id, 4)  # warm both
+            raw_rates, neuron_rates = [], []
+            for _ in range(rounds):
+                seconds, produced = raw.run(tokens)
+                raw_rates.append(produced / seconds)
+                seconds, produced = neuron_stream(neuron.url, model_id, tokens)
+                neuron_rates.append(produced / seconds)
+            raw_tps, neuron_tps = median(raw_rates), median(neuron_rates)
+            results[label] = {
+                "raw_tokens_per_s": raw_tps,
+                "neuron_tokens_per_s": neuron_tps,
+                "ratio": neuron_tps / raw_tps,
+                "overhead_us_per_token": (1 / neuron_tps - 1 / raw_tps) * 1e6,
+                "raw_runs": raw_rates,
+                "neuron_runs": neuron_rates,
+            }
+    finally:
+        neuron.terminate()
+        registry.stop()
+    report = {"settings": {"tokens": tokens, "rounds": rounds}, "results": results}
+    save("harness_overhead", report)
+    rows = [
+        [
+            label,
+            fmt(r["raw_tokens_per_s"], 0),
+            fmt(r["neuron_tokens_per_s"], 0),
+            f"{r['ratio'] * 100:.0f}%",
+            fmt(r["overhead_us_per_token"], 0),
+            "met" if r["ratio"] >= 0.9 else "MISSED",
+        ]
+        for label, r in results.items()
+    ]
+    print()
+    print(f"harness overhead ({tokens} new tokens, greedy, median of {rounds} alternating runs)")
+    headers = ["library", "raw tok/s", "neuron tok/s", "of raw", "overhead us/tok", ">= 90%"]
+    print(table(headers, rows))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    run(parser.parse_args().quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""One matplotlib PNG per benchmark, from ``benchmarks/results/*.json``, into ``docs/``.
+
+Run: ``python -m benchmarks.plots`` (``make bench`` does it after the runs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DOCS, RESULTS
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _subtitle(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    return f"{m['cores']} cores, {m['cpu']}, load avg at start {m['load_average_at_start'][0]}"
+
+
+def plot_gateway(report: dict[str, Any], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [
+        ("p50 latency at concurrency 1 (ms)", "p50_ms_c1"),
+        ("requests/s at concurrency 64", "rps_c64"),
+        ("proxy CPU per streamed chunk (µs)", "cpu_per_chunk_us"),
+    ]
+    for ax, (title, key) in zip(axes, panels, strict=True):
+        values = [results[n][key] for n in names]
+        bars = ax.barh(names, values, color="#4c72b0")
+        ax.bar_label(bars, fmt="%.2f" if key != "rps_c64" else "%.0f", padding=2, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+    fig.suptitle("Gateway overhead (instant upstream, one worker each)\n" + _subtitle(report))
+    fig.tight_layout()
+    path = out / "bench-gateway-overhead.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_harness(report: dict[str, Any], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    labels = list(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = range(len(labels))
+    raw = [results[k]["raw_tokens_per_s"] for k in labels]
+    neuron = [results[k]["neuron_tokens_per_s"] for k in labels]
+    b1 = ax.bar([i - 0.2 for i in x], raw, 0.4, label="raw library loop")
+    b2 = ax.bar([i + 0.2 for i in x], neuron, 0.4, label="neuron run (HTTP stream)")
+    ax.bar_label(b1, fmt="%.0f", fontsize=8)
+    ax.bar_label(b2, fmt="%.0f", fontsize=8)
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("tokens/s (tiny model)")
+    ax.legend()
+    ax.set_title("Harness overhead\n" + _subtitle(report), fontsize=10)
+    fig.tight_layout()
+    path = out / "bench-harness-overhead.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cold(report: dict[str, Any], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    labels = list(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = range(len(labels))
+    direct = [results[k]["direct_s"] * 1000 for k in labels]
+    gateway = [results[k]["gateway_s"] * 1000 for k in labels]
+    b1 = ax.bar([i - 0.2 for i in x], direct, 0.4, label="load on the neuron, then request")
+    b2 = ax.bar([i + 0.2 for i in x], gateway, 0.4, label="one request through the gateway")
+    ax.bar_label(b1, fmt="%.0f", fontsize=8)
+    ax.bar_label(b2, fmt="%.0f", fontsize=8)
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("request to first token (ms)")
+    ax.legend()
+    ax.set_title("Cold start\n" + _subtitle(report), fontsize=10)
+    fig.tight_layout()
+    path = out / "bench-cold-start.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scale(report: dict[str, Any], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    nodes = [int(n) for n in results]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    panels = [
+        ("poll cycle: gateway CPU (ms)", "poll_cycle_cpu_ms"),
+        ("/v1/models over HTTP, p50 (ms)", "models_http_p50_ms"),
+        ("routing decision (µs)", "route_shared_us"),
+        ("gateway RSS (MB)", "rss_mb"),
+    ]
+    for ax, (title, key) in zip(axes, panels, strict=True):
+        values = [results[str(n)][key] for n in nodes]
+        ax.plot(nodes, values, marker="o")
+        if values and nodes[0] > 0:  # the line a linear growth from the first point would follow
+            ax.plot(nodes, [values[0] * n / nodes[0] for n in nodes], ls=":", c="grey")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("simulated neurons")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("Scale (dotted: linear growth from the smallest fleet)\n" + _subtitle(report))
+    fig.tight_layout()
+    path = out / "bench-scale.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+PLOTS = {
+    "gateway_overhead": plot_gateway,
+    "harness_overhead": plot_harness,
+    "cold_start": plot_cold,
+    "scale": plot_scale,
+}
+
+
+def plot_all(out: Path = DOCS) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    written = []
+    for name, plot in PLOTS.items():
+        report = _load(name)
+        if report and report.get("results"):
+            written.append(plot(report, out))
+    return written
+
+
+def main() -> None:
+    for path in plot_all():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

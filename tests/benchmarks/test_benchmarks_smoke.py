@@ -1,0 +1,104 @@
+"""Each benchmark script in a tiny configuration (``--quick``): it runs, its variants answer
+without errors, and the figures it records are real measurements (positive, finite).
+
+The full runs are ``make bench`` (docs/benchmarks.md), too slow for ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("psutil", reason="benchmarks need the bench extra: pip install -e '.[bench]'")
+
+
+def run_benchmark(tmp_path: Path, module: str, *args: str, timeout: int = 240) -> dict[str, Any]:
+    env = {**os.environ, "CORTEX_BENCH_RESULTS": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    return json.loads((tmp_path / f"{module}.json").read_text())
+
+
+def positive(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_gateway_overhead_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "gateway_overhead", "--no-litellm", "--no-echo")
+    results = report["results"]
+    assert {"direct", "cortex"} <= set(results)
+    for name, r in results.items():
+        assert r["errors"] == 0, name
+        assert positive(r["rps_c64"]) and positive(r["p50_ms_c1"]), name
+        assert r["stream_chunks"] >= 3 * 256, name  # every chunk of every stream arrived
+    assert positive(results["cortex"]["cpu_per_chunk_us"])
+    assert positive(results["cortex"]["cpu_per_request_ms_c64"])
+    assert "added_p50_ms" in report["derived"]["cortex"]
+    assert report["unavailable"]["litellm"].startswith("skipped")
+    assert "nginx" in results or "nginx" in report["unavailable"]
+
+
+@pytest.mark.slow
+def test_harness_overhead_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "harness_overhead", timeout=400)
+    transformers = report["results"]["transformers"]
+    assert positive(transformers["raw_tokens_per_s"])
+    assert positive(transformers["neuron_tokens_per_s"])
+    assert len(transformers["neuron_runs"]) == report["settings"]["rounds"]
+
+
+def test_cold_start_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "cold_start")
+    echo = report["results"]["bench/echo"]
+    assert positive(echo["direct_s"]) and positive(echo["gateway_s"])
+
+
+def test_scale_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "scale")
+    results = report["results"]
+    assert set(results) == {"10"}
+    r = results["10"]
+    assert r["nodes_up"] == 10
+    assert r["catalogue_entries"] == 1 + 10 * 3  # the shared model + three per node
+    for key in ("poll_cycle_ms", "models_http_p50_ms", "route_shared_us", "rss_mb"):
+        assert positive(r[key]), key
+
+
+def test_plots_from_results(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    report = run_benchmark(tmp_path, "scale")
+    assert report["results"]
+    env = {**os.environ, "CORTEX_BENCH_RESULTS": str(tmp_path)}
+    code = (
+        "import sys; from pathlib import Path; from benchmarks.plots import plot_all; "
+        "print([p.name for p in plot_all(Path(sys.argv[1]))])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    png = tmp_path / "bench-scale.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
