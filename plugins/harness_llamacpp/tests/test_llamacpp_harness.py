@@ -12,6 +12,7 @@ from cortex_harness_llamacpp.model import LlamaCppModel
 
 from cortex.devices import Device, cpu_device
 from cortex.harness import (
+    DeviceOutOfMemory,
     Generation,
     HarnessError,
     LoadedModel,
@@ -99,6 +100,15 @@ def test_a_corrupt_file_fails_with_llama_cpps_reason(tmp_path: Path) -> None:
     (tmp_path / "bad-F16.gguf").write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(HarnessError, match=r"could not load bad-F16\.gguf onto cpu: .+"):
         load(tmp_path, "F16")
+
+
+def test_a_context_that_cannot_fit_the_device_is_refused_before_allocating(
+    tiny_gguf_repo: Path,
+) -> None:
+    small = Device("cpu", 0, "cpu", total_memory=64 * 2**20, free_memory=64 * 2**20)
+    options = LoadOptions(quant="F16", context_length=1_000_000, extra=DEFAULTS)
+    with pytest.raises(DeviceOutOfMemory, match=r"context of 1000000 tokens needs 2\d\d MiB"):
+        LlamaCppHarness().load(tiny_gguf_repo, small, options)
 
 
 def test_cuda_device_needs_a_gpu_build(tiny_gguf_repo: Path) -> None:

@@ -133,6 +133,7 @@ def load_gguf(
         context = resolve_context_length(
             int(lib.llama_model_n_ctx_train(model)), context_length, settings
         )
+        _check_fits(lib, model, metadata, device, context, path.name)
         ctx = lib.llama_init_from_model(model, _context_params(lib, device, settings, context))
         if ctx is None:
             raise _load_failure(
@@ -162,6 +163,25 @@ def load_gguf(
         loaded.memory_bytes() / MIB,
     )
     return loaded
+
+
+def _check_fits(
+    lib: Any, model: Any, metadata: dict[str, str], device: Device, context: int, name: str
+) -> None:
+    """Refuse a context whose KV cache cannot fit the device at all, before llama.cpp allocates
+    (and, on the CPU, zeroes) it. The neuron's placement check uses an estimate made before the
+    file was downloaded; here the real layer and head counts are known."""
+    from cortex_harness_llamacpp.model import kv_bytes_per_token
+
+    cells = -(-context // 256) * 256  # llama.cpp rounds the cache up to a multiple of 256
+    kv = cells * kv_bytes_per_token(lib, model, metadata)
+    weights = int(lib.llama_model_size(model))
+    if weights + kv > device.total_memory:
+        raise DeviceOutOfMemory(
+            f"{name} with a context of {context} tokens needs {(weights + kv) / MIB:.0f} MiB "
+            f"({kv / MIB:.0f} MiB of KV cache), more than {device.key} has "
+            f"({device.total_memory / MIB:.0f} MiB); ask for a smaller context_length"
+        )
 
 
 def _load_failure(what: str) -> HarnessError:
