@@ -109,7 +109,6 @@ class Parts:
 
     tmp: Path
     registry: RunningRegistry
-    monkeypatch: pytest.MonkeyPatch
     stoppers: list[Callable[[], Any]] = attrs.field(factory=list)
     count: int = 0
 
@@ -189,10 +188,20 @@ class GatewayUnderTest:
 
 
 @pytest.fixture
-def parts(
-    registry: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def parts(registry: RunningRegistry, tmp_path: Path) -> Iterator[Parts]:
+    started = Parts(tmp_path, registry)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def module_parts(
+    registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Parts]:
-    started = Parts(tmp_path, registry, monkeypatch)
+    """Like ``parts``, shared by a test module (for servers every test can reuse)."""
+    started = Parts(tmp_path_factory.mktemp("parts"), registry)
     try:
         yield started
     finally:

@@ -28,6 +28,7 @@ from cortex.neuron.api import create_app
 from cortex.neuron.loader import Loader, LoadRequest
 from cortex.neuron.node import Node
 from cortex.plugins import get_registry
+from cortex.request_schemas import document_request_bodies
 from cortex.source_resolver import SourceResolver
 from cortex.wire.errors import ApiError
 from cortex.wire.limits import BodyLimitMiddleware
@@ -81,6 +82,7 @@ def make_app(node: Node, drain_seconds: float = DRAIN_SECONDS) -> FastAPI:
 
     app = create_app(node, loader, lifespan=lifespan)
     install_guards(app, node.config)
+    document_request_bodies(app)
     return app
 
 
