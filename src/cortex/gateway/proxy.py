@@ -158,25 +158,18 @@ async def _relay_sse(
         observer.on_end(error)
 
 
-async def forward(
+async def open_upstream(
     session: aiohttp.ClientSession,
     url: str,
     body: bytes,
     client_headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout,
-    rewrite: ModelRewriter,
-    observer: StreamObserver,
-    extra_headers: Mapping[str, str],
     retry_after: float,
-) -> Response:
-    """POST ``body`` to ``url`` and relay the answer.
-
-    Before answer headers arrive, failures raise :class:`UpstreamUnreachable` and the observer
-    hears nothing (the caller may try another replica). Once headers arrived, everything is
-    relayed as is (errors keep status, envelope and Retry-After) and ``observer.on_end`` is
-    called exactly once, when the answer is over."""
+) -> aiohttp.ClientResponse:
+    """POST to a neuron and return once its answer headers arrived (the body is not read);
+    failing that, :class:`UpstreamUnreachable`."""
     try:
-        resp = await session.post(
+        return await session.post(
             url, data=body, headers=upstream_request_headers(client_headers), timeout=timeout
         )
     except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -194,6 +187,25 @@ async def forward(
         error.never_connected = isinstance(exc, aiohttp.ClientConnectorError)
         raise error from None
 
+
+async def forward(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    rewrite: ModelRewriter,
+    observer: StreamObserver,
+    extra_headers: Mapping[str, str],
+    retry_after: float,
+) -> Response:
+    """POST ``body`` to ``url`` and relay the answer.
+
+    Before answer headers arrive, failures raise :class:`UpstreamUnreachable` and the observer
+    hears nothing (the caller may try another replica). Once headers arrived, everything is
+    relayed as is (errors keep status, envelope and Retry-After) and ``observer.on_end`` is
+    called exactly once, when the answer is over."""
+    resp = await open_upstream(session, url, body, client_headers, timeout, retry_after)
     headers = {**downstream_headers(resp.headers), **extra_headers}
     content_type = resp.headers.get("content-type", "")
     if resp.status == 200 and content_type.startswith("text/event-stream"):

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -18,9 +18,11 @@ from cortex.auth import NEURON_TOKEN_HEADER, read_token, without_credentials
 from cortex.config import CortexConfig, ModelsConfig
 from cortex.eviction import EvictionStrategy
 from cortex.gateway.catalogue import build_catalogue
+from cortex.gateway.dialects import TranslatorFactory, WholeTranslator, relay_translated
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import NodeState
 from cortex.gateway.proxy import ModelRewriter, StreamObserver, UpstreamUnreachable, forward
 from cortex.gateway.router import Resolved, least_busy, replicas, resolve
@@ -244,23 +246,87 @@ class Gateway:
         rewrite = ModelRewriter(resolved.canonical, requested)
         # A client's key is for the gateway alone; the neuron gets the cluster token instead.
         client_headers = without_credentials(client_headers)
+
+        async def relay(node: NodeState, observer: StreamObserver) -> Response:
+            return await forward(
+                self.session,  # type: ignore[arg-type]
+                f"{node.endpoint}{route}",
+                body,
+                client_headers,
+                self.proxy_timeout,
+                rewrite,
+                observer,
+                {NODE_HEADER: node.name, MODEL_HEADER: resolved.canonical},
+                self.retry_after,
+            )
+
+        return await self._dispatch(route, resolved, started, relay)
+
+    async def translated(
+        self,
+        route: str,
+        requested: str,
+        chat: dict[str, Any],
+        client_headers: Mapping[str, str],
+        whole: WholeTranslator,
+        stream: TranslatorFactory | None,
+    ) -> Response:
+        """Serve a request another dialect translated into ``chat`` (an OpenAI chat body);
+        ``whole`` / ``stream`` translate the answer back."""
+        started = time.monotonic()
+        resolved = resolve(requested, self.models, self.default_source)
+        body = json.dumps({**chat, "model": resolved.canonical}).encode()
+        client_headers = without_credentials(client_headers)
+
+        async def relay(node: NodeState, observer: StreamObserver) -> Response:
+            return await relay_translated(
+                self.session,  # type: ignore[arg-type]
+                f"{node.endpoint}/v1/chat/completions",
+                body,
+                client_headers,
+                self.proxy_timeout,
+                observer,
+                {NODE_HEADER: node.name, MODEL_HEADER: resolved.canonical},
+                self.retry_after,
+                whole,
+                stream,
+            )
+
+        return await self._dispatch(route, resolved, started, relay)
+
+    async def tokenize(self, requested: str, tokenize_body: dict[str, Any]) -> dict[str, Any]:
+        """The neuron's ``POST /tokenize`` answer for a model (loaded first when cold)."""
+        resolved = resolve(requested, self.models, self.default_source)
+        node = await self.route(resolved)
+        try:
+            return await post_json(
+                self.session,  # type: ignore[arg-type]
+                f"{node.endpoint}/tokenize",
+                {**tokenize_body, "model": resolved.canonical},
+                aiohttp.ClientTimeout(
+                    total=self.config.gateway.idle_timeout.seconds,
+                    sock_connect=self.config.gateway.connect_timeout.seconds,
+                ),
+                retry_after=self.retry_after,
+            )
+        finally:
+            self.usage.end(node.name, resolved.canonical)
+
+    async def _dispatch(
+        self,
+        route: str,
+        resolved: Resolved,
+        started: float,
+        relay: Callable[[NodeState, StreamObserver], Awaitable[Response]],
+    ) -> Response:
+        """Route, relay, and on a neuron that cannot be connected to, try another replica."""
         tried: set[str] = set()
         while True:
             node = await self.route(resolved, exclude=tried)
             self.metrics.in_flight.labels(node.name).inc()
             observer = self._observer(route, node.name, resolved.canonical, started)
             try:
-                response = await forward(
-                    self.session,  # type: ignore[arg-type]
-                    f"{node.endpoint}{route}",
-                    body,
-                    client_headers,
-                    self.proxy_timeout,
-                    rewrite,
-                    observer,
-                    {NODE_HEADER: node.name, MODEL_HEADER: resolved.canonical},
-                    self.retry_after,
-                )
+                return await relay(node, observer)
             except UpstreamUnreachable as exc:
                 self._finish(node.name, resolved.canonical)
                 assert self.fleet is not None
@@ -275,7 +341,6 @@ class Gateway:
                     log.warning("neuron %s unreachable; trying another replica", node.name)
                     continue
                 raise
-            return response
 
     def _finish(self, node: str, canonical: str) -> None:
         self.usage.end(node, canonical)
