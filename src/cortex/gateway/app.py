@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from cortex import __version__
 from cortex.auth import AuthMiddleware, GatewayAuth
 from cortex.gateway.service import Gateway
+from cortex.request_schemas import document_request_bodies
 from cortex.wire import anthropic, responses
 from cortex.wire.errors import ApiError
 from cortex.wire.http import install_error_handlers, read_json_object
@@ -138,4 +139,5 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
             gateway.metrics.errors.labels(route, exc.code).inc()
             raise
 
+    document_request_bodies(app)
     return app
