@@ -1,0 +1,183 @@
+"""Faults on loopback: a neuron killed mid-stream, a neuron that hangs, a gateway restarted
+while neurons serve. Real ``neuron run`` processes where a process must die."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from cortex.config import ModelProfile
+from cortex.testing.servers import UvicornThread
+
+from .conftest import ECHO, SLOW, load, wait_for
+
+HELLO = [{"role": "user", "content": "hello"}]
+ROUTE = "/v1/chat/completions"
+
+
+def client(url: str, **kwargs: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+def has_route(gw, path: str) -> bool:
+    return any(getattr(r, "path", None) == path for r in gw.server.app.routes)
+
+
+def test_neuron_killed_mid_stream(parts) -> None:
+    p1, p2 = parts.neuron_process("p1"), parts.neuron_process("p2")
+    for proc in (p1, p2):
+        load(proc.url, SLOW)
+    gw = parts.gateway({"p1": p1.url, "p2": p2.url})
+    raw = client(gw.url, timeout=30).chat.completions.with_raw_response.create(
+        model=SLOW, messages=HELLO, stream=True
+    )
+    serving = raw.headers["x-cortex-node"]
+    victim, survivor = (p1, p2) if serving == "p1" else (p2, p1)
+    other = "p2" if serving == "p1" else "p1"
+    stream = raw.parse()
+    got = [next(iter(stream)) for _ in range(3)]
+    assert got[-1].choices[0].delta.content
+    victim.kill()
+    with pytest.raises(openai.APIError) as info:
+        for _chunk in stream:
+            pass
+    # A well-formed error at the end of the stream (an OpenAI error chunk the SDK raises).
+    assert "neuron connection broke" in str(info.value.message)
+    # Counted as failed, then the node is marked down after the debounce (2 failed polls).
+    wait_for(lambda: gw.metric("cortex_requests_total", route=ROUTE, model=SLOW, status="error"))
+    assert (
+        gw.metric("cortex_request_errors_total", route=ROUTE, code="upstream_connection_error") == 1
+    )
+    wait_for(lambda: not gw.node_up(serving), what="node marked down")
+    assert gw.metric("cortex_node_up", node=serving) == 0
+    # New requests go to the other replica.
+    for _ in range(3):
+        reply = client(gw.url).chat.completions.with_raw_response.create(
+            model=SLOW, messages=HELLO, max_tokens=2
+        )
+        assert reply.headers["x-cortex-node"] == other
+        assert reply.parse().choices[0].message.content == "w0 w1"
+    # With no replica left: 503 + Retry-After.
+    survivor.kill()
+    wait_for(lambda: not gw.node_up(other), what="second node marked down")
+    answer = httpx.post(f"{gw.url}{ROUTE}", json={"model": SLOW, "messages": HELLO}, timeout=30)
+    assert answer.status_code == 503, answer.text
+    assert int(answer.headers["retry-after"]) >= 1
+    assert answer.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_neuron_killed_mid_stream_anthropic(parts) -> None:
+    p1 = parts.neuron_process("p1")
+    load(p1.url, SLOW)
+    gw = parts.gateway({"p1": p1.url})
+    if not has_route(gw, "/v1/messages"):
+        pytest.skip("the gateway does not serve /v1/messages yet")
+    api = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=30)
+    with api.messages.stream(model=SLOW, max_tokens=500, messages=HELLO) as stream:
+        events = stream.__iter__()
+        for _ in range(4):
+            next(events)
+        p1.kill()
+        with pytest.raises(anthropic.APIError):
+            for _event in events:
+                pass
+
+
+# ---- a neuron that hangs -----------------------------------------------------------------------
+
+
+def hanging_neuron(discovery: dict[str, Any], models: dict[str, Any]) -> FastAPI:
+    """Answers the poller like a healthy neuron, then never answers a generation (or stalls a
+    stream after its first chunk when the prompt says ``stall``)."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/discovery")
+    async def get_discovery() -> JSONResponse:
+        return JSONResponse(discovery)
+
+    @app.get("/models")
+    async def get_models() -> JSONResponse:
+        return JSONResponse(models)
+
+    @app.post(ROUTE)
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        if body["messages"][-1]["content"] != "stall":
+            await asyncio.sleep(3600)
+
+        async def one_chunk_then_nothing() -> AsyncIterator[bytes]:
+            yield b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+            yield b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+            await asyncio.sleep(3600)
+
+        return StreamingResponse(one_chunk_then_nothing(), media_type="text/event-stream")
+
+    return app
+
+
+def test_hanging_neuron_gets_504_and_the_gateway_keeps_serving(parts) -> None:
+    real = parts.neuron("n1")
+    load(real.url, ECHO)
+    discovery = httpx.get(f"{real.url}/discovery").json()
+    models = httpx.get(f"{real.url}/models").json()
+    hang = UvicornThread(hanging_neuron(discovery, models)).start()
+    parts.stoppers.append(hang.stop)
+    gw = parts.gateway({"hang": hang.url}, idle_timeout=1.0)
+    wait_for(lambda: gw.node_up("hang"))
+
+    started = time.monotonic()
+    answer = httpx.post(f"{gw.url}{ROUTE}", json={"model": ECHO, "messages": HELLO}, timeout=30)
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error"]["code"] == "upstream_timeout"
+    assert answer.headers["retry-after"]
+    assert time.monotonic() - started < 8
+
+    # A stream that stalls after its first chunk ends with an error chunk, not a hang.
+    stream = client(gw.url, timeout=30).chat.completions.create(
+        model=ECHO, messages=[{"role": "user", "content": "stall"}], stream=True
+    )
+    with pytest.raises(openai.APIError) as info:
+        for _chunk in stream:
+            pass
+    assert "idle timeout" in str(info.value.message)
+    # The gateway answered its own routes all along, and counted both failures.
+    assert httpx.get(f"{gw.url}/health", timeout=2).status_code == 200
+    assert gw.metric("cortex_requests_total", route=ROUTE, model=ECHO, status="error") >= 1
+
+
+# ---- a gateway restarted while neurons serve ---------------------------------------------------
+
+
+def test_restarted_gateway_serves_loaded_models_without_reloading(parts) -> None:
+    neuron = parts.neuron("n1")
+    profile = [ModelProfile(id="acme/echo", memory_mb=10)]
+    first = parts.gateway({"n1": neuron.url}, models=profile)
+    reply = client(first.url).chat.completions.create(model="acme/echo", messages=HELLO)
+    assert reply.choices[0].message.content == "hello"
+    assert (
+        sum(first.metric("cortex_cold_loads_total", node="n1", outcome=o) for o in ("ok", "failed"))
+        == 1
+    )
+    loaded_at = httpx.get(f"{neuron.url}/models").json()["models"][0]["loaded_at"]
+    first.server.stop()
+
+    second = parts.gateway({"n1": neuron.url}, models=profile)
+    listed = {m.id: m.model_dump() for m in client(second.url).models.list().data}
+    assert listed[ECHO]["state"] == "ready"
+    reply = client(second.url).chat.completions.create(model="acme/echo", messages=HELLO)
+    assert reply.choices[0].message.content == "hello"
+    assert second.metric("cortex_cold_loads_total", node="n1", outcome="ok") == 0
+    assert httpx.get(f"{neuron.url}/models").json()["models"][0]["loaded_at"] == loaded_at
