@@ -25,7 +25,7 @@ help:
 	@echo "make dist    wheel + sdist of every distribution into dist/, checked by twine"
 	@echo "make version V=1.2.3  set the version of every distribution (docs/deploy.md)"
 
-$(VENV)/.installed: pyproject.toml constraints.txt $(foreach p,$(PLUGINS) $(EXAMPLES),$(p)/pyproject.toml)
+$(VENV)/.installed: pyproject.toml VERSION constraints.txt $(foreach p,$(PLUGINS) $(EXAMPLES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
@@ -71,10 +71,11 @@ dist: venv
 	for d in $(DISTRIBUTIONS); do $(BIN)/python -m build --no-isolation --outdir $(DIST_DIR) $$d || exit 1; done
 	$(BIN)/twine check $(DIST_DIR)/*
 
-# One version for every distribution: the root pyproject.toml's is the reference, this rewrites
-# the `version = "..."` line of all five, and tests/packaging/test_versions.py checks they agree.
+# One version for every distribution: the VERSION file. The root pyproject reads it, each plugin
+# reads plugins/*/VERSION, a symlink to it (setuptools refuses a path outside the project folder;
+# the sdist stores the link's content). tests/packaging/test_versions.py checks the wiring.
 version:
 	@test -n "$(V)" || { echo "usage: make version V=1.2.3"; exit 2; }
 	@echo "$(V)" | grep -Eq '^[0-9]+\.[0-9]+\.[0-9]+([.-]?(a|b|rc|dev|post)[0-9]+)?$$' || { echo "not a version: $(V)"; exit 2; }
-	for d in $(DISTRIBUTIONS); do sed -i -E 's/^version = "[^"]*"$$/version = "$(V)"/' $$d/pyproject.toml; done
-	@echo "set $(V); reinstall (make venv, or pip install -e) so installed metadata follows"
+	echo "$(V)" > VERSION
+	@echo "VERSION is $(V); make venv reinstalls so installed metadata follows"

@@ -1,9 +1,10 @@
-"""One version for every distribution.
+"""One version for every distribution, from one place: the ``VERSION`` file.
 
-The root ``pyproject.toml`` holds the reference version; ``make version V=x.y.z`` rewrites it in
-all five pyprojects. Reading one shared file from each pyproject (setuptools' dynamic
-``version = {file = ...}``) does not survive an sdist for the plugins, whose project folder cannot
-reach a file above it, so the versions are written out and this test keeps them equal.
+The root ``pyproject.toml`` reads it through setuptools' dynamic ``version = {file = "VERSION"}``.
+A plugin's pyproject cannot name ``../../VERSION`` (setuptools refuses a file outside the project
+folder: "Cannot access ... (or anything outside ...)"), so each plugin folder holds ``VERSION``
+as a symlink to the root file, which an sdist stores as a plain file. ``make version V=x.y.z``
+writes the file.
 """
 
 from __future__ import annotations
@@ -28,31 +29,39 @@ DISTRIBUTIONS = {
 
 
 def project_table(folder: Path) -> dict:
-    return tomllib.loads((folder / "pyproject.toml").read_text())["project"]
+    return tomllib.loads((folder / "pyproject.toml").read_text())
 
 
-def reference_version() -> str:
-    return project_table(ROOT)["version"]
+def the_version() -> str:
+    return (ROOT / "VERSION").read_text().strip()
 
 
-@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
-def test_every_distribution_has_the_reference_version(name: str) -> None:
-    project = project_table(DISTRIBUTIONS[name])
-    assert project["name"] == name
-    assert project["version"] == reference_version(), (
-        f"{name} is at {project['version']}, cortex at {reference_version()}: "
-        "run `make version V=...`"
-    )
+def test_version_file_holds_one_version() -> None:
+    assert re.fullmatch(r"\d+\.\d+\.\d+([.-]?(a|b|rc|dev|post)\d+)?", the_version())
 
 
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
-def test_installed_metadata_follows_the_pyproject(name: str) -> None:
-    """A stale editable install reports an old version in `cortex plugins`: reinstall."""
-    assert version(name) == reference_version()
+def test_every_distribution_reads_the_version_file(name: str) -> None:
+    folder = DISTRIBUTIONS[name]
+    table = project_table(folder)
+    assert table["project"]["name"] == name
+    assert "version" not in table["project"], f"{name} pins a version of its own"
+    assert "version" in table["project"].get("dynamic", [])
+    assert table["tool"]["setuptools"]["dynamic"]["version"] == {"file": "VERSION"}
+    version_file = folder / "VERSION"
+    assert version_file.resolve() == (ROOT / "VERSION").resolve()
+    if folder != ROOT:
+        assert version_file.is_symlink(), f"{version_file} must link to the root VERSION"
 
 
-def test_cortex_reports_the_reference_version() -> None:
-    assert cortex.__version__ == reference_version()
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_installed_metadata_follows_the_version_file(name: str) -> None:
+    """A stale install reports an old version in `cortex plugins`: run `make venv`."""
+    assert version(name) == the_version()
+
+
+def test_cortex_reports_the_version() -> None:
+    assert cortex.__version__ == the_version()
 
 
 def test_make_dist_builds_exactly_these_distributions() -> None:
