@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(NAMES), help="comma-separated benchmark names")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM variant")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--fast-stack", metavar="DIR", help="see benchmarks.gateway_overhead")
     args = parser.parse_args()
     chosen = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(chosen) - set(NAMES)
@@ -28,7 +29,7 @@ def main() -> None:
     for name in chosen:
         print(f"== {name}", flush=True)
         if name == "gateway_overhead":
-            gateway_overhead.run(args.quick, not args.no_litellm, True)
+            gateway_overhead.run(args.quick, not args.no_litellm, True, args.fast_stack)
         elif name == "harness_overhead":
             harness_overhead.run(args.quick)
         elif name == "cold_start":

@@ -109,7 +109,9 @@ def _started(name: str, start: Any, unavailable: dict[str, str]) -> proxies.Prox
         return None
 
 
-def run(quick: bool, with_litellm: bool, with_echo: bool) -> dict[str, Any]:
+def run(
+    quick: bool, with_litellm: bool, with_echo: bool, fast_stack: str | None = None
+) -> dict[str, Any]:
     seconds = 1.0 if quick else 5.0
     streams = 3 if quick else 30
     fake = python_server("benchmarks.fake_neuron", "--listen", "127.0.0.1:0").start()
@@ -124,6 +126,9 @@ def run(quick: bool, with_litellm: bool, with_echo: bool) -> dict[str, Any]:
             ("cortex", lambda: proxies.cortex(fake.url)),
             ("nginx", lambda: proxies.nginx(fake.url)),
         ]
+        if fast_stack:
+            name = "cortex+httptools+uvloop"
+            starters.insert(2, (name, lambda: proxies.cortex(fake.url, name, fast_stack)))
         if with_litellm:
             starters.append(("litellm", lambda: proxies.litellm(fake.url)))
         else:
@@ -241,8 +246,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seconds, for a smoke test")
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--no-echo", action="store_true")
+    parser.add_argument(
+        "--fast-stack",
+        metavar="DIR",
+        help="also run cortex with DIR on PYTHONPATH (pip install --target DIR httptools uvloop)",
+    )
     args = parser.parse_args()
-    run(args.quick, not args.no_litellm, not args.no_echo)
+    run(args.quick, not args.no_litellm, not args.no_echo, args.fast_stack)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,10 @@ def direct(upstream: str, pid: int | None) -> Proxy:
     return Proxy("direct", upstream, pid, lambda: None)
 
 
-def cortex(neuron_url: str, name: str = "cortex") -> Proxy:
+def cortex(neuron_url: str, name: str = "cortex", pythonpath: str | None = None) -> Proxy:
+    """``cortex serve`` with one neuron. ``pythonpath`` prepends a folder (e.g. one holding
+    httptools and uvloop, which uvicorn then picks up) without touching the venv."""
+    env = {"PYTHONPATH": pythonpath} if pythonpath else None
     server = ProcessServer(
         [
             sys.executable,
@@ -62,6 +65,7 @@ def cortex(neuron_url: str, name: str = "cortex") -> Proxy:
             "--log-level",
             "warning",
         ],
+        env=env,
         cwd=tempfile.mkdtemp(prefix="bench-cortex-"),  # no stray ./cortex.toml is picked up
     ).start()
     assert server.url is not None and server.proc is not None
