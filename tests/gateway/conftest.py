@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -11,9 +10,9 @@ from cortex.testing.cluster import Fleet
 from cortex.testing.registry import start_registry
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def three_neurons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """Registry + neurons n1, n2, n3 (1000 MB CPU budget each), shared by a test module."""
+    """Registry + neurons n1, n2, n3 (1000 MB CPU budget each), shared by the session."""
     tmp = tmp_path_factory.mktemp("fleet")
     fleet = Fleet(tmp, start_registry(tmp / "repos"))
     try:
@@ -31,13 +30,3 @@ def fleet(three_neurons: Fleet) -> Iterator[Fleet]:
         server.stop()
     three_neurons.gateways.clear()
     three_neurons.unload_everything()
-
-
-@pytest.fixture
-def own_fleet(tmp_path: Path) -> Iterator[Fleet]:
-    """A registry with no neurons yet: for tests that stop neurons or need special budgets."""
-    fleet = Fleet(tmp_path, start_registry(tmp_path / "repos"))
-    try:
-        yield fleet
-    finally:
-        fleet.stop()

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from cortex.gateway.neuron_client import retry_after_of
-from cortex.gateway.proxy import StreamObserver, open_upstream
+from cortex.gateway.proxy import StreamObserver, UpstreamStreamingResponse, open_upstream
 from cortex.wire.errors import ApiError
 from cortex.wire.streaming import StreamTranslator, translate_sse
 
@@ -63,8 +63,10 @@ async def relay_translated(
         raise ApiError.from_openai_body(resp.status, payload, retry_after_of(resp.headers))
 
     if stream is not None and resp.headers.get("content-type", "").startswith("text/event-stream"):
-        return StreamingResponse(
+        return UpstreamStreamingResponse(
             _translated_stream(resp, stream(), observer),
+            resp,
+            observer,
             media_type="text/event-stream",
             headers={**extra_headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )

@@ -113,7 +113,37 @@ class StreamObserver:
     ) -> None:
         self.on_first_chunk = on_first_chunk or (lambda: None)
         self.on_usage = on_usage or (lambda _u: None)
-        self.on_end = on_end or (lambda _e: None)
+        self._on_end = on_end or (lambda _e: None)
+        self.ended = False
+
+    def on_end(self, error: str | None) -> None:
+        """The answer is over (idempotent: the first report wins)."""
+        if not self.ended:
+            self.ended = True
+            self._on_end(error)
+
+
+class UpstreamStreamingResponse(StreamingResponse):
+    """A streamed answer that always releases its upstream, even when the client leaves before
+    the body iterator ever started (its ``finally`` would then never run)."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        upstream: aiohttp.ClientResponse,
+        observer: StreamObserver,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._upstream = upstream
+        self._observer = observer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._upstream.close()
+            self._observer.on_end("client_disconnected")
 
 
 def _stream_error_frame(code: str, message: str) -> bytes:
@@ -211,8 +241,8 @@ async def forward(
     if resp.status == 200 and content_type.startswith("text/event-stream"):
         headers.setdefault("cache-control", "no-cache")
         headers["x-accel-buffering"] = "no"
-        return StreamingResponse(
-            _relay_sse(resp, rewrite, observer), status_code=200, headers=headers
+        return UpstreamStreamingResponse(
+            _relay_sse(resp, rewrite, observer), resp, observer, status_code=200, headers=headers
         )
 
     try:
