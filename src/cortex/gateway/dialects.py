@@ -60,7 +60,10 @@ async def relay_translated(
             payload = json.loads(raw) if raw else None
         except ValueError:
             payload = None
-        raise ApiError.from_openai_body(resp.status, payload, retry_after_of(resp.headers))
+        error = ApiError.from_openai_body(resp.status, payload, retry_after_of(resp.headers))
+        if error.status >= 500 and error.retry_after is None:
+            error.retry_after = retry_after
+        raise error
 
     if stream is not None and resp.headers.get("content-type", "").startswith("text/event-stream"):
         return UpstreamStreamingResponse(

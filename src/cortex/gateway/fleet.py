@@ -54,7 +54,6 @@ class Fleet:
         self._on_health_change = on_health_change
         self._applied: dict[str, float] = dict.fromkeys(self.nodes, 0.0)
         self._task: asyncio.Task[None] | None = None
-        self._first_poll = asyncio.Event()
 
     # ---- views ------------------------------------------------------------------------------
 
@@ -133,17 +132,10 @@ class Fleet:
                 await self.poll_all()
             except Exception:  # never let one bad poll end the poller
                 log.exception("fleet poll failed")
-            self._first_poll.set()
             await asyncio.sleep(self._poll_interval)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fleet-poller")
-
-    async def wait_first_poll(self, timeout: float = 10.0) -> None:
-        try:
-            await asyncio.wait_for(self._first_poll.wait(), timeout)
-        except TimeoutError:
-            log.warning("the first fleet poll took longer than %.0fs", timeout)
 
     async def stop(self) -> None:
         if self._task is not None:
