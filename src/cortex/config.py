@@ -125,6 +125,13 @@ class GatewaySection:
     retry_after: int = attrs.field(default=5, validator=attrs.validators.ge(1))
     # Request bodies over this many bytes get 413 before they are read whole.
     max_body_bytes: int = attrs.field(default=32 * 2**20, validator=attrs.validators.gt(0))
+    # Overload: requests per model in flight, the queue behind them (429 when full), how long
+    # one may wait there (then 503), and requests per neuron in flight (503 when every replica
+    # is at it). docs/reliability.md.
+    max_in_flight_per_model: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    model_queue_size: int = attrs.field(default=512, validator=attrs.validators.ge(0))
+    queue_timeout: Duration = attrs.field(default=Duration(60.0), converter=Duration.parse)
+    max_in_flight_per_node: int = attrs.field(default=512, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from cortex import __version__
 from cortex.auth import AuthMiddleware, GatewayAuth
+from cortex.gateway.admission import ClientWatch
 from cortex.gateway.service import Gateway
 from cortex.request_schemas import document_request_bodies
 from cortex.wire import anthropic, responses
@@ -53,6 +54,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
     # Outermost last: keys are checked before a byte of the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.config.gateway.max_body_bytes)
     app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(ClientWatch)  # queued waiters see their client leave
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:

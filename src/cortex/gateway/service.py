@@ -17,6 +17,7 @@ from starlette.responses import Response
 from cortex.auth import NEURON_TOKEN_HEADER, read_token, without_credentials
 from cortex.config import CortexConfig, ModelsConfig
 from cortex.eviction import EvictionStrategy
+from cortex.gateway.admission import Admission, Slot
 from cortex.gateway.catalogue import build_catalogue
 from cortex.gateway.dialects import TranslatorFactory, WholeTranslator, relay_translated
 from cortex.gateway.fleet import Fleet
@@ -70,6 +71,13 @@ class Gateway:
             config.auth.neuron_token_env, os.environ, "[auth] neuron_token_env"
         )
         self.retry_after = float(g.retry_after)
+        self.admission = Admission(
+            g.max_in_flight_per_model,
+            g.model_queue_size,
+            g.queue_timeout.seconds,
+            self.retry_after,
+        )
+        self.node_limit = g.max_in_flight_per_node
         self.proxy_timeout = aiohttp.ClientTimeout(
             total=None,
             connect=g.connect_timeout.seconds,
@@ -204,6 +212,15 @@ class Gateway:
                 for nm in replicas(self.nodes(), resolved.canonical, self.usage)
                 if nm[0].name not in exclude
             ]
+            if ready and all(self.usage.node_busy(nm[0].name) >= self.node_limit for nm in ready):
+                raise ApiError(
+                    503,
+                    "nodes_at_capacity",
+                    f"every neuron serving {resolved.requested!r} is at its limit of "
+                    f"{self.node_limit} requests in flight; retry after a moment",
+                    retry_after=self.retry_after,
+                )
+            ready = [nm for nm in ready if self.usage.node_busy(nm[0].name) < self.node_limit]
             pick = least_busy(ready, resolved.canonical, self.usage)
             if pick is not None:
                 self.usage.begin(pick[0].name, resolved.canonical)
@@ -319,12 +336,28 @@ class Gateway:
         started: float,
         relay: Callable[[NodeState, StreamObserver], Awaitable[Response]],
     ) -> Response:
-        """Route, relay, and on a neuron that cannot be connected to, try another replica."""
+        """Admit (bounded per model), route, relay, and on a neuron that cannot be connected
+        to, try another replica. The admission slot is held until the answer ends."""
+        slot = await self.admission.enter(resolved.canonical)
+        try:
+            return await self._dispatch_admitted(route, resolved, started, relay, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    async def _dispatch_admitted(
+        self,
+        route: str,
+        resolved: Resolved,
+        started: float,
+        relay: Callable[[NodeState, StreamObserver], Awaitable[Response]],
+        slot: Slot,
+    ) -> Response:
         tried: set[str] = set()
         while True:
             node = await self.route(resolved, exclude=tried)
             self.metrics.in_flight.labels(node.name).inc()
-            observer = self._observer(route, node.name, resolved.canonical, started)
+            observer = self._observer(route, node.name, resolved.canonical, started, slot.release)
             try:
                 return await relay(node, observer)
             except UpstreamUnreachable as exc:
@@ -346,7 +379,14 @@ class Gateway:
         self.usage.end(node, canonical)
         self.metrics.in_flight.labels(node).dec()
 
-    def _observer(self, route: str, node: str, canonical: str, started: float) -> StreamObserver:
+    def _observer(
+        self,
+        route: str,
+        node: str,
+        canonical: str,
+        started: float,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> StreamObserver:
         metrics = self.metrics
         first: list[float] = []
         completion: list[int] = []
@@ -366,6 +406,7 @@ class Gateway:
 
         def on_end(error: str | None) -> None:
             self._finish(node, canonical)
+            on_done()
             elapsed = time.monotonic() - started
             metrics.duration.labels(route).observe(elapsed)
             metrics.requests.labels(route, canonical, "error" if error else "ok").inc()

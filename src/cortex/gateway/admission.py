@@ -1,0 +1,166 @@
+"""Admission control: a bounded number of requests per model in flight, a bounded queue behind
+them, and waiters that give their place back the moment their client goes away.
+
+Why: a retrying tool or a runaway agent can send far more than a fleet can serve. Without a
+bound every excess request holds a socket, memory and a neuron queue slot until it times out,
+and the requests behind it time out too. With one, excess requests get a fast 429 with
+``Retry-After`` (the queue is full) or 503 (they waited ``queue_timeout``), and what is admitted
+is served at full speed. A waiter whose client disconnected is removed at once, so cancelled
+requests never hold capacity (tests/reliability/test_overload.py cancels 100 of them).
+
+The per-node bound is enforced by the router (a node at its limit is not picked; when every
+replica is at its limit the request gets 503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cortex.wire.errors import ApiError
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+# The ASGI ``receive`` of the request being handled (set by :class:`ClientWatch`): after the
+# body was read, it returns ``http.disconnect`` when the client goes away.
+CURRENT_RECEIVE: contextvars.ContextVar[Receive | None] = contextvars.ContextVar(
+    "cortex_current_receive", default=None
+)
+
+
+class ClientWatch:
+    """Plain ASGI middleware that makes the request's ``receive`` visible to queued waiters."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        token = CURRENT_RECEIVE.set(receive if scope["type"] == "http" else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CURRENT_RECEIVE.reset(token)
+
+
+class ClientGone(ApiError):
+    """The client disconnected while waiting in the queue (nobody reads this answer)."""
+
+
+class Slot:
+    """One admitted request; :meth:`release` is idempotent (several paths may end a request)."""
+
+    def __init__(self, gate: Gate | None) -> None:
+        self._gate = gate
+
+    def release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.release()
+
+
+class Gate:
+    """At most ``limit`` holders; at most ``queue_size`` waiters, served first come first
+    served; a freed slot is handed straight to the next waiter still waiting."""
+
+    def __init__(self, name: str, limit: int, queue_size: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.queue_size = queue_size
+        self.active = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self.waiters if not f.done())
+
+    async def enter(self, timeout: float | None, retry_after: float) -> Slot:
+        if self.active < self.limit and not self.waiting:
+            self.active += 1
+            return Slot(self)
+        if self.waiting >= self.queue_size:
+            raise ApiError(
+                429,
+                "model_queue_full",
+                f"model {self.name!r} has {self.active} requests running and "
+                f"{self.waiting} waiting (the limit); retry after a moment",
+                retry_after=retry_after,
+            )
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(granted)
+        try:
+            await self._wait(granted, timeout, retry_after)
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.release()  # granted while leaving: hand the slot on
+            else:
+                granted.cancel()
+            self._forget(granted)
+            raise
+        return Slot(self)
+
+    async def _wait(
+        self, granted: asyncio.Future[None], timeout: float | None, retry_after: float
+    ) -> None:
+        receive = CURRENT_RECEIVE.get()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not granted.done():
+            watch = asyncio.ensure_future(receive()) if receive is not None else None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waiting_on: set[asyncio.Future[Any]] = {granted} | ({watch} if watch else set())
+            try:
+                await asyncio.wait(waiting_on, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if watch is not None and not watch.done():
+                    watch.cancel()
+            if granted.done():
+                return
+            if watch is not None and watch.done() and not watch.cancelled():
+                if watch.result().get("type") == "http.disconnect":
+                    raise ClientGone(499, "client_closed", "the client went away while queued")
+                continue  # not a disconnect (an empty body frame): keep watching
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ApiError(
+                    503,
+                    "queue_timeout",
+                    f"model {self.name!r} stayed at its limit for {timeout:g}s; try again",
+                    retry_after=retry_after,
+                )
+
+    def _forget(self, future: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):  # already handed a slot and popped
+            self.waiters.remove(future)
+
+    def release(self) -> None:
+        while self.waiters:
+            nxt = self.waiters.popleft()
+            if not nxt.done():
+                nxt.set_result(None)  # the slot passes on; ``active`` is unchanged
+                return
+        self.active -= 1
+
+
+class Admission:
+    """One :class:`Gate` per model (created on first use)."""
+
+    def __init__(
+        self, per_model: int, queue_size: int, queue_timeout: float | None, retry_after: float
+    ) -> None:
+        self.per_model = per_model
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.retry_after = retry_after
+        self.gates: dict[str, Gate] = {}
+
+    def gate(self, model: str) -> Gate:
+        gate = self.gates.get(model)
+        if gate is None:
+            gate = self.gates[model] = Gate(model, self.per_model, self.queue_size)
+        return gate
+
+    async def enter(self, model: str) -> Slot:
+        return await self.gate(model).enter(self.queue_timeout, self.retry_after)
