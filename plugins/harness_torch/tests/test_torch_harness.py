@@ -151,3 +151,14 @@ def test_bad_snapshot_is_a_harness_error(tiny_llama_dir: Path, tmp_path: Path) -
         TorchHarness().load(broken, cpu_device(), LoadOptions())
     with pytest.raises(HarnessError):
         TorchHarness().load(tmp_path, cpu_device(), LoadOptions())
+
+
+def test_cpu_threads_leave_a_core_for_the_event_loop() -> None:
+    import os
+
+    from cortex_harness_torch.harness import cpu_threads
+
+    assert cpu_threads({"CORTEX_TORCH_CPU_THREADS": "3"}) == 3
+    expected = max(1, len(os.sched_getaffinity(0)) - 1)
+    assert cpu_threads({}) == expected
+    assert cpu_threads({"CORTEX_TORCH_CPU_THREADS": "lots"}) == expected

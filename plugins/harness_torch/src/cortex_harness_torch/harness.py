@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,24 @@ def dtype_for(device: Device) -> Any:
         return torch.float32
     with torch.cuda.device(device.index):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+CPU_THREADS_ENV = "CORTEX_TORCH_CPU_THREADS"
+
+
+def cpu_threads(environ: dict[str, str] | None = None) -> int:
+    """Intra-op threads for CPU models: ``$CORTEX_TORCH_CPU_THREADS``, else one less than the
+    CPUs this process may use. The neuron's event loop needs a core too: when torch's threads
+    take every core, each step's parallel region waits for the busy one to be scheduled, and
+    on a 2-core machine a tiny model decoded 17 tokens/s instead of 180."""
+    value = (environ if environ is not None else os.environ).get(CPU_THREADS_ENV, "")
+    if value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, available - 1)
 
 
 def read_config(snapshot: Path) -> dict[str, Any]:
@@ -126,6 +145,12 @@ class TorchHarness:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = dtype_for(device)
+        if device.kind == "cpu":
+            import torch
+
+            threads = cpu_threads()
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             snapshot, dtype=dtype, local_files_only=True, trust_remote_code=False
