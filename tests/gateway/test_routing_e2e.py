@@ -245,3 +245,37 @@ def test_idle_timeout_bounds_silence_not_the_whole_stream(fleet) -> None:
     assert b'"code":"upstream_timeout"' in body
     assert b"late words" not in body
     gw.wait_for(lambda: gw.gateway.usage.busy("n1", silent) == 0, timeout=5)
+
+
+def test_cold_load_without_memory_mb_uses_the_neuron_estimate(fleet) -> None:
+    model = fleet.publish_echo("acme/unsized", reply="sized by the neuron")
+    gw = fleet.gateway(models=[ModelProfile(id="acme/unsized")])
+    reply = gw.client().chat.completions.create(model="acme/unsized", messages=HELLO)
+    assert reply.choices[0].message.content == "sized by the neuron"
+    assert model in gw.gateway.loader._estimates  # asked POST /models/estimate once
+    assert gw.gateway.loader._estimates[model] > 0
+
+
+def test_upstream_errors_pass_through_with_status_and_envelope(fleet) -> None:
+    model = fleet.publish_echo("acme/short-context", reply="x", context_length=8)
+    fleet.load_on("n1", model)
+    gw = fleet.gateway()
+    gw.wait_for(lambda: model in gw.catalogue())
+    direct = httpx.post(
+        f"{fleet.neuron_url('n1')}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "word " * 50}]},
+        timeout=30,
+    )
+    via = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "word " * 50}]},
+        timeout=30,
+    )
+    assert direct.status_code == 400
+    assert via.status_code == direct.status_code
+    assert via.json() == direct.json()
+    assert via.headers["x-cortex-node"] == "n1"
+    with pytest.raises(openai.BadRequestError):
+        gw.client().chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "word " * 50}]
+        )
