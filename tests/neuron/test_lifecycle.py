@@ -243,3 +243,44 @@ def test_health_is_open_and_says_ok(neuron: LiveNeuron) -> None:
     response = httpx.get(f"{neuron.url}/health")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
+
+
+def test_load_without_waiting_answers_202_then_reports_the_outcome(
+    neuron_factory: Callable[..., LiveNeuron],
+) -> None:
+    live = neuron_factory()
+    with live.http() as client:
+        accepted = client.post("/models/load", json={"model_id": "acme/echo", "wait": False})
+        assert accepted.status_code == 202
+        assert accepted.json()["model"]["state"] == "loading"
+        live.wait_for(lambda: live.models()["huggingface:acme/echo"]["state"] == "ready")
+        missing = client.post("/models/load", json={"model_id": "acme/gone", "wait": False})
+        assert missing.status_code == 202
+        live.wait_for(lambda: live.models()["huggingface:acme/gone"]["state"] == "failed")
+        error = live.models()["huggingface:acme/gone"]["error"]
+        assert error["code"] == "repo_not_found" and error["details"]["kind"] == "repo_not_found"
+        assert client.post("/models/unload", json={"model_id": "acme/gone"}).status_code == 200
+        bad = client.post("/models/load", json={"model_id": "acme/echo", "wait": "no"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "wait"
+
+
+def test_estimate_is_a_preflight_only(neuron: LiveNeuron, model_registry: RunningRegistry) -> None:
+    with neuron.http() as client:
+        answer = client.post("/models/estimate", json={"model_id": "acme/tiny-qwen2"}).json()
+        missing = client.post("/models/estimate", json={"model_id": "acme/gone"})
+    assert answer["model_id"] == "huggingface:acme/tiny-qwen2"
+    assert answer["harness"] == "torch"
+    assert answer["download_bytes"] > 500_000
+    assert answer["memory_bytes"] > answer["download_bytes"]
+    assert missing.status_code == 422
+    assert "huggingface:acme/tiny-qwen2" not in neuron.models()
+
+
+def test_release_memory_keeps_models_usable(neuron: LiveNeuron) -> None:
+    neuron.load("acme/tiny-llama")
+    with neuron.http() as client:
+        assert client.post("/admin/release-memory").json() == {"released": True}
+    reply = neuron.openai().chat.completions.create(
+        model="acme/tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.usage.completion_tokens >= 1

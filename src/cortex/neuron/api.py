@@ -76,12 +76,17 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
     async def models() -> dict[str, Any]:
         return {"models": [entry.to_json() for entry in node.models.all()]}
 
-    @app.post("/models/load")
-    async def load(request: Request) -> dict[str, Any]:
+    @app.post("/models/load", response_model=None)
+    async def load(request: Request) -> dict[str, Any] | JSONResponse:
         body = await read_json_object(request, MAX_BODY_BYTES)
         if node.draining:
             raise ApiError(503, "draining", "this neuron is shutting down", retry_after=30)
-        entry = await loader.load(LoadRequest.from_json(body))
+        wait = body.get("wait", True)
+        if not isinstance(wait, bool):
+            raise bad_request("'wait' must be true or false", param="wait")
+        entry = await loader.load(LoadRequest.from_json(body), wait=wait)
+        if not wait and entry.state != READY:
+            return JSONResponse({"model": entry.to_json()}, status_code=202)
         return {"model": entry.to_json()}
 
     @app.post("/models/estimate")

@@ -191,8 +191,9 @@ class Loader:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def load(self, request: LoadRequest) -> ModelEntry:
-        """Load (or join the load of) a model; returns its entry once ready."""
+    async def load(self, request: LoadRequest, wait: bool = True) -> ModelEntry:
+        """Load (or join the load of) a model; returns its entry once ready, or at once (still
+        ``loading``) with ``wait=False``. Validation errors are raised either way."""
         node = self.node
         model_id = parse_model_id(node, request.model_id)
         key = str(model_id)
@@ -204,7 +205,7 @@ class Loader:
             if entry.state == READY:
                 return entry
             if entry.state == LOADING and entry.load_task is not None:
-                return await asyncio.shield(entry.load_task)
+                return await asyncio.shield(entry.load_task) if wait else entry
             if entry.state == UNLOADING:
                 raise ApiError(
                     409,
@@ -216,11 +217,20 @@ class Loader:
         worker = node.workers.get(request.device or "cpu") or next(iter(node.workers))
         entry = ModelEntry(id=key, harness=request.harness or "", device="", worker=worker)
         node.models.put(entry)
-        entry.load_task = asyncio.create_task(self._load(entry, model_id, request))
+        entry.load_task = asyncio.create_task(
+            self._load(entry, model_id, request, keep_failed=not wait)
+        )
+        entry.load_task.add_done_callback(_retrieve_exception)
+        if not wait:
+            return entry
         return await asyncio.shield(entry.load_task)
 
     async def _load(
-        self, entry: ModelEntry, model_id: ModelSourceId, request: LoadRequest
+        self,
+        entry: ModelEntry,
+        model_id: ModelSourceId,
+        request: LoadRequest,
+        keep_failed: bool = False,
     ) -> ModelEntry:
         node = self.node
         started = time.monotonic()
@@ -228,9 +238,9 @@ class Loader:
             await self._run_load(entry, model_id, request)
         except ApiError as exc:
             node.metrics.loads.labels("failed").inc()
-            if not entry.device:
+            if not entry.device and not keep_failed:
                 # refused before a device was chosen (bad repo, no harness, does not fit):
-                # nothing happened on this node worth listing
+                # the caller got the error; nothing happened on this node worth listing
                 node.models.remove(entry.id)
                 raise
             entry.fail(exc.code, exc.message, exc.details)
@@ -372,6 +382,13 @@ class Loader:
                 await self.unload(entry.id, wait_seconds)
             except ApiError as exc:
                 log.warning("unload of %s at shutdown: %s", entry.id, exc.message)
+
+
+def _retrieve_exception(task: asyncio.Task[ModelEntry]) -> None:
+    """A load nobody waits for (``wait: false``) records its error in the entry; retrieving it
+    here keeps asyncio from logging "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def node_entries(node: Node) -> list[ModelEntry]:
