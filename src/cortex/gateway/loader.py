@@ -34,6 +34,46 @@ from cortex.wire.errors import ApiError
 log = logging.getLogger(__name__)
 
 
+MAX_LOAD_BACKOFF = 300.0
+
+
+class LoadFailure:
+    """A failed load: its error, and how long the next request waits before trying again
+    (``base`` doubled per failure in a row, at most :data:`MAX_LOAD_BACKOFF`) -- so a broken
+    model is not loaded again by every request that names it."""
+
+    def __init__(self, error: ApiError, attempts: int, base: float) -> None:
+        self.error = error
+        self.attempts = attempts
+        self.backoff = min(MAX_LOAD_BACKOFF, base * 2 ** (attempts - 1))
+        self.until = time.monotonic() + self.backoff
+
+    def blocking(self) -> bool:
+        return time.monotonic() < self.until
+
+    def again(self) -> ApiError:
+        """The same error (status, code, message), with Retry-After = the backoff left."""
+        e = self.error
+        left = max(1.0, self.until - time.monotonic())
+        return ApiError(
+            e.status,
+            e.code,
+            e.message,
+            param=e.param,
+            retry_after=left,
+            details=e.details,
+            error_type=e.error_type,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "code": self.error.code,
+            "message": self.error.message,
+            "attempts": self.attempts,
+            "retry_in": round(max(0.0, self.until - time.monotonic()), 1),
+        }
+
+
 class Loader:
     def __init__(
         self,
@@ -55,6 +95,8 @@ class Loader:
         self.metrics = metrics
         self.default_source = default_source
         self.loads: dict[str, asyncio.Task[str]] = {}
+        # The last failed load of each model, until one succeeds (backoff and /v1/models).
+        self.failures: dict[str, LoadFailure] = {}
         self.cycles: dict[str, int] = dict.fromkeys(fleet.nodes, 0)
         self._placement_lock = asyncio.Lock()
         self._estimates: dict[str, int] = {}
@@ -71,12 +113,16 @@ class Loader:
     # ---- cold loads -------------------------------------------------------------------------
 
     async def ensure_loaded(self, resolved: Resolved) -> str:
-        """Load the model somewhere (or join the load in progress); returns the node name."""
+        """Load the model somewhere (or join the load in progress); returns the node name.
+        After a failed load, requests get that load's error until its backoff has passed."""
         task = self.loads.get(resolved.canonical)
         if task is None:
+            failure = self.failures.get(resolved.canonical)
+            if failure is not None and failure.blocking():
+                raise failure.again()
             task = asyncio.create_task(self._load(resolved), name=f"load {resolved.canonical}")
             self.loads[resolved.canonical] = task
-            task.add_done_callback(lambda _t: self.loads.pop(resolved.canonical, None))
+            task.add_done_callback(lambda t: self._load_done(resolved.canonical, t))
         try:
             return await asyncio.wait_for(asyncio.shield(task), self._load_timeout)
         except TimeoutError:
@@ -87,6 +133,27 @@ class Loader:
                 f"{self._load_timeout:g}s; try again shortly",
                 retry_after=self._retry_after,
             ) from None
+
+    def _load_done(self, canonical: str, task: asyncio.Task[str]) -> None:
+        self.loads.pop(canonical, None)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            self.failures.pop(canonical, None)
+            return
+        if not isinstance(error, ApiError):
+            error = ApiError(502, "load_failed", f"loading {canonical} failed: {error}")
+        previous = self.failures.get(canonical)
+        attempts = previous.attempts + 1 if previous is not None else 1
+        self.failures[canonical] = LoadFailure(error, attempts, self._retry_after)
+        log.warning(
+            "loading %s failed (attempt %d, next try in %.0fs): %s",
+            canonical,
+            attempts,
+            self.failures[canonical].backoff,
+            error.message,
+        )
 
     async def _needed_bytes(self, resolved: Resolved) -> int:
         """The profile's memory_mb, else the neuron's preflight estimate (cached)."""

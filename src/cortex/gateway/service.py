@@ -158,7 +158,14 @@ class Gateway:
         return list(self.fleet.nodes.values())
 
     def catalogue(self) -> list[dict[str, Any]]:
-        return build_catalogue(self.nodes(), self.models, self.usage, self.default_source)
+        entries = build_catalogue(self.nodes(), self.models, self.usage, self.default_source)
+        failures = self.loader.failures if self.loader is not None else {}
+        for entry in entries:
+            failure = failures.get(entry["id"])
+            if failure is not None and entry["state"] not in ("ready", "loading"):
+                entry["state"] = "failed"  # the gateway's last load failed: say why
+                entry["error"] = failure.to_json()
+        return entries
 
     def health(self) -> dict[str, Any]:
         nodes = []
