@@ -91,6 +91,13 @@ def test_bad_completion_bodies_are_400s(ready: LiveNeuron, body: dict, param: st
     assert status == 400 and payload["error"]["param"] == param
 
 
+def test_token_ids_outside_the_vocabulary_are_a_400(ready: LiveNeuron) -> None:
+    body = {"model": "acme/tiny-llama", "prompt": [1, 2, 999999], "max_tokens": 2}
+    status, payload, _ = post(ready, "/v1/completions", body)
+    assert status == 400 and "vocabulary" in payload["error"]["message"]
+    assert ready.models()["huggingface:acme/tiny-llama"]["state"] == "ready"
+
+
 def test_model_not_loaded_is_404_model_not_found(ready: LiveNeuron) -> None:
     client = ready.openai()
     with pytest.raises(openai.NotFoundError) as caught:

@@ -44,7 +44,7 @@ def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
             503, "queue_full", f"{exc}; retry shortly", retry_after=2, error_type="overloaded_error"
         )
     if isinstance(exc, PromptError):
-        return ApiError(400, "invalid_prompt", str(exc), param="messages")
+        return ApiError(400, "invalid_prompt", str(exc))
     if isinstance(exc, DeviceOutOfMemory):
         return ApiError(503, "device_out_of_memory", str(exc), retry_after=10)
     if isinstance(exc, DeviceFault):

@@ -16,7 +16,14 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cortex.harness import DeviceFault, DeviceOutOfMemory, HarnessError, SamplingParams, Step
+from cortex.harness import (
+    DeviceFault,
+    DeviceOutOfMemory,
+    HarnessError,
+    PromptError,
+    SamplingParams,
+    Step,
+)
 from cortex_harness_torch.chat import render_prompt
 from cortex_harness_torch.sampling import TokenSampler
 
@@ -157,6 +164,13 @@ class TorchModel:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def start(self, prompt_ids: list[int], sampling: SamplingParams) -> TorchGeneration:
+        if not prompt_ids:
+            raise PromptError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise PromptError(
+                f"token ids out of this model's vocabulary (0..{self.vocab_size - 1}): {bad[:5]}"
+            )
         return TorchGeneration(self, prompt_ids, sampling)
 
     def reset(self) -> None:
