@@ -115,7 +115,9 @@ class Node:
         """Budget minus what models hold or are loading; on CUDA also what the driver says."""
         free = self.budget(key) - self.used(key)
         device = self.devices[key]
-        if device.kind == "cuda":
+        worker = self.workers.get(key)
+        # never query a poisoned device: its context may be broken
+        if device.kind == "cuda" and worker is not None and not worker.poisoned:
             live = self._live_cuda_free(device.index)
             if live is not None:
                 loading = sum(
