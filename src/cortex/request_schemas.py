@@ -145,6 +145,12 @@ TOKENIZE: dict[str, Any] = {
     },
 }
 
+ADMIN_MODEL: dict[str, Any] = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {"model": _MODEL, "node": {"type": "string"}},
+}
+
 BY_PATH: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": CHAT_COMPLETIONS,
     "/v1/completions": COMPLETIONS,
@@ -153,6 +159,8 @@ BY_PATH: dict[str, dict[str, Any]] = {
     "/models/unload": UNLOAD,
     "/models/estimate": ESTIMATE,
     "/tokenize": TOKENIZE,
+    "/admin/models/load": ADMIN_MODEL,
+    "/admin/models/unload": ADMIN_MODEL,
 }
 
 

@@ -23,7 +23,7 @@ from cortex.auth import (
     warn_if_exposed,
     without_credentials,
 )
-from cortex.config import AuthSection, ConfigError
+from cortex.config import AuthSection, ConfigError, ModelProfile
 from cortex.testing.servers import ProcessServer, python_program
 
 from .conftest import ECHO, load
@@ -156,7 +156,8 @@ def secured(
         admin_keys_file=str(admin_file),
         neuron_token_env="CORTEX_TEST_NEURON_TOKEN",
     )
-    gateway = parts.gateway({"n1": neuron.url}, auth=auth)
+    profile = [ModelProfile(id="acme/echo", memory_mb=10)]
+    gateway = parts.gateway({"n1": neuron.url}, models=profile, auth=auth)
     return neuron, gateway
 
 
@@ -196,14 +197,31 @@ def test_gateway_keys_in_both_envelopes_and_header_forms(secured) -> None:
 
 
 def test_admin_routes_need_the_admin_key(secured) -> None:
-    _neuron, gw = secured
+    neuron, gw = secured
     url = f"{gw.url}/admin/models"
     assert httpx.get(url).status_code == 401
     as_client = httpx.get(url, headers={"authorization": f"Bearer {CLIENT_KEY}"})
     assert as_client.status_code == 403
     assert as_client.json()["error"]["code"] == "admin_key_required"
-    as_admin = httpx.get(url, headers={"x-api-key": ADMIN_KEY})
-    assert as_admin.status_code not in (401, 403)
+    admin = {"x-api-key": ADMIN_KEY}
+    as_admin = httpx.get(url, headers=admin)
+    assert as_admin.status_code == 200
+    assert [n["name"] for n in as_admin.json()["nodes"]] == ["n1"]
+    # Load and unload through the gateway: admin keys only.
+    for path in ("/admin/models/unload", "/admin/models/load"):
+        body = {"model": "acme/echo"}
+        refused = httpx.post(f"{gw.url}{path}", json=body, headers={"x-api-key": CLIENT_KEY})
+        assert refused.status_code == 403
+    done = httpx.post(f"{gw.url}/admin/models/unload", json=body, headers=admin, timeout=30)
+    assert done.json() == {"model": ECHO, "unloaded_from": ["n1"]}
+    token = {"x-cortex-token": NEURON_TOKEN}
+    assert httpx.get(f"{neuron.url}/models", headers=token).json()["models"] == []
+    done = httpx.post(f"{gw.url}/admin/models/load", json=body, headers=admin, timeout=60)
+    assert done.json() == {"model": ECHO, "nodes": ["n1"], "loaded": True}, done.text
+    missing = httpx.post(
+        f"{gw.url}/admin/models/load", json={"model": "nobody/knows"}, headers=admin
+    )
+    assert missing.status_code == 404
     # The admin key also works on the client routes (an operator's smoke test).
     reply = _openai(gw.url, ADMIN_KEY).chat.completions.create(model=ECHO, messages=HELLO)
     assert reply.choices[0].message.content == "hello"

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from cortex import __version__
 from cortex.auth import AuthMiddleware, GatewayAuth
+from cortex.gateway.admin import install_admin_routes
 from cortex.gateway.admission import ClientWatch
 from cortex.gateway.service import Gateway
 from cortex.request_schemas import document_request_bodies
@@ -141,5 +142,6 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
             gateway.metrics.errors.labels(route, exc.code).inc()
             raise
 
+    install_admin_routes(app, gateway)
     document_request_bodies(app)
     return app

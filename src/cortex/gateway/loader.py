@@ -256,6 +256,10 @@ class Loader:
         self.usage.touch(node.name, resolved.canonical)
         return node.name
 
+    async def unload(self, node: NodeState, model_id: str, reason: str) -> None:
+        """Unload ``model_id`` from ``node`` (an operator's ``/admin/models/unload``)."""
+        await self._unload(node, model_id, reason)
+
     async def _unload(self, node: NodeState, model_id: str, reason: str) -> None:
         try:
             await post_json(

@@ -1,0 +1,91 @@
+"""``/admin/*``: operator routes for loading and unloading models through the gateway.
+
+Why here and not only on the neurons: an operator (or a script warming a fleet before office
+hours) should not need the cluster token or know which node to ask; the gateway places a load
+exactly as it would for a request (profile, free memory, eviction) and unloads wherever a model
+is. These routes need an admin key when keys are configured (docs/security.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from cortex.gateway.router import resolve
+from cortex.gateway.service import Gateway
+from cortex.wire.errors import ApiError, bad_request, model_not_found
+from cortex.wire.http import read_json_object
+
+
+def _model_field(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required: a model id or an alias", param="model")
+    return model
+
+
+def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
+    max_bytes = gateway.config.gateway.max_body_bytes
+
+    @app.get("/admin/models")
+    async def admin_models() -> JSONResponse:
+        """The fleet view: every node, its models, loads in progress and failed loads."""
+        loader = gateway.loader
+        failures = loader.failures if loader is not None else {}
+        return JSONResponse(
+            {
+                **gateway.health(),
+                "models": gateway.catalogue(),
+                "failed_loads": {k: f.to_json() for k, f in failures.items()},
+            }
+        )
+
+    @app.post("/admin/models/load")
+    async def admin_load(request: Request) -> JSONResponse:
+        """Load a model where a request for it would (a no-op when it is ready somewhere)."""
+        model = _model_field(await read_json_object(request, max_bytes))
+        resolved = resolve(model, gateway.models, gateway.default_source)
+        assert gateway.loader is not None
+        known, _only_down = gateway._known(resolved)
+        if not known:
+            raise model_not_found(model, "not loaded anywhere and not in models.toml")
+        ready = [
+            n.name
+            for n in gateway.nodes()
+            if n.up and (m := n.model(resolved.canonical)) is not None and m.state == "ready"
+        ]
+        if ready:
+            return JSONResponse({"model": resolved.canonical, "nodes": ready, "loaded": False})
+        node = await gateway.loader.ensure_loaded(resolved)
+        return JSONResponse({"model": resolved.canonical, "nodes": [node], "loaded": True})
+
+    @app.post("/admin/models/unload")
+    async def admin_unload(request: Request) -> JSONResponse:
+        """Unload a model from every node (or only ``node``) where it is loaded."""
+        body = await read_json_object(request, max_bytes)
+        resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
+        only = body.get("node")
+        if only is not None and not isinstance(only, str):
+            raise bad_request("'node' must be a node name", param="node")
+        assert gateway.loader is not None and gateway.fleet is not None
+        targets = [
+            n
+            for n in gateway.nodes()
+            if n.up and n.model(resolved.canonical) is not None and only in (None, n.name)
+        ]
+        if not targets:
+            raise ApiError(
+                404,
+                "model_not_loaded",
+                f"{resolved.canonical} is not loaded on "
+                f"{'node ' + repr(only) if only else 'any node that is up'}",
+                param="model",
+            )
+        for node in targets:
+            await gateway.loader.unload(node, resolved.canonical, reason="admin")
+            await gateway.fleet.refresh(node.name)
+        return JSONResponse(
+            {"model": resolved.canonical, "unloaded_from": [n.name for n in targets]}
+        )
