@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import httpx
+import openai
 import pytest
 
 from cortex.devices import Device
@@ -284,3 +285,38 @@ def test_release_memory_keeps_models_usable(neuron: LiveNeuron) -> None:
         model="acme/tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert reply.usage.completion_tokens >= 1
+
+
+def test_an_unload_past_its_bound_ends_streams_with_an_error_frame(
+    neuron_factory: Callable[..., LiveNeuron],
+) -> None:
+    live = neuron_factory()
+    live.load("acme/slow-echo")
+    live.node.unload_wait_seconds = 0.3
+    frames: list[str] = []
+
+    def stream() -> None:
+        body = {
+            "model": "acme/slow-echo",
+            "messages": [{"role": "user", "content": "go"}],
+            "stream": True,
+        }
+        with (
+            live.http() as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            frames.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    live.wait_for(lambda: live.models()["huggingface:acme/slow-echo"]["in_flight"] == 1)
+    with live.http() as client:
+        assert client.post("/models/unload", json={"model_id": "acme/slow-echo"}).is_success
+    reader.join(10)
+    assert frames[-1] == "data: [DONE]"
+    assert '"code":"model_unloading"' in frames[-2]
+    assert len(frames) < 40  # far from the 80 words of the reply
+    with pytest.raises(openai.NotFoundError):
+        live.openai().chat.completions.create(
+            model="acme/slow-echo", messages=[{"role": "user", "content": "x"}]
+        )

@@ -82,3 +82,17 @@ def test_any_split_gives_the_text_up_to_the_first_stop(
     expected = text[: min(hits)] if hits else text
     assert out == expected
     assert stopped == bool(hits)
+
+
+def test_random_token_sequences_stream_to_the_full_decode(tokenizer) -> None:
+    """Whatever a (random-weights) model emits, invalid byte sequences included, the streamed
+    deltas add up to the decode of all tokens."""
+    import random
+
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    for _ in range(200):
+        ids = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))]
+        decoder = IncrementalDecoder(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+        streamed = "".join(decoder.push(i) for i in ids) + decoder.flush()
+        assert streamed == tokenizer.decode(ids, skip_special_tokens=True), ids
