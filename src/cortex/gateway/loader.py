@@ -196,6 +196,11 @@ class Loader:
                 # look again before telling the client to come back later.
                 await self.fleet.poll_all()
                 placement = self._place(resolved, needed)
+            if placement.victims:
+                # Victims are chosen from last-use times and in-flight counts: plan again on a
+                # fresh view of that node (a poll can be a request behind), never on a stale one.
+                await self.fleet.refresh(placement.node)
+                placement = self._place(resolved, needed)
             node = self.fleet.nodes[placement.node]
             for victim in placement.victims:
                 self.usage.evicting.add((node.name, victim))
