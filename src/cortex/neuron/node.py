@@ -148,7 +148,6 @@ class Node:
             "name": device.name,
             "total_memory": self.budget(key),
             "free_memory": self.free(key),
-            "physical_total_memory": device.total_memory,
             "compute_capability": device.compute_capability,
             "worker": device.worker_name,
             "state": "poisoned" if worker is not None and worker.poisoned else "ok",
