@@ -127,7 +127,7 @@ def run(
             ("nginx", lambda: proxies.nginx(fake.url)),
         ]
         if fast_stack:
-            name = "cortex+httptools+uvloop"
+            name = "cortex+httptools"  # uvloop is not used: serve.py runs asyncio.run
             starters.insert(2, (name, lambda: proxies.cortex(fake.url, name, fast_stack)))
         if with_litellm:
             starters.append(("litellm", lambda: proxies.litellm(fake.url)))
