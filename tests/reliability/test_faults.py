@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anthropic
@@ -181,3 +182,36 @@ def test_restarted_gateway_serves_loaded_models_without_reloading(parts) -> None
     assert reply.choices[0].message.content == "hello"
     assert second.metric("cortex_cold_loads_total", node="n1", outcome="ok") == 0
     assert httpx.get(f"{neuron.url}/models").json()["models"][0]["loaded_at"] == loaded_at
+
+
+def test_requests_sent_while_a_neuron_dies_go_to_another_replica(parts) -> None:
+    """Requests that reach a dying neuron before any answer byte came back (a refused connection,
+    a pooled keep-alive connection that turned out dead) are sent to another replica, not
+    failed: with quick answers, none of 96 requests around a SIGKILL may fail."""
+    p1, p2 = parts.neuron_process("p1"), parts.neuron_process("p2")
+    for proc in (p1, p2):
+        load(proc.url, ECHO)
+    # A long poll interval: the gateway still believes p1 is up after it died.
+    gw = parts.gateway({"p1": p1.url, "p2": p2.url}, poll_interval=60.0)
+    body = {"model": ECHO, "messages": HELLO}
+
+    def one(_i: int) -> str:
+        return httpx.post(f"{gw.url}{ROUTE}", json=body, timeout=30).headers["x-cortex-node"]
+
+    # Warm the pool: concurrent requests leave keep-alive connections to both neurons.
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(32))) == {"p1", "p2"}
+
+    def answer(_i: int) -> httpx.Response:
+        return httpx.post(f"{gw.url}{ROUTE}", json=body, timeout=30)
+
+    # Keep requests flowing while p1 dies: some are on their way over pooled connections.
+    with ThreadPoolExecutor(16) as pool:
+        running = [pool.submit(answer, i) for i in range(64)]
+        time.sleep(0.05)
+        p1.kill()
+        answers = [f.result() for f in running]
+        answers += list(pool.map(answer, range(32)))
+    assert [a.status_code for a in answers] == [200] * len(answers), [
+        a.text for a in answers if a.status_code != 200
+    ]

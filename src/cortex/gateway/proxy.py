@@ -213,8 +213,14 @@ async def open_upstream(
             f"could not reach the neuron ({type(exc).__name__}: {exc})",
             retry_after=retry_after,
         )
-        # Only a connection that was never made is safe to send elsewhere.
-        error.never_connected = isinstance(exc, aiohttp.ClientConnectorError)
+        # Safe to send elsewhere: a connection that was never made, and a pooled keep-alive
+        # connection that turned out dead (the neuron restarted: "Can not write request body",
+        # "Server disconnected") before a byte of answer came back; generation has no side
+        # effects, and without this every request that picks a stale connection fails.
+        error.never_connected = isinstance(
+            exc,
+            aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientOSError,
+        )
         raise error from None
 
 
