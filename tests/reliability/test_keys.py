@@ -135,6 +135,11 @@ def test_serve_refuses_a_missing_key_variable(tmp_path: Path) -> None:
     assert "CORTEX_TEST_KEYS_NOT_SET" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_neuron_refuses_to_start_without_its_token(parts) -> None:
+    with pytest.raises(ConfigError, match="CORTEX_TEST_TOKEN_NOT_SET"):
+        parts.neuron("n1", token_env="CORTEX_TEST_TOKEN_NOT_SET")
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 
@@ -182,6 +187,10 @@ def test_gateway_keys_in_both_envelopes_and_header_forms(secured) -> None:
         "type": "error",
         "error": {"type": "authentication_error", "message": "invalid API key"},
     }
+    # The anthropic SDK sends its key as x-api-key.
+    good = anthropic.Anthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0)
+    message = good.messages.create(model=ECHO, max_tokens=8, messages=HELLO)
+    assert message.content[0].text == "hello"
     # The right key as a Bearer token (openai SDK) and as x-api-key (raw).
     reply = _openai(gw.url, CLIENT_KEY).chat.completions.create(model=ECHO, messages=HELLO)
     assert reply.choices[0].message.content == "hello"
