@@ -132,6 +132,9 @@ class GatewaySection:
     model_queue_size: int = attrs.field(default=512, validator=attrs.validators.ge(0))
     queue_timeout: Duration = attrs.field(default=Duration(60.0), converter=Duration.parse)
     max_in_flight_per_node: int = attrs.field(default=512, validator=attrs.validators.ge(1))
+    # Anthropic / Responses streams: a ping (keep-alive) after this long without output, also
+    # while a cold load or a queue delays the answer (docs/clients.md).
+    stream_keepalive: Duration = attrs.field(default=Duration(10.0), converter=Duration.parse)
 
 
 @attrs.frozen

@@ -54,6 +54,11 @@ def model_registry(
             tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}],
         ),
     )
+    publish_repo(
+        root,
+        "acme/think-echo",
+        echo_repo(reply="The answer.", reasoning="Let me see.", opens_think=True),
+    )
     publish_repo(root, "acme/readme-only", {"README.md": b"no weights here\n"})
     # safetensors without config.json: the source finds weights, no harness accepts them
     publish_repo(

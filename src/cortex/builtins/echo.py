@@ -14,8 +14,16 @@ bottleneck unless told to be) and lets an operator smoke-test a fleet without a 
       "memory_mb": 64,                  # what the model claims to hold on its device
       "context_length": 4096,
       "reasoning": "text" | null,       # emitted first as <think>text</think>
-      "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+      "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+      "opens_think": false,             # the prompt ends in <think> (R1-style templates)
+      "load_seconds": 0.0,              # a slow cold load (gateway keep-alive tests)
+      "fail_after": null                # scripted fault: HarnessError after N tokens (0: at start)
     }
+
+With ``opens_think`` the rendered prompt ends with ``<think>`` and the reply begins inside the
+reasoning (``reasoning</think>answer``), as DeepSeek-R1 style models do. ``fail_after`` makes
+generation fail like a broken model would: before any token (a 500 before the answer) or
+mid-stream (an in-band error frame).
 
 ``tool_calls`` are emitted (as ``<tool_call>{"name", "arguments"}</tool_call>`` text, the format
 the neuron's tool-call parser reads) only when the request offers tools and the last message is
@@ -68,7 +76,14 @@ class EchoSpec:
     context_length: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     reasoning: str | None = None
     tool_calls: list[EchoToolCall] = attrs.field(factory=list)
+    opens_think: bool = False
+    load_seconds: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    fail_after: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
 
+
+SCRIPTED_FAILURE = "scripted failure (echo.json fail_after)"
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
 
@@ -102,8 +117,11 @@ class EchoGeneration:
     """Yields the scripted reply token by token, then EOS; paced by an absolute schedule so
     streams interleaved on one device worker do not slow each other down."""
 
-    def __init__(self, reply_ids: list[int], tokens_per_second: float | None) -> None:
+    def __init__(
+        self, reply_ids: list[int], tokens_per_second: float | None, fail_after: int | None = None
+    ) -> None:
         self._ids = reply_ids
+        self._fail_after = fail_after
         self._interval = 1.0 / tokens_per_second if tokens_per_second else 0.0
         self._next = 0
         self._due: float | None = None
@@ -117,6 +135,8 @@ class EchoGeneration:
             self._due += self._interval
             if self._due > now:
                 time.sleep(self._due - now)
+        if self._fail_after is not None and self._next >= self._fail_after:
+            raise HarnessError(SCRIPTED_FAILURE)
         if self._next >= len(self._ids):
             return Step(EOS_ID, is_eos=True)
         token = self._ids[self._next]
@@ -179,6 +199,8 @@ class EchoModel:
             ids.append(self._marker(str(message.get("role", "user"))))
             ids.extend(self.tokenize(_message_text(message.get("content"))))
         ids.append(self._marker("assistant"))
+        if self.spec.opens_think:
+            ids.extend(self.tokenize("<think>"))
         return ids
 
     def _last_user_text(self, prompt_ids: list[int]) -> tuple[str, bool, bool]:
@@ -206,7 +228,9 @@ class EchoModel:
         """What this model answers to a prompt (public so tests can predict it)."""
         user_text, tools, last_is_user = self._last_user_text(prompt_ids)
         parts: list[str] = []
-        if self.spec.reasoning:
+        if self.spec.opens_think:  # the prompt opened <think>: the model only closes it
+            parts.append(f"{self.spec.reasoning or ''}</think>")
+        elif self.spec.reasoning:
             parts.append(f"<think>{self.spec.reasoning}</think>")
         if self.spec.tool_calls and tools and last_is_user:
             for call in self.spec.tool_calls:
@@ -218,8 +242,10 @@ class EchoModel:
 
     def start(self, prompt_ids: list[int], sampling: SamplingParams) -> EchoGeneration:
         self.generations_started += 1
+        if self.spec.fail_after == 0:
+            raise HarnessError(SCRIPTED_FAILURE)
         reply_ids = self.tokenize(self.reply_text(prompt_ids))
-        return EchoGeneration(reply_ids, self.spec.tokens_per_second)
+        return EchoGeneration(reply_ids, self.spec.tokens_per_second, self.spec.fail_after)
 
     def reset(self) -> None:
         """No KV cache to drop."""
@@ -249,6 +275,8 @@ class EchoHarness:
 
     def load(self, snapshot: Path, device: Device, options: LoadOptions) -> LoadedModel:
         spec = read_spec(Path(snapshot) / ECHO_FILE)
+        if spec.load_seconds:
+            time.sleep(spec.load_seconds)  # on the device worker, as a real load would block
         context = spec.context_length
         if options.context_length is not None:
             context = min(context, options.context_length)

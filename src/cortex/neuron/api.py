@@ -28,7 +28,13 @@ from cortex.neuron.generation import (
 from cortex.neuron.loader import Loader, LoadRequest, parse_model_id
 from cortex.neuron.models import READY
 from cortex.neuron.node import Node
-from cortex.neuron.output import ContentDelta, OutputEvent, ReasoningDelta, output_parser
+from cortex.neuron.output import (
+    ContentDelta,
+    OutputEvent,
+    OutputParser,
+    ReasoningDelta,
+    output_parser,
+)
 from cortex.neuron.requests import (
     ChatRequest,
     CompletionRequest,
@@ -38,6 +44,7 @@ from cortex.neuron.requests import (
 from cortex.wire import sse
 from cortex.wire.errors import ApiError, bad_request
 from cortex.wire.http import install_error_handlers, read_json_object
+from cortex.wire.toolcalls import prompt_opens_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +143,16 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         entry.begin_request()
         node.metrics.in_flight.labels(entry.id).inc()
         try:
-            prompt_ids = await _render(entry, chat)
+            prompt_ids, opens_reasoning = await _render_chat(entry, chat)
             stream = await _start(node, entry, prompt_ids, chat.options, started)
         except BaseException:
             _end(node, entry)
             raise
+        parser = output_parser(bool(chat.tools), starts_in_reasoning=opens_reasoning)
         if chat.options.stream:
-            return _sse(_chat_stream(node, entry, stream, chat, request))
+            return _sse(_chat_stream(node, entry, stream, chat, request, parser))
         try:
-            return JSONResponse(await _chat_whole(stream, chat, request))
+            return JSONResponse(await _chat_whole(stream, request, parser))
         finally:
             _end(node, entry)
 
@@ -214,11 +222,29 @@ def _end(node: Node, entry: Any) -> None:
 
 
 async def _render(entry: Any, chat: ChatRequest) -> list[int]:
+    ids, _opens = await _render_chat(entry, chat)
+    return ids
+
+
+# Enough trailing prompt tokens to hold an opened ``<think>`` plus the whitespace after it.
+_REASONING_TAIL_TOKENS = 16
+
+
+async def _render_chat(entry: Any, chat: ChatRequest) -> tuple[list[int], bool]:
+    """The prompt ids, and whether the rendered prompt opens ``<think>`` (DeepSeek-R1 / Qwen3
+    style templates): such models write reasoning first and only close it, so the output parser
+    must start inside the reasoning or it would leak into ``content``."""
     handle = entry.handle
     if handle is None:
         raise ApiError(503, "model_unloading", f"{entry.id} is being unloaded", retry_after=5)
     messages, tools = chat.messages, chat.tools
-    return list(await run_on_worker(entry, lambda: handle.render_chat(messages, tools)))
+
+    def job() -> tuple[list[int], bool]:
+        ids = list(handle.render_chat(messages, tools))
+        tail = handle.decode(ids[-_REASONING_TAIL_TOKENS:]) if ids else ""
+        return ids, prompt_opens_reasoning(tail)
+
+    return tuple(await run_on_worker(entry, job))  # type: ignore[return-value]
 
 
 async def _prompt_ids(entry: Any, req: CompletionRequest) -> list[int]:
@@ -237,7 +263,9 @@ async def _prompt_ids(entry: Any, req: CompletionRequest) -> list[int]:
 async def _start(
     node: Node, entry: Any, prompt_ids: list[int], options: Any, started: float
 ) -> GenerationStream:
-    max_tokens = check_context(entry, len(prompt_ids), options.max_tokens)
+    max_tokens = check_context(
+        entry, len(prompt_ids), options.max_tokens, clamp=options.clamp_max_tokens
+    )
     stream = GenerationStream(node, entry, prompt_ids, options, max_tokens, started)
     await stream.start()
     return stream
@@ -279,8 +307,9 @@ def _event_delta(event: OutputEvent) -> dict[str, Any]:
     return {"tool_calls": [event.openai_delta()]}
 
 
-async def _chat_whole(stream: GenerationStream, chat: ChatRequest, request: Request) -> dict:
-    parser = output_parser(bool(chat.tools))
+async def _chat_whole(
+    stream: GenerationStream, request: Request, parser: OutputParser
+) -> dict[str, Any]:
     events: list[OutputEvent] = []
     async for text in _deltas_until_disconnect(stream, request):
         events.extend(parser.feed(text))
@@ -308,6 +337,7 @@ async def _chat_whole(stream: GenerationStream, chat: ChatRequest, request: Requ
                 "message": message,
                 "logprobs": None,
                 "finish_reason": "tool_calls" if calls else stream.finish_reason,
+                "stop_sequence": None if calls else stream.stop_sequence,
             }
         ],
         "usage": stream.usage(),
@@ -315,7 +345,12 @@ async def _chat_whole(stream: GenerationStream, chat: ChatRequest, request: Requ
 
 
 async def _chat_stream(
-    node: Node, entry: Any, stream: GenerationStream, chat: ChatRequest, request: Request
+    node: Node,
+    entry: Any,
+    stream: GenerationStream,
+    chat: ChatRequest,
+    request: Request,
+    parser: OutputParser,
 ) -> AsyncIterator[bytes]:
     completion_id, created = _ids("chatcmpl")
     base = {
@@ -325,11 +360,10 @@ async def _chat_stream(
         "model": entry.id,
     }
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}
         return sse.encode_data({**base, "choices": [choice]})
 
-    parser = output_parser(bool(chat.tools))
     saw_call = False
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -347,7 +381,10 @@ async def _chat_stream(
             return
         if stream.cancelled:
             return
-        yield chunk({}, "tool_calls" if saw_call else stream.finish_reason)
+        if saw_call:
+            yield chunk({}, "tool_calls", stop_sequence=None)
+        else:
+            yield chunk({}, stream.finish_reason, stop_sequence=stream.stop_sequence)
         if chat.options.include_usage:
             yield sse.encode_data({**base, "choices": [], "usage": stream.usage()})
         yield sse.DONE

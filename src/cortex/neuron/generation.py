@@ -85,9 +85,18 @@ async def run_on_worker(entry: ModelEntry, fn: Any, *, internal: bool = False) -
         raise
 
 
-def check_context(entry: ModelEntry, prompt_tokens: int, max_tokens: int | None) -> int:
-    """The effective max_tokens, or 400 ``context_length_exceeded`` naming both numbers."""
+def check_context(
+    entry: ModelEntry, prompt_tokens: int, max_tokens: int | None, clamp: bool = False
+) -> int:
+    """The effective max_tokens, or 400 ``context_length_exceeded`` naming both numbers.
+
+    ``clamp`` (the ``cortex.clamp_max_tokens`` request extension, set by the gateway on the
+    Anthropic and Responses routes) turns a budget larger than the context left into that
+    context: Claude Code asks for 32000 tokens whatever the model, and Anthropic's API treats
+    max_tokens as a ceiling. OpenAI chat keeps the 400 the OpenAI spec requires."""
     context = entry.context_length or 0
+    if clamp and max_tokens is not None and prompt_tokens < context:
+        max_tokens = min(max_tokens, context - prompt_tokens)
     if max_tokens is None:
         if prompt_tokens >= context:
             raise ApiError(
@@ -136,6 +145,8 @@ class GenerationStream:
         self.max_tokens = max_tokens
         self.started_at = started_at
         self.finish_reason: str | None = None
+        # The stop string that ended generation (finish_reason "stop"), else None.
+        self.stop_sequence: str | None = None
         self.completion_tokens = 0
         self.first_token_at: float | None = None
         self._generation: Generation | None = None
@@ -202,6 +213,7 @@ class GenerationStream:
                     yield text
                 if stops.stopped or result.is_eos:
                     self.finish_reason = STOP
+                    self.stop_sequence = stops.matched
                     break
             else:
                 self.finish_reason = LENGTH

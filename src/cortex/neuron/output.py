@@ -17,10 +17,13 @@ from cortex.wire.toolcalls import (
 )
 
 
-def output_parser(tools_offered: bool) -> OutputParser:
+def output_parser(tools_offered: bool, starts_in_reasoning: bool = False) -> OutputParser:
     """Tool calls are parsed only when the request offered tools (otherwise a model writing
-    ``<tool_call>`` is answered verbatim); reasoning is always split out."""
-    return OutputParser(tools=tools_offered, reasoning=True)
+    ``<tool_call>`` is answered verbatim); reasoning is always split out. ``starts_in_reasoning``
+    when the rendered prompt already opened ``<think>`` (the output begins inside it)."""
+    return OutputParser(
+        tools=tools_offered, reasoning=True, starts_in_reasoning=starts_in_reasoning
+    )
 
 
 __all__ = [

@@ -28,6 +28,9 @@ class GenerationOptions:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    # ``"cortex": {"clamp_max_tokens": true}``: a max_tokens over the context left is a ceiling
+    # (clamped), not a 400. The gateway sets it on translated Anthropic / Responses requests.
+    clamp_max_tokens: bool = False
 
 
 @attrs.frozen
@@ -143,7 +146,27 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
         stop=_stops(body),
         stream=stream,
         include_usage=include_usage,
+        clamp_max_tokens=_extension(body).get("clamp_max_tokens", False),
     )
+
+
+EXTENSION_FLAGS = ("clamp_max_tokens",)
+
+
+def _extension(body: dict[str, Any]) -> dict[str, bool]:
+    """The ``cortex`` request extension (docs/clients.md): an object of known boolean flags."""
+    value = body.get("cortex")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request("'cortex' must be an object of extension flags", param="cortex")
+    for key, flag in value.items():
+        if key not in EXTENSION_FLAGS:
+            known = ", ".join(EXTENSION_FLAGS)
+            raise bad_request(f"cortex.{key}: unknown extension (known: {known})", param="cortex")
+        if not isinstance(flag, bool):
+            raise bad_request(f"cortex.{key} must be true or false", param="cortex")
+    return value
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -53,6 +53,8 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        # The stop string that ended the text (Anthropic reports it as ``stop_sequence``).
+        self.matched: str | None = None
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -62,7 +64,7 @@ class StopMatcher:
         self._pending += text
         hits = [(self._pending.find(s), s) for s in self.stops if s in self._pending]
         if hits:
-            index = min(i for i, _ in hits)
+            index, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
             out, self._pending = self._pending[:index], ""
             return out
