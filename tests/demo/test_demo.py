@@ -37,7 +37,7 @@ def test_demo_once_walks_through_every_step(tmp_path: Path) -> None:
         "fleet status",
         "an eviction when a third model needs room",
         "the metrics that traffic produced",
-        'cortex_evictions_total{node="beta",reason="make_room"} 1.0',
+        'node="beta",reason="memory"} 1.0',
         "walkthrough done",
     ):
         assert step in out, f"missing {step!r} in:\n{out}"

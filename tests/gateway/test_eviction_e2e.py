@@ -44,7 +44,7 @@ def test_lru_evicts_the_least_recently_used_and_spares_pinned(fleet) -> None:
     ask(gw, "ev/b")
     assert ask(gw, "ev/c") == "n1"
     assert loaded(fleet) == {"ev/pinned", "ev/b", "ev/c"}
-    assert gw.metric("cortex_evictions_total", node="n1", reason="make_room") == 1
+    assert gw.metric("cortex_evictions_total", node="n1", reason="memory") == 1
     # Every later load must evict again, never the pinned model.
     ask(gw, "ev/a")
     assert "ev/pinned" in loaded(fleet) and "ev/b" not in loaded(fleet)

@@ -71,18 +71,24 @@ def test_cortex_serve_process_with_metrics(fleet: Fleet, tmp_path: Path) -> None
         metrics_url = re.search(r"metrics on (http://\S+)", server.text).group(1)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         assert "cli" in [m.id for m in client.models.list().data]
-        reply = client.chat.completions.create(model="cli", messages=HELLO)
+        raw = client.chat.completions.with_raw_response.create(model="cli", messages=HELLO)
+        reply, reply_node = raw.parse(), raw.headers["x-cortex-node"]
         assert reply.choices[0].message.content == "from the cli"
+        streamed = client.chat.completions.create(model="cli", messages=HELLO, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == "from the cli"
         assert reply.model == "cli"
         health = httpx.get(f"{server.url}/health", timeout=10).json()
         assert health["status"] == "ok" and health["nodes_up"] == 3
         exposition = httpx.get(metrics_url, timeout=10).text
         assert 'cortex_node_up{node="n1"} 1.0' in exposition
         assert (
-            f'cortex_requests_total{{model="{model}",route="/v1/chat/completions",status="ok"}} 1.0'
+            f'cortex_requests_total{{model="{model}",node="{reply_node}",'
+            'route="/v1/chat/completions",status="ok"} 2.0' in exposition
+        )
+        assert (
+            f'cortex_cold_loads_total{{model="{model}",node="{reply_node}",outcome="ok"}} 1.0'
             in exposition
         )
-        assert 'cortex_cold_loads_total{node="' in exposition
         assert "cortex_time_to_first_token_seconds_bucket" in exposition
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0

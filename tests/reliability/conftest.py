@@ -33,6 +33,7 @@ from cortex.gateway.app import create_app as create_gateway_app
 from cortex.gateway.service import Gateway, load_strategy
 from cortex.neuron.daemon import build_node, make_app
 from cortex.neuron.node import Node
+from cortex.testing.metrics import sum_samples
 from cortex.testing.registry import RunningRegistry, publish_repo, start_registry
 from cortex.testing.servers import ProcessServer, UvicornThread, python_program
 
@@ -180,7 +181,7 @@ class GatewayUnderTest:
         return self.server.url
 
     def metric(self, name: str, **labels: str) -> float:
-        return self.gateway.metrics.registry.get_sample_value(name, labels) or 0.0
+        return sum_samples(self.gateway.metrics.registry, name, **labels)
 
     def node_up(self, name: str) -> bool:
         assert self.gateway.fleet is not None

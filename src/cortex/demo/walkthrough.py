@@ -194,9 +194,10 @@ _SHOWN_METRICS = (
     "cortex_request_errors_total",
     "cortex_time_to_first_token_seconds_count",
     "cortex_time_to_first_token_seconds_sum",
-    "cortex_tokens_total",
+    "cortex_prompt_tokens_total",
+    "cortex_completion_tokens_total",
     "cortex_cold_loads_total",
-    "cortex_cold_load_duration_seconds_sum",
+    "cortex_model_load_duration_seconds_sum",
     "cortex_evictions_total",
     "cortex_node_up",
 )

@@ -42,6 +42,13 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             }
         )
 
+    @app.get("/admin/events")
+    async def admin_events(limit: int = 50) -> JSONResponse:
+        """The gateway's recent loads and evictions, newest first (``cortex status``)."""
+        loader = gateway.loader
+        events = loader.events.latest(min(max(limit, 0), 200)) if loader is not None else []
+        return JSONResponse({"events": events})
+
     @app.post("/admin/models/load")
     async def admin_load(request: Request) -> JSONResponse:
         """Load a model where a request for it would (a no-op when it is ready somewhere)."""

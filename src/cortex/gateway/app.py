@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -74,12 +75,12 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
 
     async def generation(request: Request) -> Response:
         route = request.url.path
+        payload: dict[str, Any] | None = None
         try:
             payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
             return await gateway.generate(route, payload, request.headers)
         except ApiError as exc:
-            gateway.metrics.requests.labels(route, "other", "error").inc()
-            gateway.metrics.errors.labels(route, exc.code).inc()
+            gateway.record_failure(route, payload.get("model") if payload else None, exc)
             raise
 
     for path in GENERATION_ROUTES:
@@ -90,6 +91,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
         """Anthropic Messages: translated to a chat request, answered in Anthropic's shape
         (errors too, in the Anthropic envelope)."""
         route = request.url.path
+        payload: dict[str, Any] | None = None
         try:
             payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
             parsed = anthropic.parse_messages_request(payload)
@@ -110,8 +112,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
                 else None,
             )
         except ApiError as exc:
-            gateway.metrics.requests.labels(route, "other", "error").inc()
-            gateway.metrics.errors.labels(route, exc.code).inc()
+            gateway.record_failure(route, payload.get("model") if payload else None, exc)
             raise
 
     @app.post("/v1/messages/count_tokens")
@@ -126,6 +127,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
     async def responses_route(request: Request) -> Response:
         """OpenAI Responses: translated to a chat request, answered as a ``response``."""
         route = request.url.path
+        payload: dict[str, Any] | None = None
         try:
             payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
             parsed = responses.parse_responses_request(payload)
@@ -138,8 +140,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
                 (lambda: responses.ResponsesStreamTranslator(parsed)) if parsed.stream else None,
             )
         except ApiError as exc:
-            gateway.metrics.requests.labels(route, "other", "error").inc()
-            gateway.metrics.errors.labels(route, exc.code).inc()
+            gateway.record_failure(route, payload.get("model") if payload else None, exc)
             raise
 
     install_admin_routes(app, gateway)

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from cortex.gateway.neuron_client import retry_after_of
 from cortex.gateway.proxy import StreamObserver, UpstreamStreamingResponse, open_upstream
+from cortex.gateway.stream_probe import chunk_has_content
 from cortex.wire.errors import ApiError
 from cortex.wire.streaming import StreamTranslator, translate_sse
 
@@ -86,7 +87,6 @@ async def relay_translated(
         ) from None
     finally:
         resp.close()
-    observer.on_first_chunk()
     try:
         completion = json.loads(raw)
     except ValueError:
@@ -104,13 +104,13 @@ async def relay_translated(
 async def _translated_stream(
     resp: aiohttp.ClientResponse, translator: StreamTranslator, observer: StreamObserver
 ) -> AsyncIterator[bytes]:
-    first = True
+    waiting_for_token = True
 
     def on_chunk(chunk: dict[str, Any]) -> None:
-        nonlocal first
-        if first:
-            observer.on_first_chunk()
-            first = False
+        nonlocal waiting_for_token
+        if waiting_for_token and chunk_has_content(chunk):
+            waiting_for_token = False
+            observer.on_first_token()
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             observer.on_usage(usage)

@@ -16,8 +16,9 @@ import aiohttp
 
 from cortex.config import CortexConfig, ModelsConfig
 from cortex.eviction import EvictionStrategy
+from cortex.gateway.events import RecentEvents
 from cortex.gateway.fleet import Fleet
-from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.metrics import GatewayMetrics, eviction_reason
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import READY, NodeState
 from cortex.gateway.router import (
@@ -95,6 +96,7 @@ class Loader:
         self.metrics = metrics
         self.default_source = default_source
         self.loads: dict[str, asyncio.Task[str]] = {}
+        self.events = RecentEvents()
         # The last failed load of each model, until one succeeds (backoff and /v1/models).
         self.failures: dict[str, LoadFailure] = {}
         self.cycles: dict[str, int] = dict.fromkeys(fleet.nodes, 0)
@@ -242,7 +244,7 @@ class Loader:
         if profile is not None and profile.quant:
             payload["quant"] = profile.quant
         started = time.monotonic()
-        outcome = "failed"
+        outcome, error = "failed", None
         log.info("loading %s on %s/%s", resolved.canonical, node.name, placement.device)
         try:
             await post_json(
@@ -253,9 +255,14 @@ class Loader:
                 retry_after=self._retry_after,
             )
             outcome = "ok"
+        except ApiError as exc:
+            error = exc.code
+            raise
         finally:
-            self.metrics.cold_loads.labels(node.name, outcome).inc()
-            self.metrics.cold_load_duration.labels(node.name).observe(time.monotonic() - started)
+            took = time.monotonic() - started
+            self.metrics.cold_loads.labels(resolved.canonical, node.name, outcome).inc()
+            self.metrics.load_duration.labels(resolved.canonical, node.name).observe(took)
+            self.events.load(resolved.canonical, node.name, outcome, took, error)
             self.cycles[node.name] += 1
             await self.fleet.refresh(node.name)
         self.usage.touch(node.name, resolved.canonical)
@@ -277,7 +284,9 @@ class Loader:
         except ApiError as exc:
             if exc.code != "model_not_found":
                 raise
-        self.metrics.evictions.labels(node.name, reason).inc()
+        shown = eviction_reason(reason)
+        self.metrics.evictions.labels(model_id, node.name, shown).inc()
+        self.events.eviction(model_id, node.name, shown)
         self.cycles[node.name] += 1
 
     # ---- maintenance: keep_alive and defrag -------------------------------------------------

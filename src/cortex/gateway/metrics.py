@@ -1,16 +1,63 @@
 """Prometheus metrics of the gateway, on a registry of its own (served on ``metrics_listen``).
 
-Label values are bounded: routes are the gateway's own, models are canonical ids from the
-catalogue or ``other``, nodes are the configured neuron names, codes are the gateway's codes.
+Names, labels and buckets are documented in docs/operators.md and used by
+docs/grafana-dashboard.json (a test checks that every name the dashboard uses is exposed).
+
+Label values are bounded, so no client can blow up cardinality: routes are the gateway's own
+(anything else is ``other``), models are canonical ids the gateway knows (models.toml, aliases,
+models loaded on a neuron) or ``other``, nodes are the configured neuron names or ``none``
+(answered before a node was picked), status is ``ok`` or ``error``, error codes are short
+identifiers or ``other``.
 """
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-_RATE_BUCKETS = (1, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
+# LLM latencies: a cached short answer takes milliseconds, a long generation many minutes.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800,
+)  # fmt: skip
+# Cold loads: a small model from the page cache in a second, a 70B model from a registry in tens
+# of minutes.
+LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# Time spent waiting for an admission slot (bounded by queue_timeout).
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# The gateway's own work per request: well under a millisecond when healthy.
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,
+)  # fmt: skip
+# Decode rates, from a CPU-offloaded 70B model to a small model on a big GPU.
+RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000)
+
+OTHER = "other"
+NO_NODE = "none"
+KNOWN_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+    }
+)
+# Why the gateway unloaded a model (the loader's reasons mapped to the documented three).
+EVICTION_REASONS = {"make_room": "memory", "keep_alive": "keep_alive", "admin": "manual"}
+_CODE = re.compile(r"[a-z0-9_]{1,48}")
+
+
+def route_label(path: str) -> str:
+    return path if path in KNOWN_ROUTES else OTHER
+
+
+def code_label(code: str) -> str:
+    return code if _CODE.fullmatch(code) else OTHER
+
+
+def eviction_reason(reason: str) -> str:
+    return EVICTION_REASONS.get(reason, reason if reason in EVICTION_REASONS.values() else OTHER)
 
 
 class GatewayMetrics:
@@ -18,54 +65,92 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "cortex_requests", "Requests answered", ["route", "model", "status"], registry=r
+            "cortex_requests",
+            "Requests answered, by route, model, node and status (ok or error)",
+            ["route", "model", "node", "status"],
+            registry=r,
         )
         self.errors = Counter(
             "cortex_request_errors",
-            "Requests answered with an error",
+            "Requests answered with an error, by route and error code",
             ["route", "code"],
             registry=r,
         )
         self.duration = Histogram(
             "cortex_request_duration_seconds",
-            "Request duration (to the last byte)",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
+            "Request duration, from the parsed request to the last byte of the answer",
+            ["route", "model", "node"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "cortex_time_to_first_token_seconds",
-            "Time to the first upstream chunk",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
+            "Streamed answers: from the parsed request to the first chunk carrying content "
+            "(text, reasoning or a tool call), queueing and cold loads included",
+            ["route", "model", "node"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.tokens = Counter(
-            "cortex_tokens", "Tokens, from the usage neurons report", ["direction"], registry=r
-        )
         self.tokens_per_second = Histogram(
-            "cortex_completion_tokens_per_second",
-            "Completion tokens per second per request",
-            buckets=_RATE_BUCKETS,
+            "cortex_tokens_per_second",
+            "Streamed answers: decode rate, completion tokens after the first / time since it",
+            ["model", "node"],
+            buckets=RATE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "cortex_prompt_tokens",
+            "Prompt tokens, from the usage neurons report",
+            ["model", "node"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "cortex_completion_tokens",
+            "Completion tokens, from the usage neurons report",
+            ["model", "node"],
             registry=r,
         )
         self.cold_loads = Counter(
-            "cortex_cold_loads", "Loads started by the gateway", ["node", "outcome"], registry=r
+            "cortex_cold_loads",
+            "Loads started by the gateway, by outcome (ok, failed)",
+            ["model", "node", "outcome"],
+            registry=r,
         )
-        self.cold_load_duration = Histogram(
-            "cortex_cold_load_duration_seconds",
-            "Duration of loads started by the gateway",
-            ["node"],
-            buckets=_LOAD_BUCKETS,
+        self.load_duration = Histogram(
+            "cortex_model_load_duration_seconds",
+            "Duration of loads started by the gateway (fetch included when files were not cached)",
+            ["model", "node"],
+            buckets=LOAD_BUCKETS,
             registry=r,
         )
         self.evictions = Counter(
-            "cortex_evictions", "Models unloaded by the gateway", ["node", "reason"], registry=r
+            "cortex_evictions",
+            "Models unloaded by the gateway, by reason (memory, keep_alive, manual)",
+            ["model", "node", "reason"],
+            registry=r,
         )
         self.defrags = Counter(
             "cortex_defrags", "Allocator memory releases asked of a neuron", ["node"], registry=r
         )
         self.node_up = Gauge("cortex_node_up", "1 when the neuron is up", ["node"], registry=r)
         self.in_flight = Gauge(
-            "cortex_in_flight", "Requests being proxied now", ["node"], registry=r
+            "cortex_inflight_requests",
+            "Requests being proxied to a neuron now",
+            ["model", "node"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "cortex_queue_wait_seconds",
+            "Time a request waited for an admission slot of its model",
+            ["model"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "cortex_gateway_overhead_seconds",
+            "The gateway's own time per request before it reaches the neuron (resolve, admit, "
+            "route, encode), queue waits and cold loads excluded",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
         )

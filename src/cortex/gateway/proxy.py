@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 from starlette.responses import Response, StreamingResponse
 
+from cortex.gateway.stream_probe import frames_have_content, take_usage
 from cortex.wire.errors import ApiError
 from cortex.wire.sse import encode_data
 
@@ -81,21 +82,6 @@ class ModelRewriter:
 UsageCallback = Callable[[dict[str, Any]], None]
 
 
-def _usage_from_frame(frame: bytes) -> dict[str, Any] | None:
-    if b'"usage"' not in frame:
-        return None
-    for line in frame.split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        try:
-            payload = json.loads(line[5:])
-        except ValueError:
-            return None
-        usage = payload.get("usage") if isinstance(payload, dict) else None
-        return usage if isinstance(usage, dict) else None
-    return None
-
-
 class UpstreamUnreachable(ApiError):
     """No answer headers came back: nothing reached the client yet, another replica may serve."""
 
@@ -107,11 +93,12 @@ class StreamObserver:
 
     def __init__(
         self,
-        on_first_chunk: Callable[[], None] | None = None,
+        on_first_token: Callable[[], None] | None = None,
         on_usage: UsageCallback | None = None,
         on_end: Callable[[str | None], None] | None = None,
     ) -> None:
-        self.on_first_chunk = on_first_chunk or (lambda: None)
+        # Streamed answers only: called at the first chunk carrying content, not the first byte.
+        self.on_first_token = on_first_token or (lambda: None)
         self.on_usage = on_usage or (lambda _u: None)
         self._on_end = on_end or (lambda _e: None)
         self.ended = False
@@ -151,26 +138,30 @@ def _stream_error_frame(code: str, message: str) -> bytes:
 
 
 async def _relay_sse(
-    resp: aiohttp.ClientResponse, rewrite: ModelRewriter, observer: StreamObserver
+    resp: aiohttp.ClientResponse,
+    rewrite: ModelRewriter,
+    observer: StreamObserver,
+    drop_usage_only: bool = False,
 ) -> AsyncIterator[bytes]:
     buffer = b""
-    first = True
+    waiting_for_token = True
     error: str | None = None
     try:
         async for chunk in resp.content.iter_any():
-            if first:
-                observer.on_first_chunk()
-                first = False
             buffer += chunk
             end = buffer.rfind(b"\n\n")
             if end < 0:
                 continue
             complete, buffer = buffer[: end + 2], buffer[end + 2 :]
+            if waiting_for_token and frames_have_content(complete):
+                waiting_for_token = False
+                observer.on_first_token()
             if b'"usage"' in complete:
-                for frame in complete.split(b"\n\n"):
-                    usage = _usage_from_frame(frame)
-                    if usage:
-                        observer.on_usage(usage)
+                usage, complete = take_usage(complete, drop_usage_only)
+                if usage:
+                    observer.on_usage(usage)
+                if not complete:
+                    continue
             yield rewrite(complete)
         if buffer:
             yield rewrite(buffer)
@@ -234,6 +225,7 @@ async def forward(
     observer: StreamObserver,
     extra_headers: Mapping[str, str],
     retry_after: float,
+    drop_usage_only: bool = False,
 ) -> Response:
     """POST ``body`` to ``url`` and relay the answer.
 
@@ -248,7 +240,11 @@ async def forward(
         headers.setdefault("cache-control", "no-cache")
         headers["x-accel-buffering"] = "no"
         return UpstreamStreamingResponse(
-            _relay_sse(resp, rewrite, observer), resp, observer, status_code=200, headers=headers
+            _relay_sse(resp, rewrite, observer, drop_usage_only),
+            resp,
+            observer,
+            status_code=200,
+            headers=headers,
         )
 
     try:
@@ -273,7 +269,6 @@ async def forward(
         ) from None
     finally:
         resp.release()
-    observer.on_first_chunk()
     if resp.status == 200:
         raw = rewrite(raw)
         try:

@@ -22,15 +22,17 @@ from cortex.gateway.catalogue import build_catalogue
 from cortex.gateway.dialects import TranslatorFactory, WholeTranslator, relay_translated
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.loader import Loader
-from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.metrics import NO_NODE, OTHER, GatewayMetrics, code_label, route_label
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import NodeState
 from cortex.gateway.proxy import ModelRewriter, StreamObserver, UpstreamUnreachable, forward
 from cortex.gateway.router import Resolved, least_busy, replicas, resolve
 from cortex.gateway.usage import Usage
+from cortex.logging import request_logger
 from cortex.wire.errors import ApiError, model_not_found
 
 log = logging.getLogger(__name__)
+request_log = request_logger()
 
 NODE_HEADER = "x-cortex-node"
 MODEL_HEADER = "x-cortex-model"
@@ -196,6 +198,38 @@ class Gateway:
             "nodes": nodes,
         }
 
+    def model_label(self, requested: object) -> str:
+        """The canonical id of a model the gateway knows (models.toml, an alias, loaded on a
+        neuron), else ``other``: a metrics label no client can multiply."""
+        if not isinstance(requested, str) or not requested:
+            return OTHER
+        try:
+            resolved = resolve(requested, self.models, self.default_source)
+        except ApiError:
+            return OTHER
+        return resolved.canonical if self._known(resolved)[0] else OTHER
+
+    def record_failure(self, route: str, requested: object, error: ApiError) -> None:
+        """Count and log a request that failed before a neuron answered it."""
+        if getattr(error, "recorded", False):
+            return
+        route, model = route_label(route), self.model_label(requested)
+        self.metrics.requests.labels(route, model, NO_NODE, "error").inc()
+        self.metrics.errors.labels(route, code_label(error.code)).inc()
+        shown = requested[:200] if isinstance(requested, str) else None
+        request_log.info(
+            route,
+            extra={
+                "fields": {
+                    "model": shown,
+                    "node": NO_NODE,
+                    "status": "error",
+                    "http_status": error.status,
+                    "code": error.code,
+                }
+            },
+        )
+
     # ---- routing ----------------------------------------------------------------------------
 
     def _known(self, resolved: Resolved) -> tuple[bool, bool]:
@@ -209,9 +243,15 @@ class Gateway:
                     on_down = True
         return resolved.profile is not None or on_up or on_down, on_down and not on_up
 
-    async def route(self, resolved: Resolved, exclude: set[str] = frozenset()) -> NodeState:
+    async def route(
+        self,
+        resolved: Resolved,
+        exclude: set[str] = frozenset(),
+        load_waits: list[float] | None = None,
+    ) -> NodeState:
         """A node with the model ready, loading it first when needed. Counts the request as in
-        flight there before returning (no await in between, so eviction cannot race it)."""
+        flight there before returning (no await in between, so eviction cannot race it).
+        Time spent waiting for a cold load is appended to ``load_waits``."""
         assert self.loader is not None
         for _attempt in range(MAX_ROUTING_ATTEMPTS):
             ready = [
@@ -242,7 +282,12 @@ class Gateway:
                     f"model {resolved.requested!r} was served only by neurons that are down",
                     retry_after=self.retry_after,
                 )
-            await self.loader.ensure_loaded(resolved)
+            waited = time.monotonic()
+            try:
+                await self.loader.ensure_loaded(resolved)
+            finally:
+                if load_waits is not None:
+                    load_waits.append(time.monotonic() - waited)
         raise ApiError(
             503,
             "service_unavailable",
@@ -266,7 +311,18 @@ class Gateway:
                 param="model",
             )
         resolved = resolve(requested, self.models, self.default_source)
-        body = json.dumps({**payload, "model": resolved.canonical}).encode()
+        upstream = {**payload, "model": resolved.canonical}
+        # Token metrics need the usage a stream reports only when asked: ask on behalf of a
+        # client that did not, and keep that usage-only chunk from it.
+        options = payload.get("stream_options")
+        drop_usage_only = (
+            payload.get("stream") is True
+            and (options is None or isinstance(options, dict))
+            and not (options or {}).get("include_usage")
+        )
+        if drop_usage_only:
+            upstream["stream_options"] = {**(options or {}), "include_usage": True}
+        body = json.dumps(upstream).encode()
         rewrite = ModelRewriter(resolved.canonical, requested)
         # A client's key is for the gateway alone; the neuron gets the cluster token instead.
         client_headers = without_credentials(client_headers)
@@ -282,6 +338,7 @@ class Gateway:
                 observer,
                 {NODE_HEADER: node.name, MODEL_HEADER: resolved.canonical},
                 self.retry_after,
+                drop_usage_only,
             )
 
         return await self._dispatch(route, resolved, started, relay)
@@ -345,9 +402,13 @@ class Gateway:
     ) -> Response:
         """Admit (bounded per model), route, relay, and on a neuron that cannot be connected
         to, try another replica. The admission slot is held until the answer ends."""
+        queued = time.monotonic()
         slot = await self.admission.enter(resolved.canonical)
+        queue_wait = time.monotonic() - queued
+        known = self._known(resolved)[0]  # an unknown model fails in route(): label it other
+        self.metrics.queue_wait.labels(resolved.canonical if known else OTHER).observe(queue_wait)
         try:
-            return await self._dispatch_admitted(route, resolved, started, relay, slot)
+            return await self._dispatch_admitted(route, resolved, started, relay, slot, queue_wait)
         except BaseException:
             slot.release()
             raise
@@ -359,15 +420,24 @@ class Gateway:
         started: float,
         relay: Callable[[NodeState, StreamObserver], Awaitable[Response]],
         slot: Slot,
+        queue_wait: float,
     ) -> Response:
         tried: set[str] = set()
+        load_waits: list[float] = []
         while True:
-            node = await self.route(resolved, exclude=tried)
-            self.metrics.in_flight.labels(node.name).inc()
+            node = await self.route(resolved, exclude=tried, load_waits=load_waits)
+            self.metrics.in_flight.labels(resolved.canonical, node.name).inc()
             observer = self._observer(route, node.name, resolved.canonical, started, slot.release)
+            self.metrics.overhead.labels(route).observe(
+                max(0.0, time.monotonic() - started - queue_wait - sum(load_waits))
+            )
             try:
                 return await relay(node, observer)
-            except UpstreamUnreachable as exc:
+            except ApiError as exc:
+                # Already counted and logged when the observer heard the end of the answer.
+                exc.recorded = observer.ended  # type: ignore[attr-defined]
+                if not isinstance(exc, UpstreamUnreachable):
+                    raise
                 self._finish(node.name, resolved.canonical)
                 assert self.fleet is not None
                 asyncio.get_running_loop().create_task(self.fleet.refresh(node.name))
@@ -384,7 +454,7 @@ class Gateway:
 
     def _finish(self, node: str, canonical: str) -> None:
         self.usage.end(node, canonical)
-        self.metrics.in_flight.labels(node).dec()
+        self.metrics.in_flight.labels(canonical, node).dec()
 
     def _observer(
         self,
@@ -396,30 +466,53 @@ class Gateway:
     ) -> StreamObserver:
         metrics = self.metrics
         first: list[float] = []
-        completion: list[int] = []
+        tokens: list[int] = [0, 0]  # prompt, completion (the last usage reported wins)
 
-        def on_first_chunk() -> None:
+        def on_first_token() -> None:
             if not first:
                 first.append(time.monotonic())
-                metrics.ttft.labels(route).observe(first[0] - started)
+                metrics.ttft.labels(route, canonical, node).observe(first[0] - started)
 
         def on_usage(usage: dict[str, Any]) -> None:
             prompt, done = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int):
-                metrics.tokens.labels("prompt").inc(prompt)
+                tokens[0] = prompt
             if isinstance(done, int):
-                metrics.tokens.labels("completion").inc(done)
-                completion.append(done)
+                tokens[1] = done
 
         def on_end(error: str | None) -> None:
             self._finish(node, canonical)
             on_done()
-            elapsed = time.monotonic() - started
-            metrics.duration.labels(route).observe(elapsed)
-            metrics.requests.labels(route, canonical, "error" if error else "ok").inc()
+            ended = time.monotonic()
+            elapsed = ended - started
+            status = "error" if error else "ok"
+            metrics.duration.labels(route, canonical, node).observe(elapsed)
+            metrics.requests.labels(route, canonical, node, status).inc()
+            prompt, done = tokens
+            if prompt:
+                metrics.prompt_tokens.labels(canonical, node).inc(prompt)
+            if done:
+                metrics.completion_tokens.labels(canonical, node).inc(done)
             if error:
-                metrics.errors.labels(route, error).inc()
-            if completion and first and elapsed > first[0] - started:
-                metrics.tokens_per_second.observe(completion[-1] / max(elapsed, 1e-6))
+                metrics.errors.labels(route, code_label(error)).inc()
+            if first and done > 1 and ended > first[0]:
+                metrics.tokens_per_second.labels(canonical, node).observe(
+                    (done - 1) / (ended - first[0])
+                )
+            request_log.info(
+                route,
+                extra={
+                    "fields": {
+                        "model": canonical,
+                        "node": node,
+                        "status": status,
+                        "code": error,
+                        "prompt_tokens": prompt,
+                        "completion_tokens": done,
+                        "ttft_s": round(first[0] - started, 4) if first else None,
+                        "duration_s": round(elapsed, 4),
+                    }
+                },
+            )
 
-        return StreamObserver(on_first_chunk, on_usage, on_end)
+        return StreamObserver(on_first_token, on_usage, on_end)

@@ -37,6 +37,7 @@ from cortex.config import (
 )
 from cortex.gateway.app import create_app
 from cortex.gateway.service import Gateway, load_strategy
+from cortex.testing.metrics import sum_samples
 from cortex.testing.registry import RunningRegistry, publish_repo
 from cortex.testing.servers import ProcessServer, UvicornThread, python_program
 
@@ -186,8 +187,8 @@ class GatewayUnderTest:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
 
     def metric(self, name: str, **labels: str) -> float:
-        value = self.gateway.metrics.registry.get_sample_value(name, labels)
-        return value or 0.0
+        """The sample ``name``, summed over every label not given (e.g. over nodes)."""
+        return sum_samples(self.gateway.metrics.registry, name, **labels)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
