@@ -61,7 +61,7 @@ def plot_harness(report: dict[str, Any], out: Path) -> Path:
     ax.bar_label(b1, fmt="%.0f", fontsize=8)
     ax.bar_label(b2, fmt="%.0f", fontsize=8)
     ax.set_xticks(list(x), labels)
-    ax.set_ylabel("tokens/s (tiny model)")
+    ax.set_ylabel("tokens/s (tiny model, best run of each)")
     ax.legend()
     ax.set_title("Harness overhead\n" + _subtitle(report), fontsize=10)
     fig.tight_layout()
