@@ -18,9 +18,9 @@ from cortex import __version__
 from cortex.auth import AuthMiddleware, GatewayAuth
 from cortex.gateway.admin import install_admin_routes
 from cortex.gateway.admission import ClientWatch
+from cortex.gateway.dialects import install_dialect_routes
 from cortex.gateway.service import Gateway
 from cortex.request_schemas import document_request_bodies
-from cortex.wire import anthropic, responses
 from cortex.wire.errors import ApiError
 from cortex.wire.http import install_error_handlers, read_json_object
 from cortex.wire.limits import BodyLimitMiddleware
@@ -86,63 +86,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
     for path in GENERATION_ROUTES:
         app.add_api_route(path, generation, methods=["POST"])
 
-    @app.post("/v1/messages")
-    async def messages(request: Request) -> Response:
-        """Anthropic Messages: translated to a chat request, answered in Anthropic's shape
-        (errors too, in the Anthropic envelope)."""
-        route = request.url.path
-        payload: dict[str, Any] | None = None
-        try:
-            payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
-            parsed = anthropic.parse_messages_request(payload)
-            return await gateway.translated(
-                route,
-                parsed.model,
-                parsed.chat,
-                request.headers,
-                lambda completion: anthropic.message_from_chat_completion(
-                    completion, parsed.model, thinking=parsed.thinking
-                ),
-                (
-                    lambda: anthropic.AnthropicStreamTranslator(
-                        parsed.model, thinking=parsed.thinking
-                    )
-                )
-                if parsed.stream
-                else None,
-            )
-        except ApiError as exc:
-            gateway.record_failure(route, payload.get("model") if payload else None, exc)
-            raise
-
-    @app.post("/v1/messages/count_tokens")
-    async def count_tokens(request: Request) -> JSONResponse:
-        """The real prompt length: the neuron renders the same messages and tools."""
-        payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
-        parsed = anthropic.parse_count_tokens_request(payload)
-        answer = await gateway.tokenize(parsed.model, parsed.tokenize)
-        return JSONResponse(anthropic.count_tokens_response(answer))
-
-    @app.post("/v1/responses")
-    async def responses_route(request: Request) -> Response:
-        """OpenAI Responses: translated to a chat request, answered as a ``response``."""
-        route = request.url.path
-        payload: dict[str, Any] | None = None
-        try:
-            payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
-            parsed = responses.parse_responses_request(payload)
-            return await gateway.translated(
-                route,
-                parsed.model,
-                parsed.chat,
-                request.headers,
-                lambda completion: responses.response_from_chat_completion(completion, parsed),
-                (lambda: responses.ResponsesStreamTranslator(parsed)) if parsed.stream else None,
-            )
-        except ApiError as exc:
-            gateway.record_failure(route, payload.get("model") if payload else None, exc)
-            raise
-
+    install_dialect_routes(app, gateway)
     install_admin_routes(app, gateway)
     document_request_bodies(app)
     return app

@@ -2,25 +2,49 @@
 
 Neurons speak OpenAI chat completions only. A ``/v1/messages`` or ``/v1/responses`` request is
 translated into a chat request by the pure translators in :mod:`cortex.wire` (C's modules),
-routed exactly like a chat request (aliases, cold loads, least busy replica), and the answer is
-translated back: whole, or chunk by chunk as it streams (never buffered). A neuron's error keeps
-its status, code, message and Retry-After, rendered in the route's envelope.
+routed exactly like a chat request by :meth:`cortex.gateway.service.Gateway.translated` (aliases,
+admission, cold loads, least busy replica, metrics), and the answer is translated back: whole,
+or chunk by chunk as it streams (never buffered). A neuron's error keeps its status, code,
+message and Retry-After, rendered in the route's envelope.
+
+Streams keep the client's connection alive from the first moment: when no answer headers came
+back within one keep-alive interval (a cold load, a queue, a long prefill), the stream starts
+anyway with ``message_start`` / ``response.created`` and pings, and an error that arrives later
+becomes the dialect's ``error`` event. Errors that are known at once keep their HTTP status.
+
+Translated requests carry the ``cortex.clamp_max_tokens`` extension (docs/clients.md): Claude
+Code asks for ``max_tokens: 32000`` whatever the model, and Anthropic treats max_tokens as a
+ceiling, so the neuron clamps the budget to the context left instead of answering 400.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from starlette.responses import JSONResponse, Response
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cortex.gateway.neuron_client import retry_after_of
 from cortex.gateway.proxy import StreamObserver, UpstreamStreamingResponse, open_upstream
 from cortex.gateway.stream_probe import chunk_has_content
+from cortex.wire import anthropic, responses
 from cortex.wire.errors import ApiError
+from cortex.wire.http import read_json_object
 from cortex.wire.streaming import StreamTranslator, translate_sse
+
+if TYPE_CHECKING:
+    from cortex.gateway.service import Gateway
+
+log = logging.getLogger(__name__)
+
+# The neuron request extension every translated request carries (docs/clients.md).
+CLAMP_EXTENSION = {"clamp_max_tokens": True}
+STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 WholeTranslator = Callable[[dict[str, Any]], dict[str, Any]]
 TranslatorFactory = Callable[[], StreamTranslator]
@@ -42,6 +66,7 @@ async def relay_translated(
     retry_after: float,
     whole: WholeTranslator,
     stream: TranslatorFactory | None,
+    ping_interval: float = 10.0,
 ) -> Response:
     """POST a chat request to a neuron and answer in the client's dialect.
 
@@ -67,12 +92,12 @@ async def relay_translated(
         raise error
 
     if stream is not None and resp.headers.get("content-type", "").startswith("text/event-stream"):
-        return UpstreamStreamingResponse(
-            _translated_stream(resp, stream(), observer),
+        return TranslatedStream(
+            _translated_stream(resp, stream(), observer, ping_interval),
             resp,
             observer,
             media_type="text/event-stream",
-            headers={**extra_headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            headers={**extra_headers, **STREAM_HEADERS},
         )
 
     try:
@@ -101,8 +126,20 @@ async def relay_translated(
     return JSONResponse(whole(completion), headers=dict(extra_headers))
 
 
+class TranslatedStream(UpstreamStreamingResponse):
+    """A translated answer stream; :meth:`release` gives its upstream back when the stream is
+    relayed inside another one (:func:`_kept_alive`) and the client left before it began."""
+
+    def release(self) -> None:
+        self._upstream.close()
+        self._observer.on_end("client_disconnected")
+
+
 async def _translated_stream(
-    resp: aiohttp.ClientResponse, translator: StreamTranslator, observer: StreamObserver
+    resp: aiohttp.ClientResponse,
+    translator: StreamTranslator,
+    observer: StreamObserver,
+    ping_interval: float,
 ) -> AsyncIterator[bytes]:
     waiting_for_token = True
 
@@ -117,7 +154,9 @@ async def _translated_stream(
 
     error: str | None = None
     try:
-        async for frame in translate_sse(_chunks(resp), translator, on_chunk=on_chunk):
+        async for frame in translate_sse(
+            _chunks(resp), translator, ping_interval=ping_interval, on_chunk=on_chunk
+        ):
             yield frame
     except BaseException:
         error = "client_disconnected"
@@ -125,3 +164,168 @@ async def _translated_stream(
     finally:
         resp.close()  # a client that went away closes the neuron's request too
         observer.on_end(error)
+
+
+# ---- the routes ---------------------------------------------------------------------------
+
+
+async def serve_translated(
+    gateway: Gateway,
+    request: Request,
+    model: str,
+    chat: dict[str, Any],
+    whole: WholeTranslator,
+    stream: TranslatorFactory | None,
+) -> Response:
+    """Route a translated chat body; a stream that is slow to start is kept alive by pings."""
+    chat = {**chat, "cortex": CLAMP_EXTENSION}
+    route = request.url.path
+    if stream is None:
+        return await gateway.translated(route, model, chat, request.headers, whole, None)
+    translator = stream()  # one translator for the waiting phase and the relayed stream
+    interval = gateway.config.gateway.stream_keepalive.seconds or 10.0
+    answer = asyncio.ensure_future(
+        gateway.translated(route, model, chat, request.headers, whole, lambda: translator)
+    )
+    try:
+        await asyncio.wait_for(asyncio.shield(answer), interval)
+    except TimeoutError:
+
+        def record(error: ApiError) -> None:
+            gateway.record_failure(route, model, error)
+
+        return StreamingResponse(
+            _kept_alive(answer, translator, interval, record),
+            media_type="text/event-stream",
+            headers=STREAM_HEADERS,
+        )
+    except BaseException:
+        if not answer.done():  # the client went away: stop routing / waiting for it
+            answer.cancel()
+        raise
+    return answer.result()
+
+
+async def _kept_alive(
+    answer: asyncio.Future[Response],
+    translator: StreamTranslator,
+    interval: float,
+    record: Callable[[ApiError], None],
+) -> AsyncIterator[bytes]:
+    """Ping while the routed answer is not there yet, then relay its translated stream.
+    ``record`` counts an error that came too late for an HTTP status (metrics, request log)."""
+    relayed: Response | None = None
+    started = False
+    try:
+        for frame in translator.ping():
+            yield frame
+        while True:
+            done, _ = await asyncio.wait({answer}, timeout=interval)
+            if done:
+                break
+            for frame in translator.ping():
+                yield frame
+        try:
+            relayed = answer.result()
+        except ApiError as error:
+            record(error)
+            for frame in translator.fail(error):
+                yield frame
+            return
+        except Exception as exc:
+            log.exception("routing a kept-alive stream failed")
+            error = ApiError(500, "internal_error", f"internal error ({type(exc).__name__})")
+            record(error)
+            for frame in translator.fail(error):
+                yield frame
+            return
+        if not isinstance(relayed, StreamingResponse):
+            # the neuron answered whole JSON to a stream request: translate it as one chunk
+            error = ApiError(502, "upstream_bad_answer", "the neuron did not stream its answer")
+            for frame in translator.fail(error):
+                yield frame
+            return
+        started = True
+        async for chunk in relayed.body_iterator:
+            yield chunk if isinstance(chunk, bytes) else str(chunk).encode()
+    finally:
+        if not answer.done():
+            answer.cancel()
+        elif isinstance(relayed, TranslatedStream) and not started:
+            relayed.release()
+        elif started and relayed is not None:
+            iterator = relayed.body_iterator
+            if hasattr(iterator, "aclose"):
+                await iterator.aclose()
+
+
+def install_dialect_routes(app: FastAPI, gateway: Gateway) -> None:
+    """``POST /v1/messages``, ``/v1/messages/count_tokens`` and ``/v1/responses``."""
+
+    def count_error(request: Request, error: ApiError) -> None:
+        payload = getattr(request.state, "cortex_payload", None)
+        model = payload.get("model") if isinstance(payload, dict) else None
+        gateway.record_failure(request.url.path, model, error)
+
+    async def read_payload(request: Request) -> dict[str, Any]:
+        payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
+        request.state.cortex_payload = payload  # for count_error
+        return payload
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        """Anthropic Messages: translated to a chat request, answered in Anthropic's shape
+        (errors too, in the Anthropic envelope)."""
+        try:
+            payload = await read_payload(request)
+            parsed = anthropic.parse_messages_request(payload)
+            return await serve_translated(
+                gateway,
+                request,
+                parsed.model,
+                parsed.chat,
+                lambda completion: anthropic.message_from_chat_completion(
+                    completion, parsed.model, thinking=parsed.thinking
+                ),
+                (
+                    lambda: anthropic.AnthropicStreamTranslator(
+                        parsed.model, thinking=parsed.thinking
+                    )
+                )
+                if parsed.stream
+                else None,
+            )
+        except ApiError as exc:
+            count_error(request, exc)
+            raise
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> JSONResponse:
+        """The real prompt length: the neuron renders the same messages and tools (the model
+        is loaded first when cold, as for a request)."""
+        try:
+            payload = await read_payload(request)
+            parsed = anthropic.parse_count_tokens_request(payload)
+            answer = await gateway.tokenize(parsed.model, parsed.tokenize)
+            return JSONResponse(anthropic.count_tokens_response(answer))
+        except ApiError as exc:
+            count_error(request, exc)
+            raise
+
+    @app.post("/v1/responses")
+    async def responses_route(request: Request) -> Response:
+        """OpenAI Responses: translated to a chat request, answered as a ``response``."""
+        try:
+            payload = await read_payload(request)
+            parsed = responses.parse_responses_request(payload)
+            return await serve_translated(
+                gateway,
+                request,
+                parsed.model,
+                parsed.chat,
+                lambda completion: responses.response_from_chat_completion(completion, parsed),
+                (lambda: responses.ResponsesStreamTranslator(parsed)) if parsed.stream else None,
+            )
+        except ApiError as exc:
+            count_error(request, exc)
+            raise

@@ -371,6 +371,7 @@ class Gateway:
                 self.retry_after,
                 whole,
                 stream,
+                self.config.gateway.stream_keepalive.seconds or 10.0,
             )
 
         return await self._dispatch(route, resolved, started, relay)
