@@ -53,6 +53,9 @@ def test_demo_once_walks_through_every_step(tmp_path: Path) -> None:
     }
     assert (config_dir / "cortex.toml").read_text().splitlines()[0] in out
     assert "cortex keeps serving" not in out  # --once exits after the walkthrough
+    evictions = [line for line in out.splitlines() if "cortex_evictions_total{" in line]
+    assert len(evictions) == 1 and 'node="beta"' in evictions[0], evictions
+    assert evictions[0].endswith(" 1.0"), evictions
 
 
 def test_demo_configs_load_with_the_strict_loaders(tmp_path: Path) -> None:

@@ -199,6 +199,8 @@ _SHOWN_METRICS = (
     "cortex_cold_loads_total",
     "cortex_model_load_duration_seconds_sum",
     "cortex_evictions_total",
+    "cortex_gateway_overhead_seconds_count",
+    "cortex_gateway_overhead_seconds_sum",
     "cortex_node_up",
 )
 
