@@ -14,9 +14,21 @@ import anthropic
 import httpx
 import pytest
 
-from cortex.config import Duration, ModelProfile
+from cortex.auth import GatewayAuth
+from cortex.config import (
+    AuthSection,
+    CortexConfig,
+    Duration,
+    GatewaySection,
+    ModelProfile,
+    ModelsConfig,
+    NeuronRef,
+)
+from cortex.gateway.app import create_app
+from cortex.gateway.service import Gateway, load_strategy
 from cortex.testing.cluster import Fleet, GatewayUnderTest
 from cortex.testing.registry import publish_repo
+from cortex.testing.servers import UvicornThread
 
 REPLY = "The answer is 42."
 SLOW_REPLY = "one two three four five six"
@@ -447,3 +459,32 @@ def test_an_error_after_the_stream_began_is_an_error_event(fleet: Fleet) -> None
     assert kinds[-1] == "error"
     assert events[-1][1]["error"]["type"] == "overloaded_error"
     assert "stayed at its limit" in events[-1][1]["error"]["message"]
+
+
+def test_x_api_key_and_bearer_are_both_accepted(fleet: Fleet, tmp_path: Path) -> None:
+    """With keys configured: the SDK's api_key (x-api-key) and auth_token (Authorization:
+    Bearer) both pass, anthropic-version is accepted, and no key is a 401 in the Anthropic
+    envelope."""
+    models = publish_models(fleet)
+    config = CortexConfig(
+        gateway=GatewaySection(poll_interval=Duration(0.2), retry_after=2),
+        auth=AuthSection(keys_env="CORTEX_TEST_DIALECT_KEYS"),
+        neurons=[NeuronRef(name, fleet.neuron_url(name)) for name in fleet.neurons],
+    )
+    gateway = Gateway(config, ModelsConfig(models=models), load_strategy("lru"))
+    auth = GatewayAuth.from_config(config.auth, tmp_path, {"CORTEX_TEST_DIALECT_KEYS": "k-1,k-2"})
+    server = UvicornThread(create_app(gateway, auth)).start()
+    fleet.gateways.append(server)
+    by_api_key = anthropic.Anthropic(base_url=server.url, api_key="k-1", max_retries=0)
+    by_bearer = anthropic.Anthropic(
+        base_url=server.url, api_key=None, auth_token="k-2", max_retries=0
+    )
+    for client in (by_api_key, by_bearer):
+        message = client.messages.create(model="ant/echo", max_tokens=16, messages=ASK)
+        assert message.content[0].text == REPLY
+    assert by_bearer.messages.count_tokens(model="ant/echo", messages=ASK).input_tokens > 0
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(
+            model="ant/echo", max_tokens=16, messages=ASK
+        )
+    assert_envelope(info.value, 401, "authentication_error")
