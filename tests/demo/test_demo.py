@@ -35,6 +35,7 @@ def test_demo_once_walks_through_every_step(tmp_path: Path) -> None:
         "a streamed chat with the openai SDK (cold load on first use)",
         "the same model through the anthropic SDK",
         "fleet status",
+        "2/2 nodes up" if "$ cortex status" in out else "nodes up 2/2",
         "an eviction when a third model needs room",
         "the metrics that traffic produced",
         'node="beta",reason="memory"} 1.0',

@@ -114,6 +114,8 @@ def print_serving(fleet: Fleet, models: DemoModels, data_dir: Path) -> None:
     say(f"Anthropic API  {fleet.gateway}/v1/messages")
     say(f"Metrics        {fleet.metrics}")
     say(f"Health         {fleet.gateway}/health")
+    say(f"Fleet status   .venv/bin/cortex status --endpoint {fleet.gateway}")
+    say(f"               .venv/bin/cortex models --endpoint {fleet.gateway}")
     say("")
     say("curl:")
     say(
