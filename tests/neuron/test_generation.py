@@ -245,7 +245,7 @@ def test_two_streams_on_one_device_interleave(loaded: LiveNeuron) -> None:
 
 def test_disconnected_stream_stops_generating(loaded: LiveNeuron) -> None:
     cancelled_before = loaded.metric("neuron_generations_total", model=SLOW, reason="cancelled")
-    completion_before = loaded.metric("neuron_tokens_total", model=SLOW, kind="completion")
+    completion_before = loaded.metric("neuron_completion_tokens_total", model=SLOW)
     body = {"model": SLOW, "messages": [{"role": "user", "content": "go"}], "stream": True}
     seen_in_flight = []
     with (
@@ -268,7 +268,7 @@ def test_disconnected_stream_stops_generating(loaded: LiveNeuron) -> None:
             == cancelled_before + 1
         )
     )
-    produced = loaded.metric("neuron_tokens_total", model=SLOW, kind="completion")
+    produced = loaded.metric("neuron_completion_tokens_total", model=SLOW)
     assert produced - completion_before < 20  # of the 80 words the reply has
     worker = loaded.node.workers.get("cpu")
     assert worker is not None
@@ -301,15 +301,17 @@ def test_metrics_cover_requests_tokens_ttft_loads_and_devices(loaded: LiveNeuron
         text = client.get("/metrics").text
     for name in (
         "neuron_requests_total",
-        "neuron_tokens_total",
+        "neuron_prompt_tokens_total",
+        "neuron_completion_tokens_total",
+        "neuron_request_duration_seconds_bucket",
         "neuron_time_to_first_token_seconds_bucket",
         "neuron_tokens_per_second_bucket",
         "neuron_queue_depth",
         "neuron_device_memory_bytes",
         "neuron_model_loads_total",
-        "neuron_model_load_seconds_bucket",
+        "neuron_model_load_duration_seconds_bucket",
     ):
         assert name in text, name
-    assert loaded.metric("neuron_model_loads_total", result="ok") >= 4
-    assert loaded.metric("neuron_tokens_total", model=LLAMA, kind="completion") >= 5
+    assert loaded.metric("neuron_model_loads_total", outcome="ok") >= 4
+    assert loaded.metric("neuron_completion_tokens_total", model=LLAMA) >= 5
     assert loaded.metric("neuron_device_memory_bytes", device="cpu", kind="total") == 1024 * 2**20

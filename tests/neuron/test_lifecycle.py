@@ -88,12 +88,12 @@ def test_load_unload_cycles_free_what_they_took(neuron: LiveNeuron) -> None:
 
 def test_loading_a_ready_model_returns_at_once(neuron: LiveNeuron) -> None:
     first = neuron.load("acme/echo")
-    loads = neuron.metric("neuron_model_loads_total", result="ok")
+    loads = neuron.metric("neuron_model_loads_total", outcome="ok")
     started = time.monotonic()
     again = neuron.load("huggingface:acme/echo")
     assert time.monotonic() - started < 1.0
     assert again["loaded_at"] == first["loaded_at"]
-    assert neuron.metric("neuron_model_loads_total", result="ok") == loads
+    assert neuron.metric("neuron_model_loads_total", outcome="ok") == loads
 
 
 def test_concurrent_loads_coalesce_into_one(
@@ -124,7 +124,7 @@ def test_concurrent_loads_coalesce_into_one(
     assert len(results) == 4
     assert {r["model"]["id"] for r in results} == {"huggingface:acme/tiny-qwen2"}
     assert {r["model"]["loaded_at"] for r in results} == {results[0]["model"]["loaded_at"]}
-    assert live.metric("neuron_model_loads_total", result="ok") == 1
+    assert live.metric("neuron_model_loads_total", outcome="ok") == 1
 
 
 def test_unload_waits_for_in_flight_requests(neuron: LiveNeuron) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+from typing import Any
 
 import attrs
 import click
@@ -12,12 +12,22 @@ import click
 from cortex.plugins import get_registry
 
 
-def configure_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str = "info", log_format: str = "text") -> None:
+    """Text or JSON lines on stderr, secrets masked (see :mod:`cortex.logging`)."""
+    from cortex.logging import configure_logging as configure
+
+    configure(level, log_format)
+
+
+def log_format_option(command: Any) -> Any:
+    """``--log-format text|json`` (JSON: one object per line, for log pipelines)."""
+    return click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Log lines as text or as JSON objects (one per line).",
+    )(command)
 
 
 def plugins_command() -> click.Command:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from cortex import __version__
+from cortex.cli.admin import load, models, unload
 from cortex.cli.common import add_plugin_commands, plugins_command
 from cortex.cli.keys import keys
 from cortex.cli.plugin_new import plugin_group
 from cortex.cli.serve import serve
+from cortex.cli.status import status
 from cortex.demo.main import demo
 from cortex.registry.cli import registry
 
@@ -25,6 +27,10 @@ cli.add_command(demo)
 cli.add_command(registry)
 cli.add_command(plugin_group)
 cli.add_command(keys)
+cli.add_command(status)
+cli.add_command(models)
+cli.add_command(load)
+cli.add_command(unload)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from cortex import __version__
 from cortex.cli.common import add_plugin_commands, plugins_command
 from cortex.cli.pull import pull
 from cortex.cli.run import run
+from cortex.cli.status import neuron_status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ def cli() -> None:
 cli.add_command(plugins_command())
 cli.add_command(pull)
 cli.add_command(run)
+cli.add_command(neuron_status)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cortex.cli.common import configure_logging
+from cortex.cli.common import configure_logging, log_format_option
 from cortex.config import ConfigError, load_neuron_config
 
 
@@ -27,12 +27,19 @@ from cortex.config import ConfigError, load_neuron_config
     help="On SIGTERM, how long in-flight requests may take to finish.",
 )
 @click.option("--log-level", default="info", show_default=True)
-def run(config_path: str | None, listen: str | None, drain_seconds: float, log_level: str) -> None:
+@log_format_option
+def run(
+    config_path: str | None,
+    listen: str | None,
+    drain_seconds: float,
+    log_level: str,
+    log_format: str,
+) -> None:
     """Run the node daemon: device workers, model lifecycle and the generation API.
 
     Example: neuron run -c neuron.toml --listen 0.0.0.0:13131
     """
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     try:
         config = load_neuron_config(config_path)
         if listen is not None:

@@ -14,7 +14,7 @@ import attrs
 import click
 import uvicorn
 
-from cortex.cli.common import configure_logging
+from cortex.cli.common import configure_logging, log_format_option
 from cortex.config import (
     ConfigError,
     CortexConfig,
@@ -93,7 +93,12 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
     m_host, m_port = parse_listen(config.gateway.metrics_listen)
     api = uvicorn.Server(
         uvicorn.Config(
-            create_app(gateway, auth), host=host, port=port, log_level=log_level, access_log=False
+            create_app(gateway, auth),
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            log_config=None,  # keep cortex's handlers (text or JSON, secrets masked)
         )
     )
     metrics_server = uvicorn.Server(
@@ -103,6 +108,7 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
             port=m_port,
             log_level=log_level,
             access_log=False,
+            log_config=None,
             lifespan="off",
         )
     )
@@ -152,18 +158,20 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@log_format_option
 def serve(
     config_path: str | None,
     listen: str | None,
     metrics_listen: str | None,
     neurons: tuple[str, ...],
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the gateway: one OpenAI-compatible endpoint in front of the configured neurons.
 
     Example: cortex serve -c cortex.toml --listen 0.0.0.0:31313
     """
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     for flag, value in (("--listen", listen), ("--metrics-listen", metrics_listen)):
         if value is not None:
             try:

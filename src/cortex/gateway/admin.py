@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from cortex.config import ModelProfile
 from cortex.gateway.router import resolve
 from cortex.gateway.service import Gateway
+from cortex.gateway.status_view import fleet_status
 from cortex.wire.errors import ApiError, bad_request, model_not_found
 from cortex.wire.http import read_json_object
 
@@ -42,6 +45,12 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             }
         )
 
+    @app.get("/admin/status")
+    async def admin_status() -> JSONResponse:
+        """Nodes with devices and memory, models with state, in-flight, idle time and pinning,
+        loads in progress, failed loads and recent events (``cortex status``)."""
+        return JSONResponse(fleet_status(gateway))
+
     @app.get("/admin/events")
     async def admin_events(limit: int = 50) -> JSONResponse:
         """The gateway's recent loads and evictions, newest first (``cortex status``)."""
@@ -51,8 +60,21 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/admin/models/load")
     async def admin_load(request: Request) -> JSONResponse:
-        """Load a model where a request for it would (a no-op when it is ready somewhere)."""
-        model = _model_field(await read_json_object(request, max_bytes))
+        """Load a model where a request for it would (a no-op when it is ready somewhere), or
+        on ``node`` when given (a no-op when it is ready there)."""
+        body = await read_json_object(request, max_bytes)
+        model = _model_field(body)
+        only = body.get("node")
+        if only is not None and not isinstance(only, str):
+            raise bad_request("'node' must be a node name", param="node")
+        if only is not None and only not in {n.name for n in gateway.nodes()}:
+            known_nodes = ", ".join(sorted(n.name for n in gateway.nodes()))
+            raise ApiError(
+                404,
+                "node_not_found",
+                f"no node named {only!r} (known: {known_nodes})",
+                param="node",
+            )
         resolved = resolve(model, gateway.models, gateway.default_source)
         assert gateway.loader is not None
         known, _only_down = gateway._known(resolved)
@@ -61,10 +83,17 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         ready = [
             n.name
             for n in gateway.nodes()
-            if n.up and (m := n.model(resolved.canonical)) is not None and m.state == "ready"
+            if n.up
+            and only in (None, n.name)
+            and (m := n.model(resolved.canonical)) is not None
+            and m.state == "ready"
         ]
         if ready:
             return JSONResponse({"model": resolved.canonical, "nodes": ready, "loaded": False})
+        if only is not None:
+            # The profile as configured, placed on that node only.
+            profile = resolved.profile or ModelProfile(id=resolved.canonical)
+            resolved = attrs.evolve(resolved, profile=attrs.evolve(profile, nodes=[only]))
         node = await gateway.loader.ensure_loaded(resolved)
         return JSONResponse({"model": resolved.canonical, "nodes": [node], "loaded": True})
 

@@ -201,6 +201,7 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
         status = 500
+        started = time.monotonic()
 
         async def send_and_record(message: Any) -> None:
             nonlocal status
@@ -214,6 +215,7 @@ class RequestCounter:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self.node.metrics.requests.labels(path, str(status)).inc()
+            self.node.metrics.duration.labels(path).observe(time.monotonic() - started)
 
 
 def _end(node: Node, entry: Any) -> None:

@@ -137,6 +137,7 @@ def serve(config: NeuronConfig, listen: str | None, drain_seconds: float = DRAIN
         timeout_graceful_shutdown=int(drain_seconds),
         lifespan="on",
         access_log=False,
+        log_config=None,  # keep the handlers `neuron run` configured (text or JSON)
     )
     server = DrainingServer(uv_config, node)
     devices = ", ".join(node.devices)

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from cortex.harness import DeviceFault, DeviceOutOfMemory, Generation, HarnessError, PromptError
+from cortex.logging import NEURON_REQUEST_LOGGER
 from cortex.neuron.models import READY, ModelEntry
 from cortex.neuron.node import Node
 from cortex.neuron.requests import GenerationOptions
@@ -28,6 +29,7 @@ from cortex.neuron.workers import DevicePoisonedError, WorkerError
 from cortex.wire.errors import ApiError, model_not_found
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger(NEURON_REQUEST_LOGGER)
 
 STOP = "stop"
 LENGTH = "length"
@@ -244,10 +246,26 @@ class GenerationStream:
                 self.entry.worker.submit(generation.close, internal=True)
         model = self.entry.id
         metrics = self.node.metrics
-        metrics.tokens.labels(model, "prompt").inc(self.prompt_tokens)
-        metrics.tokens.labels(model, "completion").inc(self.completion_tokens)
+        metrics.prompt_tokens.labels(model).inc(self.prompt_tokens)
+        metrics.completion_tokens.labels(model).inc(self.completion_tokens)
         reason = self.finish_reason or ("cancelled" if self.cancelled else "error")
         metrics.generations.labels(model, reason).inc()
+        request_log.info(
+            "generation",
+            extra={
+                "fields": {
+                    "model": model,
+                    "device": self.entry.device,
+                    "finish": reason,
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens,
+                    "ttft_s": round(self.first_token_at - self.started_at, 4)
+                    if self.first_token_at is not None
+                    else None,
+                    "duration_s": round(time.monotonic() - self.started_at, 4),
+                }
+            },
+        )
         if self.first_token_at is not None and self.completion_tokens > 1:
             decode_time = time.monotonic() - self.first_token_at
             if decode_time > 0:

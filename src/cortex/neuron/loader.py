@@ -254,7 +254,7 @@ class Loader:
             raise ApiError(422, "load_failed", f"loading {entry.id} failed: {exc}") from exc
         entry.load_seconds = round(time.monotonic() - started, 3)
         node.metrics.loads.labels("ok").inc()
-        node.metrics.load_seconds.observe(entry.load_seconds)
+        node.metrics.load_duration.observe(entry.load_seconds)
         return entry
 
     async def _run_load(

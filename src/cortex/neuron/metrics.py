@@ -1,14 +1,15 @@
 """Prometheus metrics of one neuron, in a registry of its own (so tests can run several apps
-in one process). Names start with ``neuron_``; labels are bounded (routes, devices, models
-loaded on this node, a few result kinds)."""
+in one process). The same family as the gateway's ``cortex_*`` metrics under ``neuron_``, plus
+what only a node knows: device memory, device queue depth, poisoned devices, model states.
+Names, labels and buckets: docs/operators.md. Labels are bounded (route templates, devices,
+models loaded on this node, a few outcomes); model loads carry no model label, because a load
+that fails can name anything."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
-_LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+from cortex.metric_buckets import LATENCY_BUCKETS, LOAD_BUCKETS, RATE_BUCKETS
 
 
 class NeuronMetrics:
@@ -18,21 +19,31 @@ class NeuronMetrics:
         self.requests = Counter(
             "neuron_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
-        self.tokens = Counter(
-            "neuron_tokens", "Tokens processed, by model and kind", ["model", "kind"], registry=r
+        self.duration = Histogram(
+            "neuron_request_duration_seconds",
+            "HTTP request duration by route, to the last byte (streams included)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "neuron_prompt_tokens", "Prompt tokens of generations", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "neuron_completion_tokens", "Tokens generated", ["model"], registry=r
         )
         self.ttft = Histogram(
             "neuron_time_to_first_token_seconds",
             "From request to the first generated token",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.tokens_per_second = Histogram(
             "neuron_tokens_per_second",
-            "Decode rate of finished generations (completion tokens / decode time)",
+            "Decode rate of finished generations (tokens after the first / time since it)",
             ["model"],
-            buckets=_RATE_BUCKETS,
+            buckets=RATE_BUCKETS,
             registry=r,
         )
         self.generations = Counter(
@@ -42,7 +53,7 @@ class NeuronMetrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "neuron_in_flight_requests", "Generation requests in flight", ["model"], registry=r
+            "neuron_inflight_requests", "Generation requests in flight", ["model"], registry=r
         )
         self.queue_depth = Gauge(
             "neuron_queue_depth",
@@ -60,12 +71,12 @@ class NeuronMetrics:
             "neuron_device_poisoned", "1 when the device worker is poisoned", ["device"], registry=r
         )
         self.loads = Counter(
-            "neuron_model_loads", "Model loads by result (ok, failed)", ["result"], registry=r
+            "neuron_model_loads", "Model loads by outcome (ok, failed)", ["outcome"], registry=r
         )
-        self.load_seconds = Histogram(
-            "neuron_model_load_seconds",
+        self.load_duration = Histogram(
+            "neuron_model_load_duration_seconds",
             "Duration of successful model loads (preflight + fetch + load)",
-            buckets=_LOAD_BUCKETS,
+            buckets=LOAD_BUCKETS,
             registry=r,
         )
         self.unloads = Counter("neuron_model_unloads", "Model unloads", registry=r)
