@@ -488,3 +488,29 @@ def test_x_api_key_and_bearer_are_both_accepted(fleet: Fleet, tmp_path: Path) ->
             model="ant/echo", max_tokens=16, messages=ASK
         )
     assert_envelope(info.value, 401, "authentication_error")
+
+
+def test_a_client_leaving_a_kept_alive_stream_frees_everything(gw: GatewayUnderTest) -> None:
+    """The client leaves during the cold load (after a ping) and again mid-relay: the
+    admission slot and the in-flight counts are given back both times."""
+    body = {"model": "ant/cold", "max_tokens": 64, "messages": ASK, "stream": True}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{gw.url}/v1/messages", json=body) as response,
+    ):
+        for line in response.iter_lines():
+            if line == "event: ping":
+                break  # leave while the model is still loading
+    gate = "huggingface:ant/cold"
+    gw.wait_for(lambda: gw.gateway.admission.gate(gate).active == 0)
+    gw.wait_for(lambda: "huggingface:ant/cold" not in gw.gateway.loader.loads)  # load goes on
+    slow = {"model": "ant/slow", "max_tokens": 64, "messages": ASK, "stream": True}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{gw.url}/v1/messages", json=slow) as response,
+    ):
+        for line in response.iter_lines():
+            if line == "event: content_block_delta":
+                break  # leave mid-answer
+    gw.wait_for(lambda: gw.gateway.admission.gate("huggingface:ant/slow").active == 0)
+    gw.wait_for(lambda: not any(gw.gateway.usage.node_busy(n) for n in ("n1", "n2", "n3")))

@@ -240,7 +240,7 @@ async def _kept_alive(
                 yield frame
             return
         if not isinstance(relayed, StreamingResponse):
-            # the neuron answered whole JSON to a stream request: translate it as one chunk
+            # the neuron answered whole JSON to a stream request (its answer was already read)
             error = ApiError(502, "upstream_bad_answer", "the neuron did not stream its answer")
             for frame in translator.fail(error):
                 yield frame
@@ -251,12 +251,22 @@ async def _kept_alive(
     finally:
         if not answer.done():
             answer.cancel()
-        elif isinstance(relayed, TranslatedStream) and not started:
-            relayed.release()
-        elif started and relayed is not None:
+        elif not started:
+            _release_unsent(answer)
+        elif relayed is not None:
             iterator = relayed.body_iterator
             if hasattr(iterator, "aclose"):
                 await iterator.aclose()
+
+
+def _release_unsent(answer: asyncio.Future[Response]) -> None:
+    """The client left before a routed stream was relayed: give its upstream back (and mark
+    a failed routing as seen, so asyncio does not log it as never retrieved)."""
+    if answer.cancelled() or answer.exception() is not None:
+        return
+    result = answer.result()
+    if isinstance(result, TranslatedStream):
+        result.release()
 
 
 def install_dialect_routes(app: FastAPI, gateway: Gateway) -> None:
