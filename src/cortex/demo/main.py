@@ -80,7 +80,9 @@ def start_fleet(
     for name in (ALPHA, BETA):
         neurons[name] = start_child(
             f"neuron-{name}",
-            _program("neuron", "run", "-c", str(configs.path(f"{name}.toml"))),
+            _program(
+                "neuron", "run", "-c", str(configs.path(f"{name}.toml")), "--drain-seconds", "5"
+            ),
             logs,
             env,
         )
@@ -150,7 +152,9 @@ def run_demo(data_dir: Path, once: bool, port: int | None) -> int:
     data_dir = data_dir.resolve()
     children: list[Child] = []
     if threading.current_thread() is threading.main_thread():
+        # Explicit for SIGINT too: a shell starting the demo in the background ignores it.
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGINT, _raise_interrupt)
     started = time.monotonic()
     try:
         banner(say, 0, f"building the demo models in {data_dir}")

@@ -104,7 +104,15 @@ def start_child(
     return Child(name=name, args=list(args), log_path=log_path, proc=proc)
 
 
-def stop_all(children: Sequence[Child]) -> None:
-    """Stop in reverse start order: clients of a service go before the service."""
-    for child in reversed(children):
-        child.stop()
+def stop_all(children: Sequence[Child], timeout: float = 15.0) -> None:
+    """The last started (the gateway) first, so no request reaches a stopping neuron; then the
+    rest together (each drains on its own, in parallel), SIGKILL after ``timeout``."""
+    if not children:
+        return
+    *rest, last = children
+    last.stop(timeout)
+    for child in rest:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+    for child in rest:
+        child.stop(timeout)
