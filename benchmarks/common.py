@@ -151,7 +151,7 @@ def run_wrk(
 ) -> LoadResult:
     """``wrk`` POSTs for ``seconds`` at ``concurrency`` connections (one thread per 32)."""
     if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
+        return python_load(url, model, concurrency, seconds, proxy_pid, key)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_SCRIPT % (model, key))
         script = f.name
@@ -200,6 +200,57 @@ def run_wrk(
         errors=errors,
         proxy_cpu_s=used,
     )
+
+
+def python_load(
+    url: str, model: str, concurrency: int, seconds: float, proxy_pid: int | None, key: str = "x"
+) -> LoadResult:
+    """The fallback when ``wrk`` is missing: ``concurrency`` aiohttp workers POSTing in a loop.
+    It costs far more CPU per request than wrk, so requests/s are lower on a small machine; the
+    proxy's CPU per request stays comparable (``benchmarks`` prints which generator ran)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def run() -> LoadResult:
+        latencies: list[float] = []
+        errors = 0
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            deadline = time.perf_counter() + seconds
+
+            async def worker() -> None:
+                nonlocal errors
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    try:
+                        async with session.post(url, json=body, headers=headers) as resp:
+                            await resp.read()
+                            if resp.status != 200:
+                                errors += 1
+                    except aiohttp.ClientError:
+                        errors += 1
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+            before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+            began = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - began
+            used = (cpu_seconds(proxy_pid) - before) if proxy_pid else 0.0
+        return LoadResult(
+            requests=len(latencies),
+            seconds=elapsed,
+            rps=len(latencies) / elapsed if elapsed else 0.0,
+            p50_ms=percentile(latencies, 50),
+            p99_ms=percentile(latencies, 99),
+            errors=errors,
+            proxy_cpu_s=used,
+        )
+
+    return asyncio.run(run())
+
+
+def load_generator() -> str:
+    return "wrk" if shutil.which("wrk") else "python (aiohttp; wrk is not installed)"
 
 
 # ---- a light asyncio client for streams ----------------------------------------------------

@@ -25,6 +25,7 @@ from benchmarks.common import (
     LoadResult,
     StreamResult,
     fmt,
+    load_generator,
     median,
     python_server,
     run_streams,
@@ -155,7 +156,12 @@ def run(
         for stop in reversed(cleanup):
             stop()
     report = {
-        "settings": {"seconds": seconds, "streams": streams, "chunks": STREAM_CHUNKS},
+        "settings": {
+            "seconds": seconds,
+            "streams": streams,
+            "chunks": STREAM_CHUNKS,
+            "load_generator": load_generator(),
+        },
         "results": results,
         "unavailable": unavailable,
         "derived": derive(results),
@@ -208,7 +214,8 @@ def print_report(report: dict[str, Any]) -> None:
             ]
         )
     print()
-    print("gateway overhead (one worker each; upstream answers instantly)")
+    generator = report["settings"]["load_generator"]
+    print(f"gateway overhead (one worker each; upstream answers instantly; load: {generator})")
     headers = [
         "variant",
         "p50 ms",

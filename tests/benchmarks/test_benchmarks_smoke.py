@@ -40,7 +40,6 @@ def positive(value: float) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_gateway_overhead_quick(tmp_path: Path) -> None:
     report = run_benchmark(tmp_path, "gateway_overhead", "--no-litellm", "--no-echo")
     results = report["results"]
@@ -54,6 +53,23 @@ def test_gateway_overhead_quick(tmp_path: Path) -> None:
     assert "added_p50_ms" in report["derived"]["cortex"]
     assert report["unavailable"]["litellm"].startswith("skipped")
     assert "nginx" in results or "nginx" in report["unavailable"]
+    expected = "wrk" if shutil.which("wrk") else "python (aiohttp; wrk is not installed)"
+    assert report["settings"]["load_generator"] == expected
+
+
+def test_python_load_generator_counts_requests_and_errors(tmp_path: Path) -> None:
+    """The fallback used where wrk is missing: real requests against the fake upstream."""
+    from benchmarks.common import python_load, python_server
+
+    fake = python_server("benchmarks.fake_neuron", "--listen", "127.0.0.1:0").start()
+    try:
+        assert fake.url is not None
+        ok = python_load(f"{fake.url}/v1/chat/completions", "m", 4, 0.5, None)
+        missing = python_load(f"{fake.url}/nowhere", "m", 2, 0.3, None)
+    finally:
+        fake.terminate()
+    assert ok.requests > 0 and ok.errors == 0 and positive(ok.p50_ms)
+    assert missing.requests > 0 and missing.errors == missing.requests
 
 
 @pytest.mark.slow
