@@ -23,8 +23,11 @@ class Exposition:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-        self.families = {f.name for f in text_string_to_metric_families(text)}
+        families = list(text_string_to_metric_families(text))
+        self.samples = [s for f in families for s in f.samples]
+        self.families = {f.name for f in families}
+        # family name -> counter | gauge | histogram | ...
+        self.types = {f.name: f.type for f in families}
 
     def value(self, name: str, **labels: str) -> float:
         return sum(
