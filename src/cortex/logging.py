@@ -29,7 +29,7 @@ _SECRETS = re.compile(
     r"|\bsk-[A-Za-z0-9_\-]{8,}"
     r"|\bhf_[A-Za-z0-9]{8,}"
     r"|\b(?:api[_-]?key|x-api-key|authorization|token|password|secret)"
-    r"(?:\"|')?\s*[:=]\s*(?:\"|')?[^\s\"',}]+)"
+    r"(?:\"|')?\s*[:=]\s*(?:\"|')?(?:bearer\s+)?[^\s\"',}]+)"
 )
 
 
@@ -74,14 +74,15 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         for key, value in _fields(record).items():
             if value is not None:
-                entry.setdefault(key, value)
+                entry.setdefault(key, redact(value) if isinstance(value, str) else value)
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str))
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        # masked before encoding: a mask applied to JSON text could cut through its quoting
+        return json.dumps(entry, default=str)
 
 
 def configure_logging(level: str = "info", log_format: str = "text") -> None:

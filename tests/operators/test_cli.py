@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -190,3 +191,29 @@ def test_every_command_has_help_with_an_example(args: tuple[str, ...]) -> None:
     assert "Example:" in result.stdout
     if args[1] in ("serve", "run"):
         assert "--log-format [text|json]" in result.stdout
+
+
+def test_neuron_logs_one_json_line_per_generation(fleet: Fleet, tmp_path: Path) -> None:
+    from cortex.testing.cluster import neuron_argv, neuron_toml
+
+    model = fleet.publish_echo("ops/logged", reply="one two three", memory_mb=10)
+    config = tmp_path / "n9.toml"
+    config.write_text(neuron_toml("n9", fleet.registry.url, tmp_path / "cache", 500))
+    argv = [*neuron_argv(config), "--log-format", "json"]
+    env = {"CORTEX_TEST_NO_TOKEN": "", "CUDA_VISIBLE_DEVICES": ""}
+    with ProcessServer(argv, env=env) as neuron:
+        loaded = httpx.post(f"{neuron.url}/models/load", json={"model_id": model}, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        client = openai.OpenAI(base_url=f"{neuron.url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model=model, messages=HELLO)
+        assert reply.choices[0].message.content == "one two three"
+        neuron.terminate()
+    lines = [json.loads(line) for line in neuron.text.splitlines() if line.startswith("{")]
+    (generation,) = [e for e in lines if e["logger"] == "neuron.requests"]
+    assert generation["model"] == model and generation["finish"] == "stop"
+    assert generation["completion_tokens"] == reply.usage.completion_tokens
+    assert generation["prompt_tokens"] == reply.usage.prompt_tokens
+    assert generation["ttft_s"] <= generation["duration_s"]
+    # every line the neuron wrote to its log is a JSON object (its banner goes to stdout first)
+    logged = [line for line in neuron.text.splitlines() if line and not line.startswith("{")]
+    assert all(line.startswith(("neuron n9:", "listening on")) for line in logged), logged
