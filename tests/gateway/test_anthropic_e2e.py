@@ -514,3 +514,71 @@ def test_a_client_leaving_a_kept_alive_stream_frees_everything(gw: GatewayUnderT
                 break  # leave mid-answer
     gw.wait_for(lambda: gw.gateway.admission.gate("huggingface:ant/slow").active == 0)
     gw.wait_for(lambda: not any(gw.gateway.usage.node_busy(n) for n in ("n1", "n2", "n3")))
+
+
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def test_a_claude_code_shaped_request(gw: GatewayUnderTest) -> None:
+    """What Claude Code sends: the beta query, beta headers, system blocks with cache_control,
+    metadata, many tools, a 32000-token budget, a stream."""
+    body = {
+        "model": "ant/tools",
+        "max_tokens": 32000,
+        "stream": True,
+        "metadata": {"user_id": "user_abc_account_def_session_ghi"},
+        "system": [
+            {
+                "type": "text",
+                "text": "You are Claude Code.",
+                "cache_control": {"type": "ephemeral"},
+            },
+            {"type": "text", "text": "Be concise."},
+        ],
+        "tools": [
+            *TOOLS,
+            {
+                "name": "Bash",
+                "description": "run a command",
+                "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}},
+                "cache_control": {"type": "ephemeral"},
+            },
+        ],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                    {
+                        "type": "text",
+                        "text": "weather in Paris?",
+                        "cache_control": {"type": "ephemeral"},
+                    },
+                ],
+            }
+        ],
+    }
+    answer = httpx.post(
+        f"{gw.url}/v1/messages?beta=true",
+        json=body,
+        headers={
+            "anthropic-version": "2023-06-01",
+            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+            "x-api-key": "unused",
+        },
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    events = sse_events(answer.text)
+    starts = [d["content_block"] for e, d in events if e == "content_block_start"]
+    assert [(b["type"], b["name"]) for b in starts] == [("tool_use", "get_weather")]
+    delta = next(d for e, d in events if e == "message_delta")
+    assert delta["delta"]["stop_reason"] == "tool_use"
+    counted = httpx.post(
+        f"{gw.url}/v1/messages/count_tokens?beta=true",
+        json={k: v for k, v in body.items() if k not in ("max_tokens", "stream", "metadata")},
+        headers={"anthropic-version": "2023-06-01", "anthropic-beta": "token-counting-2024-11-01"},
+        timeout=30,
+    )
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["input_tokens"] > 0
