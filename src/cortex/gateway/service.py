@@ -500,20 +500,21 @@ class Gateway:
                 metrics.tokens_per_second.labels(canonical, node).observe(
                     (done - 1) / (ended - first[0])
                 )
-            request_log.info(
-                route,
-                extra={
-                    "fields": {
-                        "model": canonical,
-                        "node": node,
-                        "status": status,
-                        "code": error,
-                        "prompt_tokens": prompt,
-                        "completion_tokens": done,
-                        "ttft_s": round(first[0] - started, 4) if first else None,
-                        "duration_s": round(elapsed, 4),
-                    }
-                },
-            )
+            if request_log.isEnabledFor(logging.INFO):  # skip building the line when off
+                request_log.info(
+                    route,
+                    extra={
+                        "fields": {
+                            "model": canonical,
+                            "node": node,
+                            "status": status,
+                            "code": error,
+                            "prompt_tokens": prompt,
+                            "completion_tokens": done,
+                            "ttft_s": round(first[0] - started, 4) if first else None,
+                            "duration_s": round(elapsed, 4),
+                        }
+                    },
+                )
 
         return StreamObserver(on_first_token, on_usage, on_end)
