@@ -183,6 +183,11 @@ def test_neuron_status(fleet: Fleet) -> None:
         ("neuron", "status"),
         ("cortex", "serve"),
         ("neuron", "run"),
+        ("cortex", "keys"),
+        ("cortex", "registry"),
+        ("cortex", "plugins"),
+        ("neuron", "pull"),
+        ("neuron", "plugins"),
     ],
 )
 def test_every_command_has_help_with_an_example(args: tuple[str, ...]) -> None:

@@ -15,7 +15,10 @@ from cortex.auth import hash_key, new_key
 
 @click.group("keys")
 def keys() -> None:
-    """Make API keys and key-file lines (see docs/security.md)."""
+    """Make API keys and key-file lines (see docs/security.md).
+
+    Example: cortex keys new --label alice
+    """
 
 
 @keys.command("new")

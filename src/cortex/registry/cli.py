@@ -21,7 +21,10 @@ log = logging.getLogger("cortex.registry")
 
 @click.group("registry")
 def registry() -> None:
-    """An HF-compatible model registry (serve a directory of model repos)."""
+    """An HF-compatible model registry (serve a directory of model repos).
+
+    Example: cortex registry serve /srv/models --listen 0.0.0.0:8080
+    """
 
 
 @registry.command("serve")
