@@ -193,7 +193,7 @@ def test_neuron_status(fleet: Fleet) -> None:
 def test_every_command_has_help_with_an_example(args: tuple[str, ...]) -> None:
     result = cli(*args, "--help")
     assert result.returncode == 0
-    assert "Example:" in result.stdout
+    assert "Example:" in result.stdout or "Examples:" in result.stdout
     if args[1] in ("serve", "run"):
         assert "--log-format [text|json]" in result.stdout
 
