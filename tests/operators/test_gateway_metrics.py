@@ -174,3 +174,17 @@ def test_manual_unload_is_an_eviction_and_an_event(fleet, metrics_of) -> None:
         ("load", model, "n1", "ok"),
     ]
     assert events[1]["duration_s"] >= 0
+
+
+def test_count_tokens_is_counted(fleet, metrics_of) -> None:
+    model = fleet.publish_echo("ops/counted", reply="x", memory_mb=10)
+    fleet.load_on("n1", model)
+    gw = fleet.gateway()
+    metrics = metrics_of(gw)
+    claude = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0)
+    counted = claude.messages.count_tokens(model=model, messages=HELLO)
+    assert counted.input_tokens > 0
+    scraped = metrics.scrape()
+    route = "/v1/messages/count_tokens"
+    assert scraped.value("cortex_requests_total", route=route, model=model, node="n1") == 1
+    assert scraped.value("cortex_request_duration_seconds_count", route=route) == 1

@@ -37,6 +37,7 @@ request_log = request_logger()
 NODE_HEADER = "x-cortex-node"
 MODEL_HEADER = "x-cortex-model"
 MAX_ROUTING_ATTEMPTS = 3
+COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
 
 
 def load_strategy(name: str) -> EvictionStrategy:
@@ -378,10 +379,12 @@ class Gateway:
 
     async def tokenize(self, requested: str, tokenize_body: dict[str, Any]) -> dict[str, Any]:
         """The neuron's ``POST /tokenize`` answer for a model (loaded first when cold)."""
+        started = time.monotonic()
         resolved = resolve(requested, self.models, self.default_source)
         node = await self.route(resolved)
+        status = "error"
         try:
-            return await post_json(
+            answer = await post_json(
                 self.session,  # type: ignore[arg-type]
                 f"{node.endpoint}/tokenize",
                 {**tokenize_body, "model": resolved.canonical},
@@ -391,8 +394,17 @@ class Gateway:
                 ),
                 retry_after=self.retry_after,
             )
+            status = "ok"
+            return answer
+        except ApiError as exc:
+            self.metrics.errors.labels(COUNT_TOKENS_ROUTE, code_label(exc.code)).inc()
+            exc.recorded = True  # type: ignore[attr-defined]  # counted here, with its node
+            raise
         finally:
             self.usage.end(node.name, resolved.canonical)
+            labels = (COUNT_TOKENS_ROUTE, resolved.canonical, node.name)
+            self.metrics.requests.labels(*labels, status).inc()
+            self.metrics.duration.labels(*labels).observe(time.monotonic() - started)
 
     async def _dispatch(
         self,
