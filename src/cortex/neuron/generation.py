@@ -1,8 +1,15 @@
-"""The step loop: one worker job per token, text deltas out, limits and finish reasons applied.
+"""The step loop: decode jobs on the device worker, text deltas out, limits and finish reasons.
 
-Each token is its own job on the device worker (step + incremental decode), so streams on one
-device take turns token by token, and a request whose client left stops submitting steps: the
-generation ends within one step and its KV cache is released on the worker.
+A decode job runs steps (step + incremental decode) on the device worker and hands the tokens
+back in one future. One token per job costs two cross-thread hand-offs per token (event loop ->
+worker -> event loop), which dominated a fast model's step; so a job keeps stepping while it is
+alone on the device: it stops after ``MAX_STEPS_PER_JOB`` tokens, after ``JOB_TIME_BUDGET_S``
+of stepping, at EOS, at ``max_tokens``, or as soon as another job is waiting on the worker (so
+two streams on one device still take turns token by token). The first job of a generation runs
+one step (the prefill), so time to first token is never delayed by batching. A request whose
+client left stops submitting jobs: generation ends within the job that is running (at most
+``MAX_STEPS_PER_JOB`` tokens, or one step past ``JOB_TIME_BUDGET_S``) and its KV cache is
+released on the worker.
 
 Everything above token ids lives here, identical for every harness: detokenisation that never
 emits half a character, stop strings (never emitted, held back across deltas), ``max_tokens``,
@@ -12,6 +19,7 @@ finish reasons ``stop``/``length``, usage and timing metrics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +41,11 @@ request_log = logging.getLogger(NEURON_REQUEST_LOGGER)
 
 STOP = "stop"
 LENGTH = "length"
+
+# A decode job stops after this many tokens ...
+MAX_STEPS_PER_JOB = 16
+# ... or once it has stepped this long (a slow model runs one step per job, as before).
+JOB_TIME_BUDGET_S = 0.004
 
 
 def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
@@ -127,6 +140,16 @@ class StepResult:
     text: str
 
 
+@attrs.define
+class StepBatch:
+    """What one decode job produced. ``error`` is what a later step of the job raised after
+    earlier steps succeeded: those tokens are still delivered, then the error, as if each step
+    had been its own job."""
+
+    results: list[StepResult]
+    error: Exception | None = None
+
+
 class GenerationStream:
     """One generation of one request: ``await start()``, iterate ``deltas()``, then read
     ``finish_reason`` and usage. ``close()`` is idempotent and always releases the KV cache."""
@@ -179,13 +202,29 @@ class GenerationStream:
 
         self._generation = await run_on_worker(self.entry, start_job)
 
-    def _step_job(self) -> StepResult:
+    def _steps_job(self, limit: int) -> StepBatch:
+        """Up to ``limit`` steps on the worker thread (see the module docstring for when it
+        stops early). A device fault propagates at once: the worker must poison the device."""
         assert self._generation is not None and self._decoder is not None
-        step = self._generation.step()
-        if step.is_eos:
-            return StepResult(step.token_id, True, self._decoder.flush())
-        text = self._decoder.push(step.token_id)
-        return StepResult(step.token_id, False, text)
+        generation, decoder, worker = self._generation, self._decoder, self.entry.worker
+        results: list[StepResult] = []
+        deadline = time.perf_counter() + JOB_TIME_BUDGET_S
+        while True:
+            try:
+                step = generation.step()
+                if step.is_eos:
+                    results.append(StepResult(step.token_id, True, decoder.flush()))
+                    break
+                results.append(StepResult(step.token_id, False, decoder.push(step.token_id)))
+            except DeviceFault:
+                raise
+            except Exception as exc:
+                if not results:
+                    raise
+                return StepBatch(results, exc)
+            if len(results) >= limit or worker.has_waiting_jobs or time.perf_counter() >= deadline:
+                break
+        return StepBatch(results)
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas until EOS, a stop string or max_tokens. Cancelling the consumer stops it
@@ -203,20 +242,35 @@ class GenerationStream:
                         f"{model} was unloaded during the generation",
                         retry_after=5,
                     )
-                result: StepResult = await run_on_worker(self.entry, self._step_job)
-                self.completion_tokens += 1
+                # the first job is the prefill alone, so batching never delays the first token
+                limit = (
+                    1
+                    if self.first_token_at is None
+                    else min(MAX_STEPS_PER_JOB, self.max_tokens - self.completion_tokens)
+                )
+                batch: StepBatch = await run_on_worker(
+                    self.entry, functools.partial(self._steps_job, limit)
+                )
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                     self.node.metrics.ttft.labels(model).observe(
                         self.first_token_at - self.started_at
                     )
-                text = stops.feed(result.text) if result.text else ""
-                if text:
-                    yield text
-                if stops.stopped or result.is_eos:
-                    self.finish_reason = STOP
-                    self.stop_sequence = stops.matched
+                finished = False
+                for result in batch.results:
+                    self.completion_tokens += 1
+                    text = stops.feed(result.text) if result.text else ""
+                    if text:
+                        yield text
+                    if stops.stopped or result.is_eos:
+                        self.finish_reason = STOP
+                        self.stop_sequence = stops.matched
+                        finished = True
+                        break
+                if finished:
                     break
+                if batch.error is not None:
+                    raise worker_api_error(batch.error, self.entry)
             else:
                 self.finish_reason = LENGTH
             if not stops.stopped:

@@ -2,9 +2,10 @@
 
 Libraries like torch (CUDA contexts, streams) and llama.cpp (not thread-safe) are simplest and
 safest when exactly one thread touches a device. Callers submit small callables and await an
-asyncio future; model objects and tensors stay on the worker thread. Jobs are step-sized (one
-token), so two streams on one device interleave in FIFO order, and a stream whose client left
-simply stops submitting steps.
+asyncio future; model objects and tensors stay on the worker thread. Jobs are step-sized (a
+decode job runs a few tokens at most, and only one while another job is waiting: see
+``cortex.neuron.generation``), so two streams on one device interleave in FIFO order, and a
+stream whose client left simply stops submitting steps.
 
 A :class:`~cortex.harness.DeviceFault` poisons the worker: it then fails every job fast with
 :class:`DevicePoisonedError` instead of touching a broken context. Other devices keep working.
@@ -99,6 +100,12 @@ class DeviceWorker:
     def queue_depth(self) -> int:
         """Jobs waiting or running."""
         return self._depth
+
+    @property
+    def has_waiting_jobs(self) -> bool:
+        """Another job is queued behind the running one. A job that runs several decode steps
+        checks this between steps and hands the device over, so streams still take turns."""
+        return self._depth > 1
 
     def submit(self, fn: Callable[[], T], *, internal: bool = False) -> asyncio.Future[T]:
         """Queue ``fn`` to run on this device's thread; returns a future for its result.
