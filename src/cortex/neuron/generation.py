@@ -8,10 +8,9 @@ of stepping, at EOS, at ``max_tokens``, or as soon as another job is waiting on 
 two streams on one device still take turns: a turn is one token once both have a job queued,
 at most ``MAX_STEPS_PER_JOB`` tokens / ``JOB_TIME_BUDGET_S`` otherwise). The first job of a
 generation runs one step (the prefill), so time to first token is never delayed by batching.
-A request whose
-client left stops submitting jobs: generation ends within the job that is running (at most
-``MAX_STEPS_PER_JOB`` tokens, or one step past ``JOB_TIME_BUDGET_S``) and its KV cache is
-released on the worker.
+A request whose client left stops submitting jobs: generation ends within the job that is
+running (at most ``MAX_STEPS_PER_JOB`` tokens, or one step past ``JOB_TIME_BUDGET_S``) and its
+KV cache is released on the worker.
 
 Everything above token ids lives here, identical for every harness: detokenisation that never
 emits half a character, stop strings (never emitted, held back across deltas), ``max_tokens``,
