@@ -7,7 +7,8 @@ Variants side by side in one run, against one upstream (the bare fake OpenAI ser
 requests/s at 16 and 64); streams: a light asyncio client (time to first chunk and total time of
 a 256-chunk stream). CPU is the proxy process tree's, per request and per chunk.
 
-Run: ``python -m benchmarks.gateway_overhead [--quick] [--no-litellm] [--no-echo]``
+Run: ``python -m benchmarks.gateway_overhead [--quick] [--no-litellm] [--no-echo]
+[--baseline DIR]``
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cortex.testing.servers import ProcessServer
 MODEL = "bench/fake"
 ECHO_MODEL = "bench/echo"
 STREAM_CHUNKS = 256
+BASELINE = "cortex baseline"
 TARGETS = {
     "added_p50_ms": 1.0,
     "rps_at_64": 1000.0,
@@ -111,7 +113,11 @@ def _started(name: str, start: Any, unavailable: dict[str, str]) -> proxies.Prox
 
 
 def run(
-    quick: bool, with_litellm: bool, with_echo: bool, fast_stack: str | None = None
+    quick: bool,
+    with_litellm: bool,
+    with_echo: bool,
+    fast_stack: str | None = None,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     seconds = 1.0 if quick else 5.0
     streams = 3 if quick else 30
@@ -128,8 +134,10 @@ def run(
             ("nginx", lambda: proxies.nginx(fake.url)),
         ]
         if fast_stack:
-            name = "cortex+httptools"  # uvloop is not used: serve.py runs asyncio.run
+            name = "cortex+httptools"
             starters.insert(2, (name, lambda: proxies.cortex(fake.url, name, fast_stack)))
+        if baseline:  # another cortex tree (e.g. the previous commit's) side by side
+            starters.insert(2, (BASELINE, lambda: proxies.cortex(fake.url, BASELINE, baseline)))
         if with_litellm:
             starters.append(("litellm", lambda: proxies.litellm(fake.url)))
         else:
@@ -148,6 +156,11 @@ def run(
             via = proxies.cortex(neuron.url, name="echo-neuron via cortex")
             running.append(via)
             cleanup.append(via.stop)
+            if baseline:
+                name = f"echo-neuron via {BASELINE}"
+                via_base = proxies.cortex(neuron.url, name=name, pythonpath=baseline)
+                running.append(via_base)
+                cleanup.append(via_base.stop)
         for proxy in running:
             model = ECHO_MODEL if proxy.name.startswith("echo") else MODEL
             print(f"  measuring {proxy.name} ...", flush=True)
@@ -258,8 +271,14 @@ def main() -> None:
         metavar="DIR",
         help="also run cortex with DIR on PYTHONPATH (pip install --target DIR httptools uvloop)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the cortex package found in DIR (PYTHONPATH), e.g. the previous commit's:"
+        " git archive HEAD src/cortex | tar -x -C DIR (then move DIR/src/cortex to DIR/cortex)",
+    )
     args = parser.parse_args()
-    run(args.quick, not args.no_litellm, not args.no_echo, args.fast_stack)
+    run(args.quick, not args.no_litellm, not args.no_echo, args.fast_stack, args.baseline)
 
 
 if __name__ == "__main__":

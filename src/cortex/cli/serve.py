@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -64,6 +65,20 @@ def _bound_port(server: uvicorn.Server) -> int:
 def _stop_all(*servers: uvicorn.Server) -> None:
     for server in servers:
         server.should_exit = True
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (a dependency on CPython/POSIX), else asyncio's.
+
+    Why: the gateway's per-request and per-chunk cost is mostly event-loop and protocol work
+    (docs/benchmarks.md); uvloop halves the loop's share. ``asyncio.run`` alone would never use
+    it (uvicorn only picks its loop when it runs the loop itself), hence the explicit factory.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _shown(host: str) -> str:
@@ -183,4 +198,5 @@ def serve(
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     config = _with_overrides(config, listen, metrics_listen, neurons)
-    asyncio.run(_serve(config, models, log_level))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(_serve(config, models, log_level))

@@ -7,6 +7,7 @@ Handlers read raw JSON (no pydantic on the hot path) and every failure leaves as
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +27,14 @@ from cortex.wire.http import install_error_handlers, read_json_object
 from cortex.wire.limits import BodyLimitMiddleware
 
 MAX_BODY_BYTES = 32 * 2**20
+# FastAPI >= 0.165 checks for OpenTelemetry providers on every request (an os.environ read
+# among others: 3% of the gateway's CPU under load, docs/benchmarks.md). cortex reports
+# through its own Prometheus metrics and request logs, so FastAPI's native telemetry is off.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -50,6 +59,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        **_NO_NATIVE_TELEMETRY,
     )
     app.state.gateway = gateway
     install_error_handlers(app)
