@@ -70,9 +70,12 @@ def test_a_stopped_neuron_leaves_the_catalogue_and_requests_go_elsewhere(
 
     fleet3.neurons["m2"].terminate()
     stopped = time.monotonic()
-    gw.wait_for(lambda: orphan not in gw.catalogue(), timeout=10)
-    # Debounced: three failed polls at 0.2 s, not the first miss, not minutes.
-    assert time.monotonic() - stopped < 5
+    gw.wait_for(lambda: orphan not in gw.catalogue(), timeout=20)
+    # Debounced: three failed polls, not the first miss, not minutes. A poll is bounded by the
+    # gateway's poll timeout (connect_timeout, 5 s here), so the worst case is three polls that
+    # each ran into it: 3 x (0.2 s + 5 s). Alone this takes well under a second; one full-suite
+    # run on a loaded machine took over 10 s (cause not pinned down: see the issue note).
+    assert time.monotonic() - stopped < 16
     health = httpx.get(f"{gw.url}/health", timeout=10).json()
     m2 = next(n for n in health["nodes"] if n["name"] == "m2")
     assert m2["up"] is False and m2["consecutive_failures"] >= 3
