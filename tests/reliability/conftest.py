@@ -33,7 +33,7 @@ from cortex.gateway.app import create_app as create_gateway_app
 from cortex.gateway.service import Gateway, load_strategy
 from cortex.neuron.daemon import build_node, make_app
 from cortex.neuron.node import Node
-from cortex.testing.metrics import sum_samples
+from cortex.testing import cluster
 from cortex.testing.registry import RunningRegistry, publish_repo, start_registry
 from cortex.testing.servers import ProcessServer, UvicornThread, python_program
 
@@ -172,16 +172,8 @@ class Parts:
 
 
 @attrs.define
-class GatewayUnderTest:
-    gateway: Gateway
-    server: UvicornThread
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def metric(self, name: str, **labels: str) -> float:
-        return sum_samples(self.gateway.metrics.registry, name, **labels)
+class GatewayUnderTest(cluster.GatewayUnderTest):
+    """The cluster's gateway handle (url, client, metric, wait_for), plus a node's health."""
 
     def node_up(self, name: str) -> bool:
         assert self.gateway.fleet is not None
