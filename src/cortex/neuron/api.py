@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -282,17 +283,20 @@ def _sse(body: AsyncIterator[bytes]) -> StreamingResponse:
     )
 
 
-async def _deltas_until_disconnect(
+async def _batches_until_disconnect(
     stream: GenerationStream, request: Request
-) -> AsyncIterator[str]:
-    """The stream's deltas; stops (and closes the generation) as soon as the client is gone."""
-    iterator = stream.deltas()
+) -> AsyncIterator[list[str]]:
+    """The stream's deltas, one list per decode job; stops (and closes the generation) as soon
+    as the client is gone. The disconnect check runs once per job, not per token: a job's
+    tokens are already generated, and the next job is only submitted once this one's deltas
+    were consumed."""
+    iterator = stream.delta_batches()
     try:
-        async for text in iterator:
+        async for texts in iterator:
             if await request.is_disconnected():
                 stream.cancelled = True
                 return
-            yield text
+            yield texts
     finally:
         await iterator.aclose()
         stream.close()
@@ -302,7 +306,9 @@ def _ids(prefix: str) -> tuple[str, int]:
     return f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
 
 
-_TEMPLATE_MARK = "\x00cortex-delta\x00"
+# Non-ASCII on purpose: the template is only used when the frame escapes it as json.dumps does
+# by default (ensure_ascii), which is what the per-text encoder below writes.
+_TEMPLATE_MARK = "\x00cortex-delta\u00e9\x00"
 
 
 def text_frame_encoder(
@@ -316,7 +322,9 @@ def text_frame_encoder(
     if encoded.count(marker) != 1:  # the marker also sits elsewhere: no template, stay exact
         return frame
     prefix, suffix = encoded.split(marker)
-    dumps = json.dumps
+    # json.dumps(a str) with the default encoder *is* this C function (ensure_ascii=True);
+    # calling it directly skips json.dumps' argument handling (~0.4 us per token).
+    dumps = encode_basestring_ascii
 
     def encode(text: str) -> bytes:
         return prefix + dumps(text).encode() + suffix
@@ -336,8 +344,9 @@ async def _chat_whole(
     stream: GenerationStream, request: Request, parser: OutputParser
 ) -> dict[str, Any]:
     events: list[OutputEvent] = []
-    async for text in _deltas_until_disconnect(stream, request):
-        events.extend(parser.feed(text))
+    async for texts in _batches_until_disconnect(stream, request):
+        for text in texts:
+            events.extend(parser.feed(text))
     events.extend(parser.finish())
     content = "".join(e.text for e in events if isinstance(e, ContentDelta))
     reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
@@ -391,39 +400,51 @@ async def _chat_stream(
 
     content_chunk = text_frame_encoder(lambda text: chunk({"content": text}))
     saw_call = False
+    feed = parser.feed
+    # One SSE frame per delta as before, but all frames of one decode job leave in one send
+    # (one socket write): the per-send cost was most of a fast model's per-token overhead.
+    frames: list[bytes] = []
     try:
         yield chunk({"role": "assistant", "content": ""})
         try:
-            async for text in _deltas_until_disconnect(stream, request):
-                for event in parser.feed(text):
-                    if type(event) is ContentDelta:
-                        yield content_chunk(event.text)
-                        continue
-                    saw_call = saw_call or not isinstance(event, ContentDelta | ReasoningDelta)
-                    yield chunk(_event_delta(event))
+            async for texts in _batches_until_disconnect(stream, request):
+                for text in texts:
+                    for event in feed(text):
+                        if type(event) is ContentDelta:
+                            frames.append(content_chunk(event.text))
+                            continue
+                        saw_call = saw_call or not isinstance(event, ContentDelta | ReasoningDelta)
+                        frames.append(chunk(_event_delta(event)))
+                if frames and stream.finish_reason is None:
+                    yield b"".join(frames)
+                    frames.clear()
+                # else the generation is over: this job's frames leave with the end's frames
             for event in parser.finish():
                 saw_call = saw_call or not isinstance(event, ContentDelta | ReasoningDelta)
-                yield chunk(_event_delta(event))
+                frames.append(chunk(_event_delta(event)))
         except ApiError as exc:
-            yield sse.encode_data(exc.openai_body())
-            yield sse.DONE
+            frames += (sse.encode_data(exc.openai_body()), sse.DONE)
+            yield b"".join(frames)
             return
         if stream.cancelled:
+            if frames:  # what the parser still held (the client is gone: as before)
+                yield b"".join(frames)
             return
         if saw_call:
-            yield chunk({}, "tool_calls", stop_sequence=None)
+            frames.append(chunk({}, "tool_calls", stop_sequence=None))
         else:
-            yield chunk({}, stream.finish_reason, stop_sequence=stream.stop_sequence)
+            frames.append(chunk({}, stream.finish_reason, stop_sequence=stream.stop_sequence))
         if chat.options.include_usage:
-            yield sse.encode_data({**base, "choices": [], "usage": stream.usage()})
-        yield sse.DONE
+            frames.append(sse.encode_data({**base, "choices": [], "usage": stream.usage()}))
+        frames.append(sse.DONE)
+        yield b"".join(frames)
     finally:
         stream.close()
         _end(node, entry)
 
 
 async def _completion_whole(stream: GenerationStream, request: Request) -> dict[str, Any]:
-    text = "".join([t async for t in _deltas_until_disconnect(stream, request)])
+    text = "".join([t async for texts in _batches_until_disconnect(stream, request) for t in texts])
     completion_id, created = _ids("cmpl")
     return {
         "id": completion_id,
@@ -448,20 +469,25 @@ async def _completion_stream(
         return sse.encode_data({**base, "choices": [choice]})
 
     text_chunk = text_frame_encoder(chunk)
+    frames: list[bytes] = []
     try:
         try:
-            async for text in _deltas_until_disconnect(stream, request):
-                yield text_chunk(text)
+            # one frame per delta, one send per decode job (as in _chat_stream)
+            async for texts in _batches_until_disconnect(stream, request):
+                frames = [text_chunk(text) for text in texts]
+                if stream.finish_reason is None:
+                    yield b"".join(frames)
+                    frames = []
         except ApiError as exc:
-            yield sse.encode_data(exc.openai_body())
-            yield sse.DONE
+            yield sse.encode_data(exc.openai_body()) + sse.DONE
             return
         if stream.cancelled:
             return
-        yield chunk("", stream.finish_reason)
+        frames.append(chunk("", stream.finish_reason))
         if req.options.include_usage:
-            yield sse.encode_data({**base, "choices": [], "usage": stream.usage()})
-        yield sse.DONE
+            frames.append(sse.encode_data({**base, "choices": [], "usage": stream.usage()}))
+        frames.append(sse.DONE)
+        yield b"".join(frames)
     finally:
         stream.close()
         _end(node, entry)

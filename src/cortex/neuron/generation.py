@@ -152,8 +152,9 @@ class StepBatch:
 
 
 class GenerationStream:
-    """One generation of one request: ``await start()``, iterate ``deltas()``, then read
-    ``finish_reason`` and usage. ``close()`` is idempotent and always releases the KV cache."""
+    """One generation of one request: ``await start()``, iterate ``deltas()`` (or
+    ``delta_batches()``, one list per decode job), then read ``finish_reason`` and usage.
+    ``close()`` is idempotent and always releases the KV cache."""
 
     def __init__(
         self,
@@ -228,10 +229,27 @@ class GenerationStream:
         return StepBatch(results)
 
     async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas until EOS, a stop string or max_tokens. Cancelling the consumer stops it
-        before the next step."""
+        """Text deltas until EOS, a stop string or max_tokens, one at a time (the non-streaming
+        paths); built on :meth:`delta_batches`."""
+        batches = self.delta_batches()
+        try:
+            async for batch in batches:
+                for text in batch:
+                    yield text
+        finally:
+            await batches.aclose()
+
+    async def delta_batches(self) -> AsyncIterator[list[str]]:
+        """The text deltas of each decode job, as one list per job (never empty): one delta
+        per token that produced text, in order, exactly what :meth:`deltas` yields one by one.
+        The first list is the prefill's token alone, so time to first token is unchanged; the
+        last one (with ``finish_reason`` already set) also holds the tail the stop matcher or
+        decoder held back. A streaming response writes one list in one send. Cancelling the
+        consumer stops it before the next job."""
         stops = StopMatcher(self.options.stop)
+        matching = bool(stops.stops)
         model = self.entry.id
+        pending: list[str] = []
         try:
             while self.completion_tokens < self.max_tokens:
                 # an unload lets running requests finish (up to its bound); once it took
@@ -244,9 +262,10 @@ class GenerationStream:
                         retry_after=5,
                     )
                 # the first job is the prefill alone, so batching never delays the first token
+                prefill = self.first_token_at is None
                 limit = (
                     1
-                    if self.first_token_at is None
+                    if prefill
                     else min(MAX_STEPS_PER_JOB, self.max_tokens - self.completion_tokens)
                 )
                 batch: StepBatch = await run_on_worker(
@@ -257,21 +276,31 @@ class GenerationStream:
                     self.node.metrics.ttft.labels(model).observe(
                         self.first_token_at - self.started_at
                     )
+                texts: list[str] = []
                 finished = False
                 for result in batch.results:
                     self.completion_tokens += 1
-                    text = stops.feed(result.text) if result.text else ""
+                    text = result.text
+                    if text and matching:
+                        text = stops.feed(text)
                     if text:
-                        yield text
-                    if stops.stopped or result.is_eos:
+                        texts.append(text)
+                    if result.is_eos or stops.stopped:
                         self.finish_reason = STOP
                         self.stop_sequence = stops.matched
                         finished = True
                         break
                 if finished:
+                    pending = texts  # the end's tail joins this job's deltas
                     break
                 if batch.error is not None:
+                    if texts:
+                        yield texts
                     raise worker_api_error(batch.error, self.entry)
+                if self.completion_tokens >= self.max_tokens and not prefill:
+                    pending = texts  # the last job: the held tail (one flush) joins it
+                elif texts:
+                    yield texts
             else:
                 self.finish_reason = LENGTH
             if not stops.stopped:
@@ -280,7 +309,10 @@ class GenerationStream:
                     held = await run_on_worker(self.entry, self._decoder.flush, internal=True)
                 tail = (stops.feed(held) if held else "") + stops.flush()
                 if tail:
-                    yield tail
+                    pending.append(tail)
+            if pending:
+                # finish_reason is set: the consumer knows this list is the last one
+                yield pending
         except BaseException:
             if self.finish_reason is None:
                 self.cancelled = True
