@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex.config import AuthSection, ConfigError
+from cortex.wire.asgi import scope_headers, send_error
 from cortex.wire.errors import ApiError
 from cortex.wire.http import DialectForPath, default_dialect
 
@@ -172,25 +173,6 @@ def without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
 
 
-def _scope_headers(scope: Mapping[str, Any]) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", ()):
-        name = raw_name.decode("latin-1").lower()
-        headers.setdefault(name, raw_value.decode("latin-1"))
-    return headers
-
-
-async def _send_error(send: Any, error: ApiError, dialect: str, extra: dict[str, str]) -> None:
-    body = error.to_bytes(dialect)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    headers += [(k.lower().encode(), v.encode()) for k, v in {**error.headers(), **extra}.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 # ---- the gateway's guard ------------------------------------------------------------------------
 
 
@@ -267,10 +249,10 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            error = self.auth.check(scope["path"], _scope_headers(scope))
+            error = self.auth.check(scope["path"], scope_headers(scope))
             if error is not None:
                 extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
-                await _send_error(send, error, self.dialect_for_path(scope["path"]), extra)
+                await send_error(send, error, self.dialect_for_path(scope["path"]), extra)
                 return
         await self.app(scope, receive, send)
 
@@ -288,7 +270,7 @@ class NeuronTokenMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            headers = _scope_headers(scope)
+            headers = scope_headers(scope)
             presented = headers.get(NEURON_TOKEN_HEADER) or presented_key(headers)
             if not self.keys.matches(presented):
                 error = ApiError(
@@ -296,7 +278,7 @@ class NeuronTokenMiddleware:
                     "invalid_neuron_token",
                     "this neuron needs the shared cluster token (X-Cortex-Token)",
                 )
-                await _send_error(send, error, "openai", {"WWW-Authenticate": "Bearer"})
+                await send_error(send, error, "openai", {"WWW-Authenticate": "Bearer"})
                 return
         await self.app(scope, receive, send)
 

@@ -20,6 +20,7 @@ from cortex.auth import AuthMiddleware, GatewayAuth
 from cortex.gateway.admin import install_admin_routes
 from cortex.gateway.admission import ClientWatch
 from cortex.gateway.dialects import install_dialect_routes
+from cortex.gateway.fast_path import GenerationEndpoint
 from cortex.gateway.service import Gateway
 from cortex.request_schemas import document_request_bodies
 from cortex.wire.errors import ApiError
@@ -38,7 +39,22 @@ _NO_NATIVE_TELEMETRY: dict[str, Any] = (
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
-def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
+class GatewayApp(FastAPI):
+    """FastAPI with a plain-ASGI short cut: ``POST`` to a path in :attr:`fast_routes` goes
+    straight to its callable (:mod:`cortex.gateway.fast_path`), everything else through FastAPI."""
+
+    fast_routes: dict[str, Any]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.fast_routes.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
     """A FastAPI app whose lifespan starts and stops ``gateway`` (poller, sessions, tasks).
     ``auth`` defaults to the keys named in ``[auth]`` (docs/security.md)."""
     if auth is None:
@@ -52,7 +68,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
         finally:
             await gateway.stop()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="cortex gateway",
         version=__version__,
         lifespan=lifespan,
@@ -95,6 +111,8 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> FastAPI:
 
     for path in GENERATION_ROUTES:
         app.add_api_route(path, generation, methods=["POST"])
+    endpoint = GenerationEndpoint(gateway, auth)
+    app.fast_routes = dict.fromkeys(GENERATION_ROUTES, endpoint)
 
     install_dialect_routes(app, gateway)
     install_admin_routes(app, gateway)

@@ -34,7 +34,12 @@ def error_response(error: ApiError, dialect: str = OPENAI) -> Response:
 
 async def read_json_object(request: Request, max_bytes: int | None = None) -> dict[str, Any]:
     """The request body as a JSON object, or a typed 400/413."""
-    body = await request.body()
+    return parse_json_object(await request.body(), max_bytes)
+
+
+def parse_json_object(body: bytes, max_bytes: int | None = None) -> dict[str, Any]:
+    """``body`` as a JSON object, or a typed 400/413 (shared by FastAPI handlers and the
+    gateway's plain-ASGI hot path, so both refuse the same bodies the same way)."""
     if max_bytes is not None and len(body) > max_bytes:
         raise ApiError(413, "request_too_large", f"request body over {max_bytes} bytes")
     if not body:

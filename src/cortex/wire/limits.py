@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cortex.wire.asgi import content_length, send_error
 from cortex.wire.errors import ApiError
 from cortex.wire.http import DialectForPath, default_dialect
 
@@ -47,9 +48,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         dialect = self.dialect_for_path(scope["path"])
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _answer(send, too_large(self.max_bytes), dialect, close=True)
+            await send_error(send, too_large(self.max_bytes), dialect, close=True)
             return
 
         seen = 0
@@ -76,26 +77,4 @@ class BodyLimitMiddleware:
         except BodyTooLarge as exc:
             if started:
                 raise
-            await _answer(send, exc, dialect, close=True)
-
-
-def _content_length(scope: Any) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-async def _answer(send: Any, error: ApiError, dialect: str, *, close: bool) -> None:
-    body = error.to_bytes(dialect)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if close:  # the unread body is still on the wire: this connection cannot be reused
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            await send_error(send, exc, dialect, close=True)
