@@ -63,3 +63,13 @@ def test_model_rewrite_only_touches_the_canonical_model_field() -> None:
     assert rewrite(spaced) == b'{"model":"fast \\"one\\"", "object": "chat.completion"}'
     same = ModelRewriter("huggingface:acme/m", "huggingface:acme/m")
     assert not same.active and same(frame) is frame
+
+
+def test_model_rewrite_handles_the_neurons_spelling_and_any_other() -> None:
+    rewrite = ModelRewriter("huggingface:acme/m", "m")
+    usual = b'data: {"id": "x", "model": "huggingface:acme/m", "choices": []}\n\n'
+    assert rewrite(usual) == b'data: {"id": "x", "model":"m", "choices": []}\n\n'
+    odd = b'{"model" :\t"huggingface:acme/m", "x": {"model": "huggingface:acme/m"}}'
+    assert rewrite(odd) == b'{"model":"m", "x": {"model":"m"}}'
+    other = b'{"model": "huggingface:acme/other"}'
+    assert rewrite(other) == other
