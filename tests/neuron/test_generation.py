@@ -278,6 +278,32 @@ def test_disconnected_stream_stops_generating(loaded: LiveNeuron) -> None:
     loaded.wait_for(lambda: worker.queue_depth == 0, timeout=5)
 
 
+def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(
+    loaded: LiveNeuron,
+) -> None:
+    """No streaming response listens for the disconnect here: only the neuron's own check
+    between decode jobs (``client_gone``) can notice it."""
+    cancelled_before = loaded.metric("neuron_generations_total", model=SLOW, reason="cancelled")
+    completion_before = loaded.metric("neuron_completion_tokens_total", model=SLOW)
+    body = {"model": SLOW, "messages": [{"role": "user", "content": "go"}]}
+    started = time.monotonic()
+    with (
+        httpx.Client(base_url=loaded.url, timeout=0.5) as client,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        client.post("/v1/chat/completions", json=body)  # 80 tokens at 20/s: 4 s
+    loaded.wait_for(
+        lambda: (
+            loaded.metric("neuron_generations_total", model=SLOW, reason="cancelled")
+            == cancelled_before + 1
+        ),
+        timeout=5,
+    )
+    assert time.monotonic() - started < 3.5
+    assert loaded.models()[SLOW]["in_flight"] == 0
+    assert loaded.metric("neuron_completion_tokens_total", model=SLOW) - completion_before < 60
+
+
 def test_tokenize_counts_the_rendered_prompt(loaded: LiveNeuron) -> None:
     with loaded.http() as client:
         answer = client.post("/tokenize", json={"model": LLAMA, "messages": MESSAGES}).json()

@@ -8,6 +8,7 @@ errors before the first byte of a stream are real HTTP errors; after it, an erro
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -293,13 +294,35 @@ async def _batches_until_disconnect(
     iterator = stream.delta_batches()
     try:
         async for texts in iterator:
-            if await request.is_disconnected():
+            if await client_gone(request):
                 stream.cancelled = True
                 return
             yield texts
     finally:
         await iterator.aclose()
         stream.close()
+
+
+async def client_gone(request: Request) -> bool:
+    """What ``await request.is_disconnected()`` answers (is an ``http.disconnect`` waiting on
+    the receive channel right now?), without its trip through the event loop.
+
+    Starlette's version awaits ``receive()`` inside an already-cancelled anyio scope, which
+    takes two loop iterations and gives the GIL away while the device worker runs Python
+    (measured on the transformers model: ~230 us of event-loop CPU and ~1 ms of worker CPU per
+    token at two tokens per job). Here the receive coroutine is stepped once by hand: if it
+    finishes at once, its message is the answer; if it would wait, nothing was pending (it is
+    closed, which unregisters its waiter) and the client is still there."""
+    step = request.receive()
+    if not inspect.iscoroutine(step):  # an ASGI server with another receive: the slow way
+        return await request.is_disconnected()
+    try:
+        step.send(None)
+    except StopIteration as done:
+        message = done.value or {}
+        return bool(message.get("type") == "http.disconnect")
+    step.close()
+    return False
 
 
 def _ids(prefix: str) -> tuple[str, int]:

@@ -8,9 +8,16 @@ of stepping, at EOS, at ``max_tokens``, or as soon as another job is waiting on 
 two streams on one device still take turns: a turn is one token once both have a job queued,
 at most ``MAX_STEPS_PER_JOB`` tokens / ``JOB_TIME_BUDGET_S`` otherwise). The first job of a
 generation runs one step (the prefill), so time to first token is never delayed by batching.
-A request whose client left stops submitting jobs: generation ends within the job that is
-running (at most ``MAX_STEPS_PER_JOB`` tokens, or one step past ``JOB_TIME_BUDGET_S``) and its
-KV cache is released on the worker.
+
+The next job is queued as soon as a job's tokens arrive on the event loop, before they are
+handed out (one job ahead, never past ``max_tokens``, EOS or a stop string): the device steps on
+while the event loop turns the tokens into frames and writes them, instead of idling for that
+time on every job. :meth:`GenerationStream.delta_batches` hands out one list of text deltas per
+job, which a streaming response writes in one send (one frame per token, one socket write per
+job). A request whose client left stops: the job queued ahead is dropped if it has not started,
+otherwise generation ends with it (at most ``MAX_STEPS_PER_JOB`` tokens, or one step past
+``JOB_TIME_BUDGET_S``, none of them counted or sent), and the KV cache is released on the
+worker.
 
 Everything above token ids lives here, identical for every harness: detokenisation that never
 emits half a character, stop strings (never emitted, held back across deltas), ``max_tokens``,
@@ -19,6 +26,7 @@ finish reasons ``stop``/``length``, usage and timing metrics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -69,6 +77,13 @@ def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
         return ApiError(500, "generation_failed", f"{entry.id}: {exc}")
     log.error("generation on %s failed", entry.id, exc_info=exc)
     return ApiError(500, "generation_failed", f"{entry.id}: {type(exc).__name__}: {exc}")
+
+
+def _drop_job(future: asyncio.Future[Any]) -> None:
+    """Forget a queued job: it does not run if it has not started (the worker skips cancelled
+    futures); a result or error that already arrived is discarded."""
+    if not future.cancel() and not future.cancelled():
+        future.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 def ready_entry(node: Node, raw_model: str) -> ModelEntry:
@@ -207,8 +222,9 @@ class GenerationStream:
     def _steps_job(self, limit: int) -> StepBatch:
         """Up to ``limit`` steps on the worker thread (see the module docstring for when it
         stops early). A device fault propagates at once: the worker must poison the device."""
-        assert self._generation is not None and self._decoder is not None
         generation, decoder, worker = self._generation, self._decoder, self.entry.worker
+        if generation is None or decoder is None:  # closed while this job was queued ahead
+            return StepBatch([])
         results: list[StepResult] = []
         deadline = time.perf_counter() + JOB_TIME_BUDGET_S
         while True:
@@ -250,32 +266,25 @@ class GenerationStream:
         matching = bool(stops.stops)
         model = self.entry.id
         pending: list[str] = []
+        # The next decode job, queued as soon as this one's tokens arrived (before they are
+        # handed out and written), so the device steps on while the event loop writes.
+        ahead: asyncio.Future[StepBatch] | None = None
         try:
             while self.completion_tokens < self.max_tokens:
-                # an unload lets running requests finish (up to its bound); once it took
-                # the model away, the generation cannot go on
-                if self.entry.handle is None:
-                    raise ApiError(
-                        503,
-                        "model_unloading",
-                        f"{model} was unloaded during the generation",
-                        retry_after=5,
-                    )
-                # the first job is the prefill alone, so batching never delays the first token
-                prefill = self.first_token_at is None
-                limit = (
-                    1
-                    if prefill
-                    else min(MAX_STEPS_PER_JOB, self.max_tokens - self.completion_tokens)
-                )
-                batch: StepBatch = await run_on_worker(
-                    self.entry, functools.partial(self._steps_job, limit)
-                )
+                job = ahead if ahead is not None else self._submit_steps()
+                ahead = None
+                try:
+                    batch: StepBatch = await job
+                except Exception as exc:
+                    raise worker_api_error(exc, self.entry) from None
                 if self.first_token_at is None:
+                    prefill = True
                     self.first_token_at = time.monotonic()
                     self.node.metrics.ttft.labels(model).observe(
                         self.first_token_at - self.started_at
                     )
+                else:
+                    prefill = False
                 texts: list[str] = []
                 finished = False
                 for result in batch.results:
@@ -297,9 +306,16 @@ class GenerationStream:
                     if texts:
                         yield texts
                     raise worker_api_error(batch.error, self.entry)
-                if self.completion_tokens >= self.max_tokens and not prefill:
-                    pending = texts  # the last job: the held tail (one flush) joins it
-                elif texts:
+                if self.completion_tokens >= self.max_tokens:
+                    if not prefill:
+                        pending = texts  # the last job: the held tail (one flush) joins it
+                        continue
+                else:
+                    # a refused submit (queue full, unloaded) is raised by the next turn,
+                    # after these tokens went out
+                    with contextlib.suppress(ApiError):
+                        ahead = self._submit_steps()
+                if texts:
                     yield texts
             else:
                 self.finish_reason = LENGTH
@@ -318,7 +334,31 @@ class GenerationStream:
                 self.cancelled = True
             raise
         finally:
+            if ahead is not None:
+                _drop_job(ahead)
             self.close()
+
+    def _submit_steps(self) -> asyncio.Future[StepBatch]:
+        """Queue the next decode job: the prefill alone first (so batching never delays the
+        first token), then up to ``MAX_STEPS_PER_JOB`` steps within ``max_tokens``."""
+        # an unload lets running requests finish (up to its bound); once it took the model
+        # away, the generation cannot go on
+        if self.entry.handle is None:
+            raise ApiError(
+                503,
+                "model_unloading",
+                f"{self.entry.id} was unloaded during the generation",
+                retry_after=5,
+            )
+        limit = (
+            1
+            if self.first_token_at is None
+            else min(MAX_STEPS_PER_JOB, self.max_tokens - self.completion_tokens)
+        )
+        try:
+            return self.entry.worker.submit(functools.partial(self._steps_job, limit))
+        except Exception as exc:
+            raise worker_api_error(exc, self.entry) from None
 
     def close(self) -> None:
         """Release the generation on its worker (without waiting: this also runs when the
