@@ -54,6 +54,7 @@ class Fleet:
         self._on_health_change = on_health_change
         self._applied: dict[str, float] = dict.fromkeys(self.nodes, 0.0)
         self._task: asyncio.Task[None] | None = None
+        self._default_source: str | None = None
 
     # ---- views ------------------------------------------------------------------------------
 
@@ -61,9 +62,15 @@ class Fleet:
         return [n for n in self.nodes.values() if n.up]
 
     def default_source(self, configured: str | None) -> str:
-        """The scheme of bare ids: configured, else what most healthy neurons use."""
+        """The scheme of bare ids: configured, else what most healthy neurons use (computed
+        once per change of the fleet view, not per request)."""
         if configured:
             return configured
+        if self._default_source is None:
+            self._default_source = self._most_used_default_source()
+        return self._default_source
+
+    def _most_used_default_source(self) -> str:
         counts: dict[str, int] = {}
         for node in self.up_nodes():
             assert node.discovery is not None
@@ -109,6 +116,7 @@ class Fleet:
         models: tuple[NodeModel, ...] = (),
         error: str | None = None,
     ) -> None:
+        self._default_source = None  # the view changed: recount on next use
         if error is None:
             node.discovery = discovery
             node.models = models

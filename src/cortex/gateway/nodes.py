@@ -174,13 +174,18 @@ class NodeState:
     discovery: Discovery | None = None
     models: tuple[NodeModel, ...] = ()
     refreshed_at: float = 0.0
+    # models by id, for the tuple it was built from (routing asks per request)
+    _index: tuple[tuple[NodeModel, ...], dict[str, NodeModel]] | None = attrs.field(
+        default=None, init=False, repr=False, eq=False
+    )
 
     @property
     def up(self) -> bool:
         return self.health.up and self.discovery is not None
 
     def model(self, model_id: str) -> NodeModel | None:
-        for m in self.models:
-            if m.id == model_id:
-                return m
-        return None
+        index = self._index
+        if index is None or index[0] is not self.models:  # rebuilt once per new poll answer
+            index = (self.models, {m.id: m for m in self.models})
+            self._index = index
+        return index[1].get(model_id)

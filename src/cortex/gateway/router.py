@@ -59,6 +59,29 @@ def resolve(requested: str, models: ModelsConfig, default_source: str) -> Resolv
     )
 
 
+class Resolver:
+    """:func:`resolve` with memory. The models config does not change while a gateway runs, so
+    a name resolves the same way for as long as the default source stays the same; parsing the
+    id and scanning every profile on each request was measurable on the hot path. Names that do
+    not resolve are not kept, and the memory is bounded (cleared when full)."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self, models: ModelsConfig) -> None:
+        self.models = models
+        self._known: dict[tuple[str, str], Resolved] = {}
+
+    def __call__(self, requested: str, default_source: str) -> Resolved:
+        key = (requested, default_source)
+        found = self._known.get(key)
+        if found is None:
+            found = resolve(requested, self.models, default_source)
+            if len(self._known) >= self.MAX_ENTRIES:
+                self._known.clear()
+            self._known[key] = found
+        return found
+
+
 # ---- replicas ---------------------------------------------------------------------------------
 
 

@@ -22,11 +22,18 @@ from cortex.gateway.catalogue import build_catalogue
 from cortex.gateway.dialects import TranslatorFactory, WholeTranslator, relay_translated
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.loader import Loader
-from cortex.gateway.metrics import NO_NODE, OTHER, GatewayMetrics, code_label, route_label
+from cortex.gateway.metrics import (
+    NO_NODE,
+    OTHER,
+    GatewayMetrics,
+    RequestSeries,
+    code_label,
+    route_label,
+)
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import NodeState
 from cortex.gateway.proxy import ModelRewriter, StreamObserver, UpstreamUnreachable, forward
-from cortex.gateway.router import Resolved, least_busy, replicas, resolve
+from cortex.gateway.router import Resolved, Resolver, least_busy, replicas
 from cortex.gateway.usage import Usage
 from cortex.logging import request_logger
 from cortex.wire.errors import ApiError, model_not_found
@@ -61,6 +68,7 @@ class Gateway:
     ) -> None:
         self.config = config
         self.models = models
+        self.resolve = Resolver(models)
         self.strategy = strategy
         self.metrics = metrics or GatewayMetrics()
         self.usage = Usage()
@@ -93,8 +101,12 @@ class Gateway:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         headers = {NEURON_TOKEN_HEADER: self.neuron_token} if self.neuron_token else None
+        # Neurons set no cookies: a dummy jar skips cookie filtering on every request/answer.
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, headers=headers
+            connector=connector,
+            auto_decompress=False,
+            headers=headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         g = self.config.gateway
         self.fleet = Fleet(
@@ -205,7 +217,7 @@ class Gateway:
         if not isinstance(requested, str) or not requested:
             return OTHER
         try:
-            resolved = resolve(requested, self.models, self.default_source)
+            resolved = self.resolve(requested, self.default_source)
         except ApiError:
             return OTHER
         return resolved.canonical if self._known(resolved)[0] else OTHER
@@ -311,7 +323,7 @@ class Gateway:
                 "the request needs a 'model' field naming a model from GET /v1/models",
                 param="model",
             )
-        resolved = resolve(requested, self.models, self.default_source)
+        resolved = self.resolve(requested, self.default_source)
         upstream = {**payload, "model": resolved.canonical}
         # Token metrics need the usage a stream reports only when asked: ask on behalf of a
         # client that did not, and keep that usage-only chunk from it.
@@ -356,7 +368,7 @@ class Gateway:
         """Serve a request another dialect translated into ``chat`` (an OpenAI chat body);
         ``whole`` / ``stream`` translate the answer back."""
         started = time.monotonic()
-        resolved = resolve(requested, self.models, self.default_source)
+        resolved = self.resolve(requested, self.default_source)
         body = json.dumps({**chat, "model": resolved.canonical}).encode()
         client_headers = without_credentials(client_headers)
 
@@ -380,7 +392,7 @@ class Gateway:
     async def tokenize(self, requested: str, tokenize_body: dict[str, Any]) -> dict[str, Any]:
         """The neuron's ``POST /tokenize`` answer for a model (loaded first when cold)."""
         started = time.monotonic()
-        resolved = resolve(requested, self.models, self.default_source)
+        resolved = self.resolve(requested, self.default_source)
         node = await self.route(resolved)
         status = "error"
         try:
@@ -439,7 +451,8 @@ class Gateway:
         load_waits: list[float] = []
         while True:
             node = await self.route(resolved, exclude=tried, load_waits=load_waits)
-            self.metrics.in_flight.labels(resolved.canonical, node.name).inc()
+            series = self.metrics.series(route, resolved.canonical, node.name)
+            series.in_flight.inc()
             observer = self._observer(route, node.name, resolved.canonical, started, slot.release)
             self.metrics.overhead.labels(route).observe(
                 max(0.0, time.monotonic() - started - queue_wait - sum(load_waits))
@@ -451,7 +464,7 @@ class Gateway:
                 exc.recorded = observer.ended  # type: ignore[attr-defined]
                 if not isinstance(exc, UpstreamUnreachable):
                     raise
-                self._finish(node.name, resolved.canonical)
+                self._finish(node.name, resolved.canonical, series)
                 assert self.fleet is not None
                 asyncio.get_running_loop().create_task(self.fleet.refresh(node.name))
                 tried.add(node.name)
@@ -465,9 +478,9 @@ class Gateway:
                     continue
                 raise
 
-    def _finish(self, node: str, canonical: str) -> None:
+    def _finish(self, node: str, canonical: str, series: RequestSeries) -> None:
         self.usage.end(node, canonical)
-        self.metrics.in_flight.labels(canonical, node).dec()
+        series.in_flight.dec()
 
     def _observer(
         self,
@@ -478,13 +491,14 @@ class Gateway:
         on_done: Callable[[], None] = lambda: None,
     ) -> StreamObserver:
         metrics = self.metrics
+        series = metrics.series(route, canonical, node)
         first: list[float] = []
         tokens: list[int] = [0, 0]  # prompt, completion (the last usage reported wins)
 
         def on_first_token() -> None:
             if not first:
                 first.append(time.monotonic())
-                metrics.ttft.labels(route, canonical, node).observe(first[0] - started)
+                series.ttft.observe(first[0] - started)
 
         def on_usage(usage: dict[str, Any]) -> None:
             prompt, done = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -494,24 +508,22 @@ class Gateway:
                 tokens[1] = done
 
         def on_end(error: str | None) -> None:
-            self._finish(node, canonical)
+            self._finish(node, canonical, series)
             on_done()
             ended = time.monotonic()
             elapsed = ended - started
             status = "error" if error else "ok"
-            metrics.duration.labels(route, canonical, node).observe(elapsed)
-            metrics.requests.labels(route, canonical, node, status).inc()
+            series.duration.observe(elapsed)
+            (series.error if error else series.ok).inc()
             prompt, done = tokens
             if prompt:
-                metrics.prompt_tokens.labels(canonical, node).inc(prompt)
+                series.prompt_tokens.inc(prompt)
             if done:
-                metrics.completion_tokens.labels(canonical, node).inc(done)
+                series.completion_tokens.inc(done)
             if error:
                 metrics.errors.labels(route, code_label(error)).inc()
             if first and done > 1 and ended > first[0]:
-                metrics.tokens_per_second.labels(canonical, node).observe(
-                    (done - 1) / (ended - first[0])
-                )
+                series.tokens_per_second.observe((done - 1) / (ended - first[0]))
             if request_log.isEnabledFor(logging.INFO):  # skip building the line when off
                 request_log.info(
                     route,
