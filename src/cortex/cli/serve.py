@@ -114,6 +114,9 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
             log_level=log_level,
             access_log=False,
             log_config=None,  # keep cortex's handlers (text or JSON, secrets masked)
+            # cortex never reads the client address, and uvicorn's X-Forwarded-For middleware
+            # wrapped every request (docs/benchmarks.md)
+            proxy_headers=False,
         )
     )
     metrics_server = uvicorn.Server(
