@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -30,21 +31,80 @@ TORCH_MODEL = "bench/tiny-llama"
 GGUF_MODEL = "bench/tiny-llama-gguf"
 
 
+class StreamClient:
+    """The leanest honest client: one keep-alive HTTP/1.1 connection per neuron (as the
+    gateway's pool keeps), the request bytes written, the chunked response read as raw bytes
+    until its last chunk, and nothing parsed until the clock has stopped.
+
+    It shares the two CPUs with the neuron, and the raw loops have no client at all, so any
+    client work in the timed region is charged to the neuron. Two such charges were found: a
+    ``json.loads`` of every frame, and ``httpx.stream()``, which builds a new client per call
+    whose TLS context set-up (loading the CA bundle: ~30 ms here, even for plain http) sat
+    inside every timed run: ~340 us per token of an 88-token stream. httpx's pure-Python
+    chunked decoding cost ~40 us of client CPU per token on top."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[str, socket.socket] = {}
+
+    def _socket(self, url: str) -> socket.socket:
+        sock = self._sockets.get(url)
+        if sock is None:
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            sock = socket.create_connection((host, int(port)), timeout=120)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sockets[url] = sock
+        return sock
+
+    def post(self, url: str, path: str, body: dict[str, Any]) -> tuple[float, bytes]:
+        """Seconds from writing the request to reading the last chunk, and the body (de-chunked
+        after the clock stopped)."""
+        payload = json.dumps(body).encode()
+        host = url.removeprefix("http://")
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+        sock = self._socket(url)
+        buffer = bytearray()
+        checked = False
+        started = time.perf_counter()
+        sock.sendall(request)
+        while not buffer.endswith(b"\r\n0\r\n\r\n"):  # the last chunk (no trailers)
+            part = sock.recv(1 << 16)
+            if not part:
+                raise ConnectionError(f"{url} closed the connection: {bytes(buffer[:300])!r}")
+            buffer += part
+            if not checked and b"\r\n\r\n" in buffer:
+                head = bytes(buffer[: buffer.index(b"\r\n\r\n")]).lower()
+                if (
+                    not head.startswith(b"http/1.1 200")
+                    or b"transfer-encoding: chunked" not in head
+                ):
+                    raise RuntimeError(f"not a 200 stream: {bytes(buffer[:500])!r}")
+                checked = True
+        seconds = time.perf_counter() - started
+        return seconds, _dechunk(bytes(buffer[buffer.index(b"\r\n\r\n") + 4 :]))
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, position = [], 0
+    while True:
+        line_end = data.index(b"\r\n", position)
+        size = int(data[position:line_end], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(data[line_end + 2 : line_end + 2 + size])
+        position = line_end + 2 + size + 2
+
+
 @functools.cache
-def _client() -> httpx.Client:
-    """One client for every run, made outside the timed region, with keep-alive connections
-    (as the gateway's pool to a neuron). ``httpx.stream()`` builds a new client per call, and
-    its TLS context set-up (loading the CA bundle: ~30 ms here, even for plain http) sat inside
-    every timed neuron run: ~340 us per token of an 88-token stream that was the client's."""
-    return httpx.Client(timeout=120)
+def _client() -> StreamClient:
+    return StreamClient()
 
 
 def neuron_stream(url: str, model: str, tokens: int) -> tuple[float, int]:
-    """Seconds from request to the last chunk, and completion tokens (from usage).
-
-    The client reads every byte as it arrives but parses only the frame that carries usage:
-    it shares the CPUs with the neuron, and a ``json.loads`` per token frame would charge the
-    client's work to the neuron (the raw loops have no client at all)."""
+    """Seconds from request to the last chunk, and completion tokens (from usage: only the
+    frame that carries it is parsed, after the clock stopped)."""
     body = {
         "model": model,
         "messages": PROMPT,
@@ -53,15 +113,10 @@ def neuron_stream(url: str, model: str, tokens: int) -> tuple[float, int]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    client = _client()
-    started = time.perf_counter()
-    produced = 0
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        chunks = list(resp.iter_raw())
-    seconds = time.perf_counter() - started
-    frames = b"".join(chunks).split(b"\n\n")
+    seconds, stream = _client().post(url, "/v1/chat/completions", body)
+    frames = stream.split(b"\n\n")
     assert frames[-2:] == [b"data: [DONE]", b""], frames[-3:]  # a complete stream
+    produced = 0
     for frame in reversed(frames):
         if b'"usage"' in frame and frame.startswith(b"data: {"):
             usage = json.loads(frame[6:]).get("usage")
@@ -72,8 +127,9 @@ def neuron_stream(url: str, model: str, tokens: int) -> tuple[float, int]:
 
 
 class RawTransformers:
-    """The minimal greedy loop over transformers: one forward per token with a KV cache
-    (``generate()`` is not the floor: its per-call set-up costs more than a tiny model's step)."""
+    """The minimal greedy loop over transformers: one forward per token with a KV cache, a
+    decode per token, stopping at EOS (``generate()`` is not the floor: its per-call set-up
+    costs more than a tiny model's step)."""
 
     def __init__(self, model_dir: Path) -> None:
         import torch
@@ -88,6 +144,8 @@ class RawTransformers:
         torch.set_num_threads(cpu_threads())
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def run(self, tokens: int) -> tuple[float, int]:
         from transformers import DynamicCache
@@ -107,16 +165,22 @@ class RawTransformers:
                 produced.append(token)
                 step_input = torch.tensor([[token]])
                 self.tokenizer.decode(produced[-1:])  # streaming detokenisation, as a server does
+                if token in self.eos:  # a server stops at EOS (the neuron does): same tokens
+                    break
         return time.perf_counter() - started, len(produced)
 
 
 class RawLlamaCpp:
-    """llama-cpp-python's own token generator (``Llama.generate``), greedy."""
+    """llama-cpp-python's own token generator (``Llama.generate``), greedy, a detokenise per
+    token, stopping at EOS."""
 
     def __init__(self, gguf: Path) -> None:
+        import llama_cpp
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.is_eog = llama_cpp.llama_vocab_is_eog
 
     def run(self, tokens: int) -> tuple[float, int]:
         started = time.perf_counter()
@@ -131,7 +195,9 @@ class RawLlamaCpp:
         for token in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
             self.llm.detokenize([token])
             produced += 1
-            if produced >= tokens:
+            # a server stops at EOS (the neuron does; this GGUF model's comes at token 88):
+            # the same tokens on both sides, the same prefill and set-up per token
+            if produced >= tokens or self.is_eog(self.vocab, token):
                 break
         return time.perf_counter() - started, produced
 
