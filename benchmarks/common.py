@@ -8,6 +8,7 @@ machine. It is the figure that carries over between machines best; wall-clock fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -58,6 +59,38 @@ def save(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
     return path
+
+
+def cpu_layout() -> tuple[set[int], set[int]] | None:
+    """(the proxy's cores, everyone else's cores), or None where that cannot be arranged.
+
+    Why: on a small machine the proxy under test, the upstream and the load generator fight
+    for the same cores, and a stream's wall time then measures the scheduler more than the
+    proxy (nginx "added" 6 ms to a 256-chunk stream in one such run). Giving the proxy one core
+    of its own -- "one worker each" -- and everything else the rest makes variants comparable."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def pin_tree(pid: int, cores: set[int]) -> None:
+    """Run every thread of ``pid`` and of its descendants on ``cores`` only."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            threads = proc.threads()
+        except psutil.NoSuchProcess:
+            continue
+        for thread in threads:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(thread.id, cores)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -293,24 +326,51 @@ async def _one_stream(
     return ((first or done) - started) * 1000, (done - started) * 1000, count
 
 
-def run_streams(
-    url: str, model: str, chunks: int, streams: int, proxy_pid: int | None, key: str = "x"
-) -> StreamResult:
-    """``streams`` sequential streams of ``chunks`` chunks; TTFT and total per stream."""
+@attrs.frozen
+class StreamTarget:
+    name: str
+    url: str
+    model: str
+    pid: int | None
+    key: str = "x"
 
-    async def run() -> StreamResult:
-        ttft, totals, seen = [], [], 0
+
+def run_streams_interleaved(
+    targets: list[StreamTarget], chunks: int, rounds: int
+) -> dict[str, StreamResult]:
+    """``rounds`` rounds of one stream per target, in turn: a burst of background load then
+    hits every variant alike, and round ``i`` of two variants can be compared pairwise (streams
+    of one variant measured in one block, minutes apart from the next, moved by several ms
+    between runs on a shared machine). CPU is read around each stream of a proxy."""
+
+    async def run() -> dict[str, StreamResult]:
         timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            await _one_stream(session, url, model, chunks, key)  # warm the connection
-            before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
-            for _ in range(streams):
-                first, total, count = await _one_stream(session, url, model, chunks, key)
-                ttft.append(first)
-                totals.append(total)
-                seen += count
-            used = (cpu_seconds(proxy_pid) - before) if proxy_pid else 0.0
-        return StreamResult(streams, seen, ttft, totals, used)
+        ttft: dict[str, list[float]] = {t.name: [] for t in targets}
+        totals: dict[str, list[float]] = {t.name: [] for t in targets}
+        seen = dict.fromkeys(ttft, 0)
+        used = dict.fromkeys(ttft, 0.0)
+        sessions = {t.name: aiohttp.ClientSession(timeout=timeout) for t in targets}
+        try:
+            for t in targets:  # warm each connection
+                await _one_stream(sessions[t.name], t.url, t.model, chunks, t.key)
+            for _ in range(rounds):
+                for t in targets:
+                    before = cpu_seconds(t.pid) if t.pid else 0.0
+                    first, total, count = await _one_stream(
+                        sessions[t.name], t.url, t.model, chunks, t.key
+                    )
+                    if t.pid:
+                        used[t.name] += cpu_seconds(t.pid) - before
+                    ttft[t.name].append(first)
+                    totals[t.name].append(total)
+                    seen[t.name] += count
+        finally:
+            for session in sessions.values():
+                await session.close()
+        return {
+            t.name: StreamResult(rounds, seen[t.name], ttft[t.name], totals[t.name], used[t.name])
+            for t in targets
+        }
 
     return asyncio.run(run())
 

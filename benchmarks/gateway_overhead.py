@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,14 @@ from benchmarks import proxies
 from benchmarks.common import (
     LoadResult,
     StreamResult,
+    StreamTarget,
+    cpu_layout,
     fmt,
     load_generator,
     median,
+    pin_tree,
     python_server,
-    run_streams,
+    run_streams_interleaved,
     run_wrk,
     save,
     table,
@@ -87,7 +91,6 @@ def measure(proxy: proxies.Proxy, model: str, seconds: float, streams: int) -> d
     c1: LoadResult = run_wrk(url, model, 1, seconds, proxy.pid, proxy.key)
     c16 = run_wrk(url, model, 16, seconds, proxy.pid, proxy.key)
     c64 = run_wrk(url, model, 64, seconds, proxy.pid, proxy.key)
-    stream: StreamResult = run_streams(url, model, STREAM_CHUNKS, streams, proxy.pid, proxy.key)
     result["p50_ms_c1"] = c1.p50_ms
     result["p99_ms_c1"] = c1.p99_ms
     result["rps_c1"] = c1.rps
@@ -96,11 +99,17 @@ def measure(proxy: proxies.Proxy, model: str, seconds: float, streams: int) -> d
     result["errors"] = c1.errors + c16.errors + c64.errors
     result["cpu_per_request_ms_c1"] = c1.cpu_per_request_ms
     result["cpu_per_request_ms_c64"] = c64.cpu_per_request_ms
-    result["stream_ttft_ms"] = median(stream.ttft_ms)
-    result["stream_total_ms"] = median(stream.total_ms)
-    result["stream_chunks"] = stream.chunks
-    result["cpu_per_chunk_us"] = stream.cpu_per_chunk_us
     return result
+
+
+def stream_figures(stream: StreamResult) -> dict[str, Any]:
+    return {
+        "stream_ttft_ms": median(stream.ttft_ms),
+        "stream_total_ms": median(stream.total_ms),
+        "stream_totals_ms": stream.total_ms,
+        "stream_chunks": stream.chunks,
+        "cpu_per_chunk_us": stream.cpu_per_chunk_us,
+    }
 
 
 def _started(name: str, start: Any, unavailable: dict[str, str]) -> proxies.Proxy | None:
@@ -118,11 +127,16 @@ def run(
     with_echo: bool,
     fast_stack: str | None = None,
     baseline: str | None = None,
+    pin: bool = True,
 ) -> dict[str, Any]:
     seconds = 1.0 if quick else 5.0
-    streams = 3 if quick else 30
+    streams = 3 if quick else 60
+    layout = cpu_layout() if pin else None
     fake = python_server("benchmarks.fake_neuron", "--listen", "127.0.0.1:0").start()
     assert fake.url is not None and fake.proc is not None
+    if layout is not None:  # this process (the load generators) and the upstream share the rest
+        pin_tree(os.getpid(), layout[1])
+        pin_tree(fake.proc.pid, layout[1])
     unavailable: dict[str, str] = {}
     results: dict[str, dict[str, Any]] = {}
     running: list[proxies.Proxy] = []
@@ -152,6 +166,8 @@ def run(
             neuron, registry = start_echo_neuron(tmp)
             cleanup += [neuron.terminate, registry.stop]
             assert neuron.url is not None and neuron.proc is not None
+            if layout is not None:  # the echo neuron is an upstream too
+                pin_tree(neuron.proc.pid, layout[1])
             running.append(proxies.Proxy("echo-neuron direct", neuron.url, None, lambda: None))
             via = proxies.cortex(neuron.url, name="echo-neuron via cortex")
             running.append(via)
@@ -163,8 +179,23 @@ def run(
                 cleanup.append(via_base.stop)
         for proxy in running:
             model = ECHO_MODEL if proxy.name.startswith("echo") else MODEL
+            if layout is not None and proxy.pid is not None:
+                pin_tree(proxy.pid, layout[0])
             print(f"  measuring {proxy.name} ...", flush=True)
             results[proxy.name] = measure(proxy, model, seconds, streams)
+        print("  streaming, one stream per variant in turn ...", flush=True)
+        targets = [
+            StreamTarget(
+                p.name,
+                f"{p.base_url}/v1/chat/completions",
+                ECHO_MODEL if p.name.startswith("echo") else MODEL,
+                p.pid,
+                p.key,
+            )
+            for p in running
+        ]
+        for name, stream in run_streams_interleaved(targets, STREAM_CHUNKS, streams).items():
+            results[name].update(stream_figures(stream))
     finally:
         for stop in reversed(cleanup):
             stop()
@@ -174,6 +205,11 @@ def run(
             "streams": streams,
             "chunks": STREAM_CHUNKS,
             "load_generator": load_generator(),
+            "cpu_layout": (
+                {"proxy": sorted(layout[0]), "load_and_upstream": sorted(layout[1])}
+                if layout is not None
+                else "unpinned"
+            ),
         },
         "results": results,
         "unavailable": unavailable,
@@ -195,7 +231,13 @@ def derive(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
         derived[name] = {
             "added_p50_ms": r["p50_ms_c1"] - base["p50_ms_c1"],
             "added_p99_ms": r["p99_ms_c1"] - base["p99_ms_c1"],
-            "added_stream_ms": r["stream_total_ms"] - base["stream_total_ms"],
+            # the median of per-round differences (streams were interleaved, see common.py)
+            "added_stream_ms": median(
+                [
+                    a - b
+                    for a, b in zip(r["stream_totals_ms"], base["stream_totals_ms"], strict=True)
+                ]
+            ),
             "added_ttft_ms": r["stream_ttft_ms"] - base["stream_ttft_ms"],
         }
     if "cortex" in results and results.get("litellm", {}).get("rps_c64"):
@@ -277,8 +319,21 @@ def main() -> None:
         help="also run the cortex package found in DIR (PYTHONPATH), e.g. the previous commit's:"
         " git archive HEAD src/cortex | tar -x -C DIR (then move DIR/src/cortex to DIR/cortex)",
     )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let every process run on every core (default: the proxy under test gets the last"
+        " core to itself, the load generator and the upstream share the others)",
+    )
     args = parser.parse_args()
-    run(args.quick, not args.no_litellm, not args.no_echo, args.fast_stack, args.baseline)
+    run(
+        args.quick,
+        not args.no_litellm,
+        not args.no_echo,
+        args.fast_stack,
+        args.baseline,
+        pin=not args.no_pin,
+    )
 
 
 if __name__ == "__main__":
