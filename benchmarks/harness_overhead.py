@@ -64,14 +64,31 @@ class StreamClient:
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode() + payload
+        try:
+            return self._exchange(url, request)
+        except _IdleClosed:  # the server closed the idle keep-alive connection: reconnect
+            self._sockets.pop(url).close()
+            return self._exchange(url, request)
+
+    def _exchange(self, url: str, request: bytes) -> tuple[float, bytes]:
         sock = self._socket(url)
         buffer = bytearray()
         checked = False
         started = time.perf_counter()
-        sock.sendall(request)
+        try:
+            sock.sendall(request)
+        except OSError as exc:
+            raise _IdleClosed from exc
         while not buffer.endswith(b"\r\n0\r\n\r\n"):  # the last chunk (no trailers)
-            part = sock.recv(1 << 16)
+            try:
+                part = sock.recv(1 << 16)
+            except ConnectionResetError as exc:
+                if buffer:
+                    raise
+                raise _IdleClosed from exc
             if not part:
+                if not buffer:
+                    raise _IdleClosed
                 raise ConnectionError(f"{url} closed the connection: {bytes(buffer[:300])!r}")
             buffer += part
             if not checked and b"\r\n\r\n" in buffer:
@@ -84,6 +101,10 @@ class StreamClient:
                 checked = True
         seconds = time.perf_counter() - started
         return seconds, _dechunk(bytes(buffer[buffer.index(b"\r\n\r\n") + 4 :]))
+
+
+class _IdleClosed(Exception):
+    """The connection was closed before any byte of the answer (keep-alive timeout)."""
 
 
 def _dechunk(data: bytes) -> bytes:
