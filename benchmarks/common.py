@@ -171,6 +171,23 @@ class LoadResult:
         return self.proxy_cpu_s / self.requests * 1000 if self.requests else float("nan")
 
 
+def combine_slices(slices: list[LoadResult]) -> LoadResult:
+    """Several short runs of one variant as one: requests/s and CPU per request over all of
+    them, p50/p99 as the median of the slices' (a burst of background load spoils one slice,
+    not the variant)."""
+    seconds = sum(r.seconds for r in slices)
+    requests = sum(r.requests for r in slices)
+    return LoadResult(
+        requests=requests,
+        seconds=seconds,
+        rps=requests / seconds if seconds else 0.0,
+        p50_ms=median([r.p50_ms for r in slices]),
+        p99_ms=median([r.p99_ms for r in slices]),
+        errors=sum(r.errors for r in slices),
+        proxy_cpu_s=sum(r.proxy_cpu_s for r in slices),
+    )
+
+
 def _wrk_ms(text: str, label: str) -> float:
     match = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
     if not match:

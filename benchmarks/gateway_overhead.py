@@ -27,6 +27,7 @@ from benchmarks.common import (
     LoadResult,
     StreamResult,
     StreamTarget,
+    combine_slices,
     cpu_layout,
     fmt,
     load_generator,
@@ -83,23 +84,46 @@ def start_echo_neuron(tmp: Path) -> tuple[ProcessServer, Any]:
     return neuron, registry
 
 
-def measure(proxy: proxies.Proxy, model: str, seconds: float, streams: int) -> dict[str, Any]:
-    url = f"{proxy.base_url}/v1/chat/completions"
-    # Warm up: connections, caches, lazy imports (LiteLLM answers its first requests in seconds).
-    run_wrk(url, model, 4, max(2.0, seconds), None, proxy.key)
-    result: dict[str, Any] = {}
-    c1: LoadResult = run_wrk(url, model, 1, seconds, proxy.pid, proxy.key)
-    c16 = run_wrk(url, model, 16, seconds, proxy.pid, proxy.key)
-    c64 = run_wrk(url, model, 64, seconds, proxy.pid, proxy.key)
-    result["p50_ms_c1"] = c1.p50_ms
-    result["p99_ms_c1"] = c1.p99_ms
-    result["rps_c1"] = c1.rps
-    result["rps_c16"] = c16.rps
-    result["rps_c64"] = c64.rps
-    result["errors"] = c1.errors + c16.errors + c64.errors
-    result["cpu_per_request_ms_c1"] = c1.cpu_per_request_ms
-    result["cpu_per_request_ms_c64"] = c64.cpu_per_request_ms
-    return result
+def _model(proxy: proxies.Proxy) -> str:
+    return ECHO_MODEL if proxy.name.startswith("echo") else MODEL
+
+
+def _url(proxy: proxies.Proxy) -> str:
+    return f"{proxy.base_url}/v1/chat/completions"
+
+
+def measure_load(running: list[proxies.Proxy], seconds: float) -> dict[str, dict[str, Any]]:
+    """Plain requests at concurrency 1, 16 and 64, in 1-second slices that take turns across
+    the variants (``seconds`` slices each), so background load is shared out evenly."""
+    for proxy in running:
+        # Warm up: connections, caches, lazy imports (LiteLLM answers its first requests slowly).
+        print(f"  warming up {proxy.name} ...", flush=True)
+        run_wrk(_url(proxy), _model(proxy), 4, max(2.0, seconds), None, proxy.key)
+    slices = max(1, round(seconds))
+    by_level: dict[int, dict[str, LoadResult]] = {}
+    for concurrency in (1, 16, 64):
+        print(f"  concurrency {concurrency}, {slices} slices per variant in turn ...", flush=True)
+        runs: dict[str, list[LoadResult]] = {p.name: [] for p in running}
+        for _ in range(slices):
+            for proxy in running:
+                runs[proxy.name].append(
+                    run_wrk(_url(proxy), _model(proxy), concurrency, 1.0, proxy.pid, proxy.key)
+                )
+        by_level[concurrency] = {name: combine_slices(r) for name, r in runs.items()}
+    results: dict[str, dict[str, Any]] = {}
+    for proxy in running:
+        c1, c16, c64 = (by_level[c][proxy.name] for c in (1, 16, 64))
+        results[proxy.name] = {
+            "p50_ms_c1": c1.p50_ms,
+            "p99_ms_c1": c1.p99_ms,
+            "rps_c1": c1.rps,
+            "rps_c16": c16.rps,
+            "rps_c64": c64.rps,
+            "errors": c1.errors + c16.errors + c64.errors,
+            "cpu_per_request_ms_c1": c1.cpu_per_request_ms,
+            "cpu_per_request_ms_c64": c64.cpu_per_request_ms,
+        }
+    return results
 
 
 def stream_figures(stream: StreamResult) -> dict[str, Any]:
@@ -177,23 +201,13 @@ def run(
                 via_base = proxies.cortex(neuron.url, name=name, pythonpath=baseline)
                 running.append(via_base)
                 cleanup.append(via_base.stop)
-        for proxy in running:
-            model = ECHO_MODEL if proxy.name.startswith("echo") else MODEL
-            if layout is not None and proxy.pid is not None:
-                pin_tree(proxy.pid, layout[0])
-            print(f"  measuring {proxy.name} ...", flush=True)
-            results[proxy.name] = measure(proxy, model, seconds, streams)
+        if layout is not None:
+            for proxy in running:
+                if proxy.pid is not None:
+                    pin_tree(proxy.pid, layout[0])
+        results = measure_load(running, seconds)
         print("  streaming, one stream per variant in turn ...", flush=True)
-        targets = [
-            StreamTarget(
-                p.name,
-                f"{p.base_url}/v1/chat/completions",
-                ECHO_MODEL if p.name.startswith("echo") else MODEL,
-                p.pid,
-                p.key,
-            )
-            for p in running
-        ]
+        targets = [StreamTarget(p.name, _url(p), _model(p), p.pid, p.key) for p in running]
         for name, stream in run_streams_interleaved(targets, STREAM_CHUNKS, streams).items():
             results[name].update(stream_figures(stream))
     finally:
