@@ -62,6 +62,8 @@ def two_gateways(fleet, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
 
 def _cases(model: str) -> list[tuple[str, dict[str, str], bytes]]:
     good = {"model": model, "messages": HELLO, "max_tokens": 8}
+    ask = {"model": model, "messages": HELLO, "max_tokens": 8}
+    count = {"model": model, "messages": HELLO}
     auth = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
     return [
         ("/v1/chat/completions", auth, json.dumps(good).encode()),
@@ -78,15 +80,33 @@ def _cases(model: str) -> list[tuple[str, dict[str, str], bytes]]:
         ("/v1/chat/completions", auth, json.dumps({**good, "model": "acme/nope"}).encode()),
         ("/v1/chat/completions", auth, json.dumps({**good, "model": "nope:x/y"}).encode()),
         ("/v1/completions", auth, json.dumps({**good, "model": 7}).encode()),
+        ("/v1/messages", auth, json.dumps(ask).encode()),
+        ("/v1/messages", {"x-api-key": KEY}, json.dumps(ask).encode()),
+        ("/v1/messages", {}, json.dumps(ask).encode()),  # 401 in the Anthropic envelope
+        ("/v1/messages", auth, b"{not json"),
+        ("/v1/messages", auth, b"x" * 5000),
+        ("/v1/messages", auth, json.dumps({"model": model, "messages": HELLO}).encode()),
+        ("/v1/messages", auth, json.dumps({**ask, "model": "acme/nope"}).encode()),
+        ("/v1/messages/count_tokens", auth, json.dumps(count).encode()),
+        ("/v1/messages/count_tokens", auth, json.dumps({"messages": HELLO}).encode()),
+        ("/v1/responses", auth, json.dumps({"model": model, "input": "hello"}).encode()),
+        ("/v1/responses", auth, json.dumps({"model": model, "input": 5}).encode()),
+        ("/v1/responses", {}, json.dumps({"model": model, "input": "hello"}).encode()),
     ]
 
 
 def _normalised(answer: httpx.Response) -> dict[str, Any]:
     body = answer.json()
-    if "error" in body:
+    if body.get("error"):
         shown: Any = {k: body["error"].get(k) for k in ("type", "code", "param")}
-    else:  # ids and timestamps differ between two answers
+    elif "choices" in body:  # ids and timestamps differ between two answers
         shown = [c.get("message", c.get("text")) for c in body["choices"]], body["usage"]
+    elif body.get("type") == "message":
+        shown = body["content"], body["usage"], body["stop_reason"]
+    elif body.get("object") == "response":
+        shown = body["output"][-1]["content"], body["status"]
+    else:
+        shown = body
     headers = {k: answer.headers.get(k) for k in ("retry-after", "www-authenticate", "connection")}
     return {"status": answer.status_code, "body": shown, "headers": headers}
 
@@ -140,3 +160,19 @@ def test_a_chunked_body_over_the_limit_is_cut_on_the_fast_path(two_gateways) -> 
     assert answer.status_code == 413
     assert answer.json()["error"]["code"] == "request_too_large"
     assert answer.headers["connection"] == "close"
+
+
+def test_fast_path_streams_messages_like_the_framework(two_gateways) -> None:
+    fast, framework, model = two_gateways
+    request = {"model": model, "messages": HELLO, "max_tokens": 8, "stream": True}
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    events = []
+    for url in (fast, framework):
+        with httpx.stream(
+            "POST", f"{url}/v1/messages", json=request, headers=headers, timeout=30
+        ) as answer:
+            assert answer.status_code == 200
+            names = [line[7:] for line in answer.iter_lines() if line.startswith("event: ")]
+        events.append([n for n in names if n != "ping"])
+    assert events[0] == events[1]
+    assert events[0][0] == "message_start" and events[0][-1] == "message_stop"

@@ -7,6 +7,7 @@ Handlers read raw JSON (no pydantic on the hot path) and every failure leaves as
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,12 +20,12 @@ from cortex import __version__
 from cortex.auth import AuthMiddleware, GatewayAuth
 from cortex.gateway.admin import install_admin_routes
 from cortex.gateway.admission import ClientWatch
-from cortex.gateway.dialects import install_dialect_routes
-from cortex.gateway.fast_path import GenerationEndpoint
+from cortex.gateway.dialects import DIALECT_ANSWERS, install_dialect_routes
+from cortex.gateway.fast_path import PlainEndpoint
 from cortex.gateway.service import Gateway
 from cortex.request_schemas import document_request_bodies
 from cortex.wire.errors import ApiError
-from cortex.wire.http import install_error_handlers, read_json_object
+from cortex.wire.http import default_dialect, install_error_handlers, read_json_object
 from cortex.wire.limits import BodyLimitMiddleware
 
 MAX_BODY_BYTES = 32 * 2**20
@@ -111,8 +112,12 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
 
     for path in GENERATION_ROUTES:
         app.add_api_route(path, generation, methods=["POST"])
-    endpoint = GenerationEndpoint(gateway, auth)
-    app.fast_routes = dict.fromkeys(GENERATION_ROUTES, endpoint)
+    generation_endpoint = PlainEndpoint(gateway, auth, gateway.generate)
+    app.fast_routes = dict.fromkeys(GENERATION_ROUTES, generation_endpoint)
+    for path, answer in DIALECT_ANSWERS.items():
+        app.fast_routes[path] = PlainEndpoint(
+            gateway, auth, functools.partial(answer, gateway), default_dialect(path)
+        )
 
     install_dialect_routes(app, gateway)
     install_admin_routes(app, gateway)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -47,6 +47,8 @@ CLAMP_EXTENSION = {"clamp_max_tokens": True}
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 WholeTranslator = Callable[[dict[str, Any]], dict[str, Any]]
+# A dialect route's work once its JSON body is read: (gateway, route, payload, headers).
+DialectAnswer = Callable[["Gateway", str, dict[str, Any], Mapping[str, str]], Awaitable[Response]]
 TranslatorFactory = Callable[[], StreamTranslator]
 
 
@@ -171,7 +173,8 @@ async def _translated_stream(
 
 async def serve_translated(
     gateway: Gateway,
-    request: Request,
+    route: str,
+    headers: Mapping[str, str],
     model: str,
     chat: dict[str, Any],
     whole: WholeTranslator,
@@ -179,13 +182,12 @@ async def serve_translated(
 ) -> Response:
     """Route a translated chat body; a stream that is slow to start is kept alive by pings."""
     chat = {**chat, "cortex": CLAMP_EXTENSION}
-    route = request.url.path
     if stream is None:
-        return await gateway.translated(route, model, chat, request.headers, whole, None)
+        return await gateway.translated(route, model, chat, headers, whole, None)
     translator = stream()  # one translator for the waiting phase and the relayed stream
     interval = gateway.config.gateway.stream_keepalive.seconds or 10.0
     answer = asyncio.ensure_future(
-        gateway.translated(route, model, chat, request.headers, whole, lambda: translator)
+        gateway.translated(route, model, chat, headers, whole, lambda: translator)
     )
     try:
         await asyncio.wait_for(asyncio.shield(answer), interval)
@@ -269,73 +271,77 @@ def _release_unsent(answer: asyncio.Future[Response]) -> None:
         result.release()
 
 
+async def messages_answer(
+    gateway: Gateway, route: str, payload: dict[str, Any], headers: Mapping[str, str]
+) -> Response:
+    """Anthropic Messages: translated to a chat request, answered in Anthropic's shape."""
+    parsed = anthropic.parse_messages_request(payload)
+    return await serve_translated(
+        gateway,
+        route,
+        headers,
+        parsed.model,
+        parsed.chat,
+        lambda completion: anthropic.message_from_chat_completion(
+            completion, parsed.model, thinking=parsed.thinking
+        ),
+        (lambda: anthropic.AnthropicStreamTranslator(parsed.model, thinking=parsed.thinking))
+        if parsed.stream
+        else None,
+    )
+
+
+async def count_tokens_answer(
+    gateway: Gateway, route: str, payload: dict[str, Any], headers: Mapping[str, str]
+) -> Response:
+    """The real prompt length: the neuron renders the same messages and tools (the model is
+    loaded first when cold, as for a request)."""
+    parsed = anthropic.parse_count_tokens_request(payload)
+    answer = await gateway.tokenize(parsed.model, parsed.tokenize)
+    return JSONResponse(anthropic.count_tokens_response(answer))
+
+
+async def responses_answer(
+    gateway: Gateway, route: str, payload: dict[str, Any], headers: Mapping[str, str]
+) -> Response:
+    """OpenAI Responses: translated to a chat request, answered as a ``response``."""
+    parsed = responses.parse_responses_request(payload)
+    return await serve_translated(
+        gateway,
+        route,
+        headers,
+        parsed.model,
+        parsed.chat,
+        lambda completion: responses.response_from_chat_completion(completion, parsed),
+        (lambda: responses.ResponsesStreamTranslator(parsed)) if parsed.stream else None,
+    )
+
+
+# The dialect routes and their answers; ``cortex.gateway.app`` serves them as plain ASGI
+# (``cortex.gateway.fast_path``), :func:`install_dialect_routes` through FastAPI.
+DIALECT_ANSWERS = {
+    "/v1/messages": messages_answer,
+    "/v1/messages/count_tokens": count_tokens_answer,
+    "/v1/responses": responses_answer,
+}
+
+
 def install_dialect_routes(app: FastAPI, gateway: Gateway) -> None:
     """``POST /v1/messages``, ``/v1/messages/count_tokens`` and ``/v1/responses``."""
 
-    def count_error(request: Request, error: ApiError) -> None:
-        payload = getattr(request.state, "cortex_payload", None)
-        model = payload.get("model") if isinstance(payload, dict) else None
-        gateway.record_failure(request.url.path, model, error)
+    def route_for(answer: DialectAnswer) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            route = request.url.path
+            payload: dict[str, Any] | None = None
+            try:
+                payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
+                return await answer(gateway, route, payload, request.headers)
+            except ApiError as exc:
+                gateway.record_failure(route, payload.get("model") if payload else None, exc)
+                raise
 
-    async def read_payload(request: Request) -> dict[str, Any]:
-        payload = await read_json_object(request, gateway.config.gateway.max_body_bytes)
-        request.state.cortex_payload = payload  # for count_error
-        return payload
+        handler.__doc__ = answer.__doc__
+        return handler
 
-    @app.post("/v1/messages")
-    async def messages(request: Request) -> Response:
-        """Anthropic Messages: translated to a chat request, answered in Anthropic's shape
-        (errors too, in the Anthropic envelope)."""
-        try:
-            payload = await read_payload(request)
-            parsed = anthropic.parse_messages_request(payload)
-            return await serve_translated(
-                gateway,
-                request,
-                parsed.model,
-                parsed.chat,
-                lambda completion: anthropic.message_from_chat_completion(
-                    completion, parsed.model, thinking=parsed.thinking
-                ),
-                (
-                    lambda: anthropic.AnthropicStreamTranslator(
-                        parsed.model, thinking=parsed.thinking
-                    )
-                )
-                if parsed.stream
-                else None,
-            )
-        except ApiError as exc:
-            count_error(request, exc)
-            raise
-
-    @app.post("/v1/messages/count_tokens")
-    async def count_tokens(request: Request) -> JSONResponse:
-        """The real prompt length: the neuron renders the same messages and tools (the model
-        is loaded first when cold, as for a request)."""
-        try:
-            payload = await read_payload(request)
-            parsed = anthropic.parse_count_tokens_request(payload)
-            answer = await gateway.tokenize(parsed.model, parsed.tokenize)
-            return JSONResponse(anthropic.count_tokens_response(answer))
-        except ApiError as exc:
-            count_error(request, exc)
-            raise
-
-    @app.post("/v1/responses")
-    async def responses_route(request: Request) -> Response:
-        """OpenAI Responses: translated to a chat request, answered as a ``response``."""
-        try:
-            payload = await read_payload(request)
-            parsed = responses.parse_responses_request(payload)
-            return await serve_translated(
-                gateway,
-                request,
-                parsed.model,
-                parsed.chat,
-                lambda completion: responses.response_from_chat_completion(completion, parsed),
-                (lambda: responses.ResponsesStreamTranslator(parsed)) if parsed.stream else None,
-            )
-        except ApiError as exc:
-            count_error(request, exc)
-            raise
+    for path, answer in DIALECT_ANSWERS.items():
+        app.add_api_route(path, route_for(answer), methods=["POST"])
