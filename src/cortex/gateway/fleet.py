@@ -1,9 +1,12 @@
 """The fleet view: a poller that keeps, per neuron, health, discovery and models.
 
-Every neuron is asked ``GET /discovery`` and ``GET /models`` each ``poll_interval``. The gateway
-also refreshes a node right after it loads or unloads there, so routing never acts on a view
-older than its own last action. A poll result older than one already applied is dropped (two
-polls can overlap when a refresh races the periodic one).
+Every neuron is asked ``GET /discovery`` and ``GET /models`` each ``poll_interval``, by a poll
+loop of its own (one asyncio task per neuron: poll, then sleep), so a neuron that hangs never
+delays the polls of the others. A poll is bounded by ``request_timeout`` (connect_timeout), so a
+neuron that stops answering is down within ``down_after x (poll_interval + request_timeout)``
+(docs/gateway.md). The gateway also refreshes a node right after it loads or unloads there, so
+routing never acts on a view older than its own last action. A poll result older than one
+already applied is dropped (two polls can overlap when a refresh races the periodic one).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 
 HealthListener = Callable[[NodeState], None]
 
+# What a neuron that is down, stopping or misbehaving makes a poll raise (logged without a trace).
+_EXPECTED_POLL_ERRORS = (aiohttp.ClientError, TimeoutError, NodeAnswerError, ValueError)
+
 
 class Fleet:
     """The live view of every configured neuron."""
@@ -50,10 +56,11 @@ class Fleet:
         }
         self._session = session
         self._poll_interval = poll_interval
+        self._timeout_s = request_timeout
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._on_health_change = on_health_change
         self._applied: dict[str, float] = dict.fromkeys(self.nodes, 0.0)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._default_source: str | None = None
 
     # ---- views ------------------------------------------------------------------------------
@@ -92,21 +99,31 @@ class Fleet:
         node = self.nodes[name]
         started = time.monotonic()
         try:
-            discovery_json, models_json = await asyncio.gather(
-                self._get_json(f"{node.endpoint}/discovery"),
-                self._get_json(f"{node.endpoint}/models"),
-            )
+            # aiohttp's total timeout bounds each GET; this bounds the poll as a whole, so the
+            # down bound in docs/gateway.md holds whatever the transport does.
+            async with asyncio.timeout(self._timeout_s):
+                discovery_json, models_json = await asyncio.gather(
+                    self._get_json(f"{node.endpoint}/discovery"),
+                    self._get_json(f"{node.endpoint}/models"),
+                )
             discovery = Discovery.from_json(discovery_json)
             models = parse_models(models_json)
-        except (aiohttp.ClientError, TimeoutError, NodeAnswerError, ValueError) as exc:
+        except Exception as exc:  # every failed poll is a miss, or a node could never go down
+            if not isinstance(exc, _EXPECTED_POLL_ERRORS):
+                log.warning("poll of neuron %s failed unexpectedly", name, exc_info=exc)
             if started >= self._applied[name]:
                 self._applied[name] = started
-                self._record(node, error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+                self._record(node, error=self._describe(exc))
             return node
         if started >= self._applied[name]:
             self._applied[name] = started
             self._record(node, discovery=discovery, models=models)
         return node
+
+    def _describe(self, exc: Exception) -> str:
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return f"TimeoutError: no answer within {self._timeout_s:g}s"
+        return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
     def _record(
         self,
@@ -132,21 +149,31 @@ class Fleet:
             log.info("neuron %s is up", node.name)
 
     async def poll_all(self) -> None:
+        """Poll every neuron once, together (start-up, and callers that need a fresh view)."""
         await asyncio.gather(*(self.refresh(name) for name in self.nodes))
 
-    async def _run(self) -> None:
+    async def _poll_loop(self, name: str) -> None:
+        """One neuron's poller: refresh, sleep, forever; never waits on another neuron."""
         while True:
             try:
-                await self.poll_all()
+                await self.refresh(name)
             except Exception:  # never let one bad poll end the poller
-                log.exception("fleet poll failed")
+                log.exception("poll of neuron %s failed", name)
             await asyncio.sleep(self._poll_interval)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="fleet-poller")
+        """Start one poll loop per neuron (call from the running event loop)."""
+        for name in self.nodes:
+            if name not in self._tasks:
+                self._tasks[name] = asyncio.create_task(
+                    self._poll_loop(name), name=f"fleet-poller {name}"
+                )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Cancel every poll loop and wait for them to end."""
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await task
