@@ -144,10 +144,9 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         chat = parse_chat_request(await read_json_object(request, MAX_BODY_BYTES))
         entry = ready_entry(node, chat.options.model)
         entry.begin_request()
-        node.metrics.in_flight.labels(entry.id).inc()
+        node.metrics.series(node.metrics.in_flight, entry.id).inc()
         try:
-            prompt_ids, opens_reasoning = await _render_chat(entry, chat)
-            stream = await _start(node, entry, prompt_ids, chat.options, started)
+            stream, opens_reasoning = await _render_and_start(node, entry, chat, started)
         except BaseException:
             _end(node, entry)
             raise
@@ -165,10 +164,9 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         req = parse_completion_request(await read_json_object(request, MAX_BODY_BYTES))
         entry = ready_entry(node, req.options.model)
         entry.begin_request()
-        node.metrics.in_flight.labels(entry.id).inc()
+        node.metrics.series(node.metrics.in_flight, entry.id).inc()
         try:
-            prompt_ids = await _prompt_ids(entry, req)
-            stream = await _start(node, entry, prompt_ids, req.options, started)
+            stream = await _tokenize_and_start(node, entry, req, started)
         except BaseException:
             _end(node, entry)
             raise
@@ -217,13 +215,14 @@ class RequestCounter:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.node.metrics.requests.labels(path, str(status)).inc()
-            self.node.metrics.duration.labels(path).observe(time.monotonic() - started)
+            metrics = self.node.metrics
+            metrics.series(metrics.requests, path, str(status)).inc()
+            metrics.series(metrics.duration, path).observe(time.monotonic() - started)
 
 
 def _end(node: Node, entry: Any) -> None:
     entry.end_request()
-    node.metrics.in_flight.labels(entry.id).dec()
+    node.metrics.series(node.metrics.in_flight, entry.id).dec()
 
 
 async def _render(entry: Any, chat: ChatRequest) -> list[int]:
@@ -252,26 +251,63 @@ async def _render_chat(entry: Any, chat: ChatRequest) -> tuple[list[int], bool]:
     return tuple(await run_on_worker(entry, job))  # type: ignore[return-value]
 
 
-async def _prompt_ids(entry: Any, req: CompletionRequest) -> list[int]:
-    if req.prompt_ids is not None:
-        return req.prompt_ids
+async def _render_and_start(
+    node: Node, entry: Any, chat: ChatRequest, started: float
+) -> tuple[GenerationStream, bool]:
+    """:func:`_render_chat` and :func:`_start` in one worker job (one hand-off to the device
+    worker and back instead of two; same checks in the same order, same errors)."""
     handle = entry.handle
     if handle is None:
         raise ApiError(503, "model_unloading", f"{entry.id} is being unloaded", retry_after=5)
-    text = req.prompt_text or ""
-    ids = list(await run_on_worker(entry, lambda: handle.tokenize(text)))
-    if not ids:
-        raise bad_request("the prompt is empty after tokenization", param="prompt")
-    return ids
+    messages, tools, options = chat.messages, chat.tools, chat.options
+
+    def job() -> tuple[GenerationStream, bool]:
+        ids = list(handle.render_chat(messages, tools))
+        tail = handle.decode(ids[-_REASONING_TAIL_TOKENS:]) if ids else ""
+        opens = prompt_opens_reasoning(tail)
+        stream = _new_stream(node, entry, ids, options, started)
+        stream.start_on_worker(handle)
+        return stream, opens
+
+    return tuple(await run_on_worker(entry, job))  # type: ignore[return-value]
 
 
-async def _start(
+async def _tokenize_and_start(
+    node: Node, entry: Any, req: CompletionRequest, started: float
+) -> GenerationStream:
+    """Tokenise the prompt (400 when empty) and :func:`_start`, in one worker job (as
+    :func:`_render_and_start`)."""
+    if req.prompt_ids is not None:
+        return await _start(node, entry, req.prompt_ids, req.options, started)
+    handle = entry.handle
+    if handle is None:
+        raise ApiError(503, "model_unloading", f"{entry.id} is being unloaded", retry_after=5)
+    text, options = req.prompt_text or "", req.options
+
+    def job() -> GenerationStream:
+        ids = list(handle.tokenize(text))
+        if not ids:
+            raise bad_request("the prompt is empty after tokenization", param="prompt")
+        stream = _new_stream(node, entry, ids, options, started)
+        stream.start_on_worker(handle)
+        return stream
+
+    return await run_on_worker(entry, job)  # type: ignore[no-any-return]
+
+
+def _new_stream(
     node: Node, entry: Any, prompt_ids: list[int], options: Any, started: float
 ) -> GenerationStream:
     max_tokens = check_context(
         entry, len(prompt_ids), options.max_tokens, clamp=options.clamp_max_tokens
     )
-    stream = GenerationStream(node, entry, prompt_ids, options, max_tokens, started)
+    return GenerationStream(node, entry, prompt_ids, options, max_tokens, started)
+
+
+async def _start(
+    node: Node, entry: Any, prompt_ids: list[int], options: Any, started: float
+) -> GenerationStream:
+    stream = _new_stream(node, entry, prompt_ids, options, started)
     await stream.start()
     return stream
 

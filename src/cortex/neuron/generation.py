@@ -211,13 +211,14 @@ class GenerationStream:
         handle = self.entry.handle
         if handle is None:
             raise ApiError(503, "model_unloading", f"{self.entry.id} is being unloaded")
-        prompt_ids, sampling = self.prompt_ids, self.options.sampling
+        await run_on_worker(self.entry, functools.partial(self.start_on_worker, handle))
 
-        def start_job() -> Generation:
-            self._decoder = IncrementalDecoder(handle.decode)
-            return handle.start(prompt_ids, sampling)
-
-        self._generation = await run_on_worker(self.entry, start_job)
+    def start_on_worker(self, handle: Any) -> None:
+        """:meth:`start`'s work, on the device worker thread: a request that has more to do
+        there first (render the chat template, tokenise) runs it in the same job (one
+        hand-off instead of two)."""
+        self._decoder = IncrementalDecoder(handle.decode)
+        self._generation = handle.start(self.prompt_ids, self.options.sampling)
 
     def _steps_job(self, limit: int) -> StepBatch:
         """Up to ``limit`` steps on the worker thread (see the module docstring for when it
@@ -265,6 +266,7 @@ class GenerationStream:
         stops = StopMatcher(self.options.stop)
         matching = bool(stops.stops)
         model = self.entry.id
+        metrics = self.node.metrics
         pending: list[str] = []
         # The next decode job, queued as soon as this one's tokens arrived (before they are
         # handed out and written), so the device steps on while the event loop writes.
@@ -280,7 +282,7 @@ class GenerationStream:
                 if self.first_token_at is None:
                     prefill = True
                     self.first_token_at = time.monotonic()
-                    self.node.metrics.ttft.labels(model).observe(
+                    metrics.series(metrics.ttft, model).observe(
                         self.first_token_at - self.started_at
                     )
                 else:
@@ -373,10 +375,10 @@ class GenerationStream:
                 self.entry.worker.submit(generation.close, internal=True)
         model = self.entry.id
         metrics = self.node.metrics
-        metrics.prompt_tokens.labels(model).inc(self.prompt_tokens)
-        metrics.completion_tokens.labels(model).inc(self.completion_tokens)
+        metrics.series(metrics.prompt_tokens, model).inc(self.prompt_tokens)
+        metrics.series(metrics.completion_tokens, model).inc(self.completion_tokens)
         reason = self.finish_reason or ("cancelled" if self.cancelled else "error")
-        metrics.generations.labels(model, reason).inc()
+        metrics.series(metrics.generations, model, reason).inc()
         request_log.info(
             "generation",
             extra={
@@ -397,4 +399,4 @@ class GenerationStream:
             decode_time = time.monotonic() - self.first_token_at
             if decode_time > 0:
                 rate = (self.completion_tokens - 1) / decode_time
-                metrics.tokens_per_second.labels(model).observe(rate)
+                metrics.series(metrics.tokens_per_second, model).observe(rate)

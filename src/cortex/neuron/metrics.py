@@ -7,6 +7,8 @@ that fails can name anything."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cortex.metric_buckets import LATENCY_BUCKETS, LOAD_BUCKETS, RATE_BUCKETS
@@ -15,6 +17,7 @@ from cortex.metric_buckets import LATENCY_BUCKETS, LOAD_BUCKETS, RATE_BUCKETS
 class NeuronMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "neuron_requests", "HTTP requests by route and status", ["route", "status"], registry=r
@@ -81,6 +84,16 @@ class NeuronMetrics:
         )
         self.unloads = Counter("neuron_model_unloads", "Model unloads", registry=r)
         self.models = Gauge("neuron_models", "Models on this node by state", ["state"], registry=r)
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised per label set (``labels()`` validates and
+        looks its arguments up on every call: ~1-2 us, several times per request). Label sets
+        are bounded (routes, statuses, models loaded here); no series is ever removed."""
+        key = (metric, labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
