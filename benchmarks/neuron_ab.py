@@ -6,7 +6,8 @@ same moment, so a change to the neuron's per-token path is measured side by side
 Run::
 
     git worktree add --detach /tmp/neuron-base <commit>
-    python -m benchmarks.neuron_ab --baseline /tmp/neuron-base [--rounds 15] [--tokens 128]
+    python -m benchmarks.neuron_ab --baseline /tmp/neuron-base [--rounds 15] [--tokens 128] \
+        [--size tiny|small]
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import python_server
-from benchmarks.harness_overhead import GGUF_MODEL, TORCH_MODEL, build, neuron_stream
+from benchmarks.harness_overhead import (
+    GGUF_MODEL,
+    SMALL_GGUF_MODEL,
+    SMALL_TORCH_MODEL,
+    TORCH_MODEL,
+    build,
+    neuron_stream,
+)
 from cortex.demo.models import harness_installed
 from cortex.testing.servers import ProcessServer
 
@@ -46,6 +54,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, required=True, help="checkout to compare with")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument(
+        "--size", choices=("tiny", "small"), default="tiny", help="the harness benchmark's model"
+    )
     args = parser.parse_args()
     base = args.baseline.resolve()
     base_path = ":".join(
@@ -53,13 +64,17 @@ def main() -> None:
         for p in ("src", "plugins/harness_torch/src", "plugins/harness_llamacpp/src", ".")
     )
     tmp = Path(tempfile.mkdtemp(prefix="bench-neuron-ab-"))
-    build(tmp)
+    small = args.size == "small"
+    build(tmp, small=small)
     registry = start_registry(tmp / "repos")
     servers = {
         "baseline": start_neuron("baseline", tmp, registry.url, base_path),
         "current": start_neuron("current", tmp, registry.url, None),
     }
-    models = [TORCH_MODEL] + ([GGUF_MODEL] if harness_installed("llamacpp") else [])
+    torch_id, gguf_id = (
+        (SMALL_TORCH_MODEL, SMALL_GGUF_MODEL) if small else (TORCH_MODEL, GGUF_MODEL)
+    )
+    models = [torch_id] + ([gguf_id] if harness_installed("llamacpp") else [])
     try:
         for model in models:
             rates: dict[str, list[float]] = {label: [] for label in servers}
