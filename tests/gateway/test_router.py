@@ -189,6 +189,15 @@ def test_a_load_running_on_a_neuron_is_joined_not_duplicated() -> None:
     assert (p.node, p.victims) == ("b", ())
 
 
+def test_a_neuron_load_without_a_device_yet_is_joined_too() -> None:
+    """The neuron lists a load before it picked a device: still joined, never duplicated."""
+    config = models(ModelProfile(id="acme/m", memory_mb=500))
+    a = node("a", cpu_mb=10_000)
+    b = node("b", model("acme/m", mb=0, state="loading", device=""), cpu_mb=600)
+    p = placed(config, "acme/m", [a, b])
+    assert (p.node, p.device, p.victims) == ("b", "cpu", ())
+
+
 # ---- health debounce ---------------------------------------------------------------------------
 
 

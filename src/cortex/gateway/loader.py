@@ -28,6 +28,7 @@ from cortex.gateway.router import (
     node_allowed,
     node_capable,
     place,
+    replicas,
 )
 from cortex.gateway.usage import Usage
 from cortex.wire.errors import ApiError
@@ -189,6 +190,12 @@ class Loader:
     async def _load(self, resolved: Resolved) -> str:
         needed = await self._needed_bytes(resolved)
         async with self._placement_lock:
+            # The estimate and the lock were awaits: a poll may have seen the model become ready
+            # meanwhile (a load on the neuron this gateway joined late, or another gateway's).
+            # Use that copy; placing another would load a duplicate on a second node.
+            ready = replicas(list(self.fleet.nodes.values()), resolved.canonical, self.usage)
+            if ready:
+                return ready[0][0].name
             try:
                 placement = self._place(resolved, needed)
             except ApiError as exc:

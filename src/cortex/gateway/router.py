@@ -214,11 +214,15 @@ def place(
     incapable = [why for n in up if (why := node_capable(profile, n, canonical))]
     capable = [n for n in up if node_capable(profile, n, canonical) is None]
 
-    # A load already running on a neuron (not started by us): join it there, no eviction.
+    # A load already running on a neuron (not started by us): join it there, no eviction (the
+    # neuron coalesces a second /models/load). Before the neuron picked a device, the entry has
+    # none yet: the load is joined all the same, on the device placement would choose there.
     for node in capable:
         entry = node.model(canonical)
-        if entry is not None and entry.state == LOADING and entry.device:
-            return Placement(node.name, entry.device)
+        if entry is not None and entry.state == LOADING:
+            device = entry.device or next((d.key for d in placement_devices(node)), "")
+            if device:
+                return Placement(node.name, device)
 
     if not capable:
         if down:
