@@ -151,6 +151,7 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
             _end(node, entry)
             raise
         parser = output_parser(bool(chat.tools), starts_in_reasoning=opens_reasoning)
+        stream.prefill_ahead()
         if chat.options.stream:
             return _sse(_chat_stream(node, entry, stream, chat, request, parser))
         try:
@@ -170,6 +171,7 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         except BaseException:
             _end(node, entry)
             raise
+        stream.prefill_ahead()
         if req.options.stream:
             return _sse(_completion_stream(node, entry, stream, req, request))
         try:

@@ -195,6 +195,8 @@ class GenerationStream:
         self._decoder: IncrementalDecoder | None = None
         self._closed = False
         self.cancelled = False
+        # The prefill, queued by prefill_ahead() before the response starts (see there).
+        self._first_job: asyncio.Future[StepBatch] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -212,6 +214,22 @@ class GenerationStream:
         if handle is None:
             raise ApiError(503, "model_unloading", f"{self.entry.id} is being unloaded")
         await run_on_worker(self.entry, functools.partial(self.start_on_worker, handle))
+
+    def prefill_ahead(self) -> None:
+        """Queue the first job (the prefill) now, before the caller writes the response head
+        and the role frame, so the device prefills while the event loop writes instead of
+        idling for those writes (one or two socket writes: ~0.2 ms each on a loopback VM).
+        Its tokens and errors reach the client exactly as before: through
+        :meth:`delta_batches`, which takes this job as its first. A refused submit (queue full,
+        unloaded) is left for :meth:`delta_batches` to raise at the same point as before."""
+        if (
+            self._first_job is None
+            and self._generation is not None
+            and not self._closed
+            and self.max_tokens > 0
+        ):
+            with contextlib.suppress(ApiError):
+                self._first_job = self._submit_steps()
 
     def start_on_worker(self, handle: Any) -> None:
         """:meth:`start`'s work, on the device worker thread: a request that has more to do
@@ -270,7 +288,7 @@ class GenerationStream:
         pending: list[str] = []
         # The next decode job, queued as soon as this one's tokens arrived (before they are
         # handed out and written), so the device steps on while the event loop writes.
-        ahead: asyncio.Future[StepBatch] | None = None
+        ahead, self._first_job = self._first_job, None
         try:
             while self.completion_tokens < self.max_tokens:
                 job = ahead if ahead is not None else self._submit_steps()
@@ -368,6 +386,9 @@ class GenerationStream:
         if self._closed:
             return
         self._closed = True
+        if self._first_job is not None:  # delta_batches never ran
+            _drop_job(self._first_job)
+            self._first_job = None
         generation, self._generation = self._generation, None
         if generation is not None:
             # poisoned or stopped: nothing left to release
