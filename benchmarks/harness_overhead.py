@@ -11,7 +11,7 @@ Runs alternate (raw, neuron, raw, ...) so background load hits both
 alike; the best run of each is compared (medians are printed too), with the per-token
 overhead in microseconds. Target: >= 90% of raw.
 
-Run: ``python -m benchmarks.harness_overhead [--quick] [--sizes tiny,small]``
+Run: ``python -m benchmarks.harness_overhead [--quick] [--sizes tiny,small] [--rounds N]``
 """
 
 from __future__ import annotations
@@ -290,11 +290,13 @@ def build(tmp: Path, small: bool = False) -> tuple[Path, Path | None]:
     return model_dir, gguf
 
 
-def run(quick: bool, sizes: tuple[str, ...] = ("tiny", "small")) -> dict[str, Any]:
+def run(
+    quick: bool, sizes: tuple[str, ...] = ("tiny", "small"), rounds: int | None = None
+) -> dict[str, Any]:
     from cortex.testing.registry import start_registry
 
     tokens = 16 if quick else 128
-    rounds = 2 if quick else 11
+    rounds = rounds or (2 if quick else 11)
     tmp = Path(tempfile.mkdtemp(prefix="bench-harness-"))
     built = {size: build(tmp, small=size == "small") for size in sizes}
     registry = start_registry(tmp / "repos")
@@ -399,8 +401,9 @@ def main() -> None:
     parser.add_argument(
         "--sizes", default="tiny,small", help="model sizes, comma-separated: tiny, small"
     )
+    parser.add_argument("--rounds", type=int, help="alternating runs per side (11; 2 with --quick)")
     args = parser.parse_args()
-    run(args.quick, tuple(s for s in args.sizes.split(",") if s))
+    run(args.quick, tuple(s for s in args.sizes.split(",") if s), args.rounds)
 
 
 if __name__ == "__main__":
