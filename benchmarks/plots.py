@@ -52,18 +52,38 @@ def plot_harness(report: dict[str, Any], out: Path) -> Path:
 
     results = report["results"]
     labels = list(results)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = range(len(labels))
     raw = [results[k]["raw_tokens_per_s"] for k in labels]
     neuron = [results[k]["neuron_tokens_per_s"] for k in labels]
-    b1 = ax.bar([i - 0.2 for i in x], raw, 0.4, label="raw library loop")
-    b2 = ax.bar([i + 0.2 for i in x], neuron, 0.4, label="neuron run (HTTP stream)")
-    ax.bar_label(b1, fmt="%.0f", fontsize=8)
-    ax.bar_label(b2, fmt="%.0f", fontsize=8)
-    ax.set_xticks(list(x), labels)
-    ax.set_ylabel("tokens/s (tiny model, best run of each)")
-    ax.legend()
-    ax.set_title("Harness overhead\n" + _subtitle(report), fontsize=10)
+    b1 = left.bar([i - 0.2 for i in x], raw, 0.4, label="raw library loop")
+    b2 = left.bar([i + 0.2 for i in x], neuron, 0.4, label="neuron run (HTTP stream)")
+    left.bar_label(b1, fmt="%.0f", fontsize=8)
+    left.bar_label(b2, fmt="%.0f", fontsize=8)
+    left.set_yscale("log")
+    left.set_xticks(list(x), labels, fontsize=8)
+    left.set_ylabel("tokens/s (best run of each, log scale)")
+    left.legend(fontsize=8)
+    ratios = [results[k]["ratio"] * 100 for k in labels]
+    steps = [1e3 / results[k]["raw_tokens_per_s"] for k in labels]
+    bars = right.bar(
+        list(x), ratios, 0.5, color=["#55a868" if r >= 90 else "#c44e52" for r in ratios]
+    )
+    right.bar_label(
+        bars, labels=[f"{r:.0f}%\n(raw {s:.2f} ms/token)" for r, s in zip(ratios, steps, strict=True)],
+        fontsize=8,
+    )  # fmt: skip
+    right.axhline(90, color="black", linestyle="--", linewidth=1, label="target 90%")
+    right.set_ylim(0, 125)
+    right.set_xticks(list(x), labels, fontsize=8)
+    right.set_ylabel("neuron tokens/s, % of the raw loop")
+    right.legend(fontsize=8, loc="lower right")
+    sizes = report.get("settings", {}).get("sizes", {})
+    shapes = "; ".join(f"{k}: {v}" for k, v in sizes.items())
+    fig.suptitle(
+        "Harness overhead" + (f" ({shapes})" if shapes else "") + "\n" + _subtitle(report),
+        fontsize=10,
+    )
     fig.tight_layout()
     path = out / "bench-harness-overhead.png"
     fig.savefig(path, dpi=110)
