@@ -69,10 +69,8 @@ def plot_harness(report: dict[str, Any], out: Path) -> Path:
     bars = right.bar(
         list(x), ratios, 0.5, color=["#55a868" if r >= 90 else "#c44e52" for r in ratios]
     )
-    right.bar_label(
-        bars, labels=[f"{r:.0f}%\n(raw {s:.2f} ms/token)" for r, s in zip(ratios, steps, strict=True)],
-        fontsize=8,
-    )  # fmt: skip
+    texts = [f"{r:.0f}%\n(raw {s:.2f} ms/token)" for r, s in zip(ratios, steps, strict=True)]
+    right.bar_label(bars, labels=texts, fontsize=8)
     right.axhline(90, color="black", linestyle="--", linewidth=1, label="target 90%")
     right.set_ylim(0, 125)
     right.set_xticks(list(x), labels, fontsize=8)
