@@ -278,6 +278,30 @@ def test_disconnected_stream_stops_generating(loaded: LiveNeuron) -> None:
     loaded.wait_for(lambda: worker.queue_depth == 0, timeout=5)
 
 
+def test_a_stream_left_before_its_first_token_releases_everything(loaded: LiveNeuron) -> None:
+    """The prefill is queued before the response head is written; a client that leaves as soon
+    as it has the head (before any token) still ends the generation as cancelled, and nothing
+    stays queued or in flight."""
+    cancelled_before = loaded.metric("neuron_generations_total", model=SLOW, reason="cancelled")
+    body = {"model": SLOW, "messages": [{"role": "user", "content": "go"}], "stream": True}
+    with (
+        httpx.Client(base_url=loaded.url, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+    loaded.wait_for(lambda: loaded.models()[SLOW]["in_flight"] == 0, timeout=5)
+    loaded.wait_for(
+        lambda: (
+            loaded.metric("neuron_generations_total", model=SLOW, reason="cancelled")
+            == cancelled_before + 1
+        ),
+        timeout=5,
+    )
+    worker = loaded.node.workers.get("cpu")
+    assert worker is not None
+    loaded.wait_for(lambda: worker.queue_depth == 0, timeout=5)
+
+
 def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(
     loaded: LiveNeuron,
 ) -> None:
