@@ -130,7 +130,7 @@ def test_routes_to_the_least_busy_replica(fleet) -> None:
 
 def test_streaming_passes_chunks_through_as_they_arrive(fleet) -> None:
     model = fleet.publish_echo(
-        "acme/slow", reply="one two three four five six", tokens_per_second=10
+        "acme/slow", reply="one two three four five six", tokens_per_second=5
     )
     fleet.load_on("n3", model)
     gw = fleet.gateway()
@@ -147,10 +147,12 @@ def test_streaming_passes_chunks_through_as_they_arrive(fleet) -> None:
             pieces.append(chunk.choices[0].delta.content)
     assert "".join(pieces) == "one two three four five six"
     content_arrivals = arrivals[: len(pieces)]
-    # Six tokens at 10/s: spread over ~0.5 s, not delivered at once at the end.
-    assert content_arrivals[-1] - content_arrivals[0] > 0.3
+    # Six tokens at 5/s: spread over ~1 s, not delivered at once at the end. The pace leaves
+    # room for a busy machine: a stall makes the echo model catch up with a burst (it keeps a
+    # schedule), which merges two or three tokens at most (CI once saw that at 10/s).
+    assert content_arrivals[-1] - content_arrivals[0] > 0.6
     gaps = [b - a for a, b in itertools.pairwise(content_arrivals)]
-    assert sum(1 for g in gaps if g > 0.05) >= 3
+    assert sum(1 for g in gaps if g > 0.08) >= 3
 
 
 def test_raw_stream_keeps_sse_and_done(fleet) -> None:
