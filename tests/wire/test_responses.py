@@ -134,3 +134,13 @@ def test_official_sdk_accumulates_the_stream(path: Path) -> None:
     except (openai.APIError, RuntimeError) as exc:
         outcome = {"error": {"class": type(exc).__name__, "message": str(exc)}}
     check_golden(path, case, "expected_sdk", outcome)
+
+
+@pytest.mark.parametrize("kind", [["message"], {"a": 1}, 7])
+def test_an_input_item_type_that_is_not_a_string_is_a_400(kind: Any) -> None:
+    """Found by the fuzz test: a list ``type`` reached a set lookup and raised TypeError (a
+    500 on the gateway) instead of a typed 400."""
+    with pytest.raises(ApiError) as info:
+        parse_responses_request({"model": "m", "input": [{"type": kind, "content": "hi"}]})
+    assert info.value.status == 400
+    assert info.value.param == "input[0]"

@@ -162,6 +162,8 @@ def _input_messages(raw: Any, system_parts: list[str], ignored: list[str]) -> li
         if not isinstance(item, dict):
             raise bad_request(f"{param}: must be an object", param=param)
         kind = item.get("type", "message" if "role" in item else None)
+        if kind is not None and not isinstance(kind, str):
+            raise bad_request(f"{param}.type: must be a string", param=param)
         if kind == "message":
             _message_item(item, param, out, system_parts)
         elif kind == "function_call":
