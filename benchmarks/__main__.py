@@ -1,7 +1,8 @@
 """``python -m benchmarks [--quick] [--only NAME,...] [--no-litellm]`` (``make bench``).
 
 Runs the benchmarks one after the other (never two at once: they share the machine), writes
-``benchmarks/results/*.json`` and, when matplotlib is installed, one PNG per benchmark in docs/.
+``benchmarks/results/*.json`` and, when matplotlib is installed, one PNG per benchmark in docs/
+(with ``--quick``, next to the results instead).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def main() -> None:
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
         return
+    from benchmarks.common import RESULTS
     from benchmarks.plots import plot_all
 
-    for path in plot_all():
+    # A smoke run's plots go next to its results: docs/ keeps the plots of measured runs.
+    for path in plot_all(RESULTS) if args.quick else plot_all():
         print(f"wrote {path}")
 
 
