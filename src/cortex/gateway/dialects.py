@@ -129,12 +129,9 @@ async def relay_translated(
 
 
 class TranslatedStream(UpstreamStreamingResponse):
-    """A translated answer stream; :meth:`release` gives its upstream back when the stream is
-    relayed inside another one (:func:`_kept_alive`) and the client left before it began."""
-
-    def release(self) -> None:
-        self._upstream.close()
-        self._observer.on_end("client_disconnected")
+    """A translated answer stream; :meth:`release` (inherited) gives its upstream back when the
+    stream is relayed inside another one (:func:`_kept_alive`) and the client left before it
+    began."""
 
 
 async def _translated_stream(

@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from cortex.gateway.stream_probe import frames_have_content, take_usage
 from cortex.wire.errors import ApiError
 from cortex.wire.sse import encode_data
+from cortex.wire.stream_response import WatchedStreamingResponse
 
 HOP_BY_HOP = frozenset(
     {
@@ -122,16 +123,11 @@ class StreamObserver:
             self._on_end(error)
 
 
-class UpstreamStreamingResponse(StreamingResponse):
-    """A streamed answer relayed from a neuron.
-
-    It always releases its upstream, even when the client left before the body iterator
-    started (the iterator's ``finally`` would then never run). It also replaces Starlette's
-    streaming loop: with uvicorn's ASGI spec 2.3, ``send`` after a disconnect is silently
-    dropped, so Starlette runs each stream in an anyio task group beside a disconnect
-    listener. Here one plain asyncio task waits for ``http.disconnect`` and cancels the relay,
-    which closes the upstream connection (the neuron then stops generating): the same
-    guarantee, at a fraction of the per-stream and per-chunk cost (docs/benchmarks.md)."""
+class UpstreamStreamingResponse(WatchedStreamingResponse):
+    """A streamed answer relayed from a neuron. It always releases its upstream, even when the
+    client left before the body iterator started (the iterator's ``finally`` would then never
+    run); a client that leaves mid-stream cancels the relay, which closes the neuron connection
+    (the neuron then stops generating)."""
 
     def __init__(
         self,
@@ -144,46 +140,9 @@ class UpstreamStreamingResponse(StreamingResponse):
         self._upstream = upstream
         self._observer = observer
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        relay = asyncio.current_task()
-        state = {"finished": False, "client_left": False}
-
-        def on_disconnect(watch: asyncio.Future[None]) -> None:
-            if state["finished"] or watch.cancelled() or watch.exception() is not None:
-                return
-            state["client_left"] = True
-            if relay is not None:
-                relay.cancel()
-
-        watch = asyncio.ensure_future(_disconnected(receive))
-        watch.add_done_callback(on_disconnect)
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-            )
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not state["client_left"] or relay is None:
-                raise
-            relay.uncancel()  # our own cancel: the client left, nothing is wrong
-        finally:
-            state["finished"] = True
-            watch.cancel()
-            self._upstream.close()
-            self._observer.on_end("client_disconnected")
-
-
-async def _disconnected(receive: Any) -> None:
-    """Return once the client went away (or the answer is complete: uvicorn then also
-    reports ``http.disconnect``)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    def release(self) -> None:
+        self._upstream.close()
+        self._observer.on_end("client_disconnected")
 
 
 def _stream_error_frame(code: str, message: str) -> bytes:
