@@ -124,14 +124,9 @@ def step_anthropic(out: Printer, fleet: Fleet, model: str) -> None:
 
     client = anthropic.Anthropic(base_url=fleet.gateway, api_key="demo", max_retries=0)
     out(f"anthropic SDK, POST /v1/messages, model={model!r} (stream=True):")
-    try:
-        with client.messages.stream(model=model, max_tokens=24, messages=HELLO) as stream:
-            text = "".join(stream.text_stream)
-            final = stream.get_final_message()
-    except anthropic.NotFoundError as exc:
-        out(f"  this gateway build does not serve /v1/messages yet (404: {exc.message});")
-        out("  skipping this step")
-        return
+    with client.messages.stream(model=model, max_tokens=24, messages=HELLO) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
     out("  assistant: " + " ".join(text.split()))
     out(
         f"  stop_reason={final.stop_reason}, input_tokens={final.usage.input_tokens}, "
@@ -140,26 +135,16 @@ def step_anthropic(out: Printer, fleet: Fleet, model: str) -> None:
 
 
 def step_status(out: Printer, fleet: Fleet) -> None:
-    """``cortex status`` as an operator would run it; the gateway's ``/health`` if this build
-    has no such command."""
+    """``cortex status`` as an operator would run it, in its own process."""
     argv = [sys.executable, "-m", "cortex.cli", "cortex", "status", "--endpoint", fleet.gateway]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    if done.returncode == 0 and done.stdout.strip():
-        out(f"$ cortex status --endpoint {fleet.gateway}")
-        for line in done.stdout.rstrip().splitlines():
-            out(f"  {line}")
-        return
-    health = httpx.get(f"{fleet.gateway}/health", timeout=10).json()
-    out(f"GET {fleet.gateway}/health (`cortex status` is not available in this build):")
-    out(
-        f"  status={health['status']}  nodes up {health['nodes_up']}/{health['nodes_total']}  "
-        f"models ready {health['models_ready']}"
-    )
-    for node in health["nodes"]:
-        out(
-            f"  {node['name']:<6} {'up' if node['up'] else 'DOWN':<5} {node['endpoint']:<28} "
-            f"models ready {node['models_ready']}, in flight {node['in_flight']}"
+    if done.returncode != 0 or not done.stdout.strip():
+        raise StepFailed(
+            f"`cortex status` exited {done.returncode}: {(done.stderr or done.stdout).strip()}"
         )
+    out(f"$ cortex status --endpoint {fleet.gateway}")
+    for line in done.stdout.rstrip().splitlines():
+        out(f"  {line}")
 
 
 def neuron_models(fleet: Fleet, node: str) -> list[dict[str, Any]]:
