@@ -219,3 +219,68 @@ def test_unknown_route_is_an_envelope_404(ready: LiveNeuron) -> None:
     with ready.http() as client:
         response = client.get("/v2/nothing")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_a_full_device_refuses_new_requests_and_never_cuts_a_running_stream(
+    neuron_factory: Callable[..., LiveNeuron],
+) -> None:
+    """``max_queue`` bounds requests, not jobs: with room for one, a running stream keeps
+    queueing its decode jobs (one token per job at 20 tokens/s) while every new request is
+    refused at once; the stream ends normally, and its place is free again afterwards. (When
+    the bound counted jobs, the stream's own next job was refused here and the answer ended
+    in a ``queue_full`` error frame.)"""
+    live = neuron_factory(devices={"cpu": {"memory_mb": 1024, "max_queue": 1}})
+    live.load("acme/slow-echo")
+    live.load("acme/echo")
+    client = live.openai()
+    stream = client.chat.completions.create(
+        model="acme/slow-echo",
+        messages=[{"role": "user", "content": "go"}],
+        max_tokens=12,
+        stream=True,
+    )
+    pieces: list[str] = []
+    refused = 0
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+        if len(pieces) in (3, 6, 9):  # mid-stream: the only place is taken
+            status, payload, headers = post(live, "/v1/chat/completions", chat())
+            assert status == 503 and payload["error"]["code"] == "queue_full", payload
+            assert "requests in progress (max_queue 1)" in payload["error"]["message"]
+            assert int(headers["retry-after"]) >= 1
+            refused += 1
+    assert refused == 3
+    assert finish == "length"
+    assert "".join(pieces).split() == [f"word{i}" for i in range(12)]
+    worker = live.node.workers.get("cpu")
+    assert worker is not None
+    live.wait_for(lambda: worker.requests_in_progress == 0 and worker.queue_depth == 0)
+    assert client.chat.completions.create(**chat()).choices[0].message.content
+
+
+def test_a_stream_whose_client_left_gives_its_place_back(
+    neuron_factory: Callable[..., LiveNeuron],
+) -> None:
+    """With room for one request, a client that leaves a stream early frees the device for
+    the next one (the admission is released however the stream ends)."""
+    live = neuron_factory(devices={"cpu": {"memory_mb": 1024, "max_queue": 1}})
+    live.load("acme/slow-echo")
+    worker = live.node.workers.get("cpu")
+    assert worker is not None
+    body = {
+        "model": "acme/slow-echo",
+        "messages": [{"role": "user", "content": "go"}],
+        "stream": True,
+    }
+    for _ in range(3):
+        with live.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if '"word1' in line:  # two tokens in: leave
+                    break
+        live.wait_for(lambda: worker.requests_in_progress == 0)
+    assert live.models()["huggingface:acme/slow-echo"]["in_flight"] == 0

@@ -105,3 +105,30 @@ def test_jobs_queued_behind_a_fault_fail_fast() -> None:
         assert ran == []
     finally:
         worker.stop()
+
+
+def test_admissions_bound_requests_and_their_later_jobs_are_never_refused() -> None:
+    worker = DeviceWorker(device("cpu"), max_queue=1)
+
+    async def main() -> None:
+        admission = worker.admit()
+        assert worker.requests_in_progress == 1
+        with pytest.raises(QueueFullError, match="1 requests in progress"):
+            worker.admit()
+        with pytest.raises(QueueFullError):
+            worker.submit(lambda: None)  # a plain job is a request of its own
+        # the admitted request's jobs: as many as it needs, none refused
+        results = await asyncio.gather(
+            *(worker.submit(lambda i=i: i, internal=True) for i in range(5))
+        )
+        assert results == [0, 1, 2, 3, 4]
+        admission.release()
+        admission.release()  # idempotent: the place is given back once
+        assert worker.requests_in_progress == 0
+        assert await worker.submit(lambda: "next") == "next"
+        assert worker.requests_in_progress == 0  # a plain job's place ends with it
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.stop()

@@ -27,6 +27,7 @@ from cortex.neuron.generation import (
     check_context,
     ready_entry,
     run_on_worker,
+    start_admitted,
 )
 from cortex.neuron.loader import Loader, LoadRequest, parse_model_id
 from cortex.neuron.models import READY
@@ -154,7 +155,9 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         parser = output_parser(bool(chat.tools), starts_in_reasoning=opens_reasoning)
         stream.prefill_ahead()
         if chat.options.stream:
-            return _sse(_chat_stream(node, entry, stream, chat, request, parser))
+            return _sse(
+                _chat_stream(node, entry, stream, chat, request, parser), node, entry, stream
+            )
         try:
             return JSONResponse(await _chat_whole(stream, request, parser))
         finally:
@@ -174,7 +177,7 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
             raise
         stream.prefill_ahead()
         if req.options.stream:
-            return _sse(_completion_stream(node, entry, stream, req, request))
+            return _sse(_completion_stream(node, entry, stream, req, request), node, entry, stream)
         try:
             return JSONResponse(await _completion_whole(stream, request))
         finally:
@@ -263,16 +266,18 @@ async def _render_and_start(
     if handle is None:
         raise ApiError(503, "model_unloading", f"{entry.id} is being unloaded", retry_after=5)
     messages, tools, options = chat.messages, chat.tools, chat.options
+    opens: list[bool] = []
 
-    def job() -> tuple[GenerationStream, bool]:
+    def build() -> GenerationStream:
         ids = list(handle.render_chat(messages, tools))
         tail = handle.decode(ids[-_REASONING_TAIL_TOKENS:]) if ids else ""
-        opens = prompt_opens_reasoning(tail)
+        opens.append(prompt_opens_reasoning(tail))
         stream = _new_stream(node, entry, ids, options, started)
         stream.start_on_worker(handle)
-        return stream, opens
+        return stream
 
-    return tuple(await run_on_worker(entry, job))  # type: ignore[return-value]
+    stream = await start_admitted(entry, build)
+    return stream, opens[0]
 
 
 async def _tokenize_and_start(
@@ -287,7 +292,7 @@ async def _tokenize_and_start(
         raise ApiError(503, "model_unloading", f"{entry.id} is being unloaded", retry_after=5)
     text, options = req.prompt_text or "", req.options
 
-    def job() -> GenerationStream:
+    def build() -> GenerationStream:
         ids = list(handle.tokenize(text))
         if not ids:
             raise bad_request("the prompt is empty after tokenization", param="prompt")
@@ -295,7 +300,7 @@ async def _tokenize_and_start(
         stream.start_on_worker(handle)
         return stream
 
-    return await run_on_worker(entry, job)  # type: ignore[no-any-return]
+    return await start_admitted(entry, build)
 
 
 def _new_stream(
@@ -315,14 +320,33 @@ async def _start(
     return stream
 
 
-def _sse(body: AsyncIterator[bytes]) -> StreamingResponse:
-    # Its last frames and the chunked terminator go out in one write (LastChunk); a client that
-    # leaves cancels the body, whose ``finally`` closes the generation.
-    return WatchedStreamingResponse(
-        body,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+class _GenerationResponse(WatchedStreamingResponse):
+    """A streamed generation. Its :meth:`release` closes the generation (giving back its
+    device admission) and ends the request's in-flight count once the response is over, also
+    when the client left before the body started (its ``finally`` would then never run)."""
+
+    def __init__(
+        self, body: AsyncIterator[bytes], node: Node, entry: Any, stream: GenerationStream
+    ) -> None:
+        # Its last frames and the chunked terminator go out in one write (LastChunk); a client
+        # that leaves cancels the body, whose ``finally`` closes the generation at once.
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._ended = (node, entry, stream)
+
+    def release(self) -> None:
+        node, entry, stream = self._ended
+        stream.close()
+        _end(node, entry)
+
+
+def _sse(
+    body: AsyncIterator[bytes], node: Node, entry: Any, stream: GenerationStream
+) -> StreamingResponse:
+    return _GenerationResponse(body, node, entry, stream)
 
 
 async def _batches_until_disconnect(
@@ -503,8 +527,7 @@ async def _chat_stream(
         frames.append(sse.DONE)
         yield LastChunk(b"".join(frames))
     finally:
-        stream.close()
-        _end(node, entry)
+        stream.close()  # at once; the response's release() ends the request
 
 
 async def _completion_whole(stream: GenerationStream, request: Request) -> dict[str, Any]:
@@ -553,8 +576,7 @@ async def _completion_stream(
         frames.append(sse.DONE)
         yield LastChunk(b"".join(frames))
     finally:
-        stream.close()
-        _end(node, entry)
+        stream.close()  # at once; the response's release() ends the request
 
 
 def _refresh_gauges(node: Node) -> None:

@@ -31,7 +31,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -42,7 +42,7 @@ from cortex.neuron.models import READY, ModelEntry
 from cortex.neuron.node import Node
 from cortex.neuron.requests import GenerationOptions
 from cortex.neuron.textstream import IncrementalDecoder, StopMatcher
-from cortex.neuron.workers import DevicePoisonedError, WorkerError
+from cortex.neuron.workers import Admission, DevicePoisonedError, WorkerError
 from cortex.wire.errors import ApiError, model_not_found
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,36 @@ async def run_on_worker(entry: ModelEntry, fn: Any, *, internal: bool = False) -
     except BaseException as exc:
         if isinstance(exc, Exception):
             raise worker_api_error(exc, entry) from None
+        raise
+
+
+async def start_admitted(
+    entry: ModelEntry, build: Callable[[], GenerationStream]
+) -> GenerationStream:
+    """Admit one generation request on the model's device (503 ``queue_full`` at
+    ``max_queue`` requests in progress) and run ``build`` as its first worker job: it creates
+    the stream and starts it there (:meth:`GenerationStream.start_on_worker`). The stream
+    holds the admission until it is closed, and its later jobs are never refused, so an
+    answer that started is never cut because other requests filled the device."""
+    try:
+        admission = entry.worker.admit()
+    except Exception as exc:
+        raise worker_api_error(exc, entry) from None
+    built: list[GenerationStream] = []
+
+    def job() -> GenerationStream:
+        stream = build()
+        stream.hold(admission)
+        built.append(stream)
+        return stream
+
+    try:
+        return await run_on_worker(entry, job, internal=True)  # type: ignore[no-any-return]
+    except BaseException:
+        if built:  # started, but the request was cancelled before it heard so
+            built[0].cancelled = True
+            built[0].close()
+        admission.release()
         raise
 
 
@@ -197,6 +227,8 @@ class GenerationStream:
         self.cancelled = False
         # The prefill, queued by prefill_ahead() before the response starts (see there).
         self._first_job: asyncio.Future[StepBatch] | None = None
+        # This request's place on the device (start_admitted), given back by close().
+        self._admission: Admission | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -210,10 +242,20 @@ class GenerationStream:
         }
 
     async def start(self) -> None:
+        """Admit the request and start the generation (see :func:`start_admitted`)."""
         handle = self.entry.handle
         if handle is None:
             raise ApiError(503, "model_unloading", f"{self.entry.id} is being unloaded")
-        await run_on_worker(self.entry, functools.partial(self.start_on_worker, handle))
+
+        def build() -> GenerationStream:
+            self.start_on_worker(handle)
+            return self
+
+        await start_admitted(self.entry, build)
+
+    def hold(self, admission: Admission) -> None:
+        """Keep the request's admission until :meth:`close`."""
+        self._admission = admission
 
     def prefill_ahead(self) -> None:
         """Queue the first job (the prefill) now, before the caller writes the response head
@@ -376,7 +418,10 @@ class GenerationStream:
             else min(MAX_STEPS_PER_JOB, self.max_tokens - self.completion_tokens)
         )
         try:
-            return self.entry.worker.submit(functools.partial(self._steps_job, limit))
+            # internal: the request was admitted at its start; its next job is never refused
+            return self.entry.worker.submit(
+                functools.partial(self._steps_job, limit), internal=True
+            )
         except Exception as exc:
             raise worker_api_error(exc, self.entry) from None
 
@@ -394,6 +439,8 @@ class GenerationStream:
             # poisoned or stopped: nothing left to release
             with contextlib.suppress(WorkerError):
                 self.entry.worker.submit(generation.close, internal=True)
+        if self._admission is not None:
+            self._admission.release()
         model = self.entry.id
         metrics = self.node.metrics
         metrics.series(metrics.prompt_tokens, model).inc(self.prompt_tokens)

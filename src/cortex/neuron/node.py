@@ -153,5 +153,6 @@ class Node:
             "state": "poisoned" if worker is not None and worker.poisoned else "ok",
             "poison_reason": worker.poison_reason if worker is not None else None,
             "queue_depth": worker.queue_depth if worker is not None else 0,
+            "requests_in_progress": worker.requests_in_progress if worker is not None else 0,
             "max_queue": worker.max_queue if worker is not None else 0,
         }

@@ -1,4 +1,5 @@
-"""One OS thread per device that owns every operation on it, fed by a bounded job queue.
+"""One OS thread per device that owns every operation on it, fed by a job queue whose
+admissions are bounded.
 
 Libraries like torch (CUDA contexts, streams) and llama.cpp (not thread-safe) are simplest and
 safest when exactly one thread touches a device. Callers submit small callables and await an
@@ -6,6 +7,12 @@ asyncio future; model objects and tensors stay on the worker thread. Jobs are st
 decode job runs a few tokens at most, and only one while another job is waiting: see
 ``cortex.neuron.generation``), so two streams on one device interleave in FIFO order, and a
 stream whose client left simply stops submitting steps.
+
+``max_queue`` bounds *requests*, not jobs: a request is admitted once, at its first job (a
+generation holds its :class:`Admission` until it ends), and the jobs it queues afterwards (the
+prefill, each decode job, the final flush and close) are never refused. Bounding jobs instead
+refused a running stream's next decode job whenever other requests had filled the queue, and
+cut an answer that had already started with a ``queue_full`` error mid-stream.
 
 A :class:`~cortex.harness.DeviceFault` poisons the worker: it then fails every job fast with
 :class:`DevicePoisonedError` instead of touching a broken context. Other devices keep working.
@@ -39,22 +46,47 @@ class DevicePoisonedError(WorkerError):
 
 
 class QueueFullError(WorkerError):
-    """The device's job queue is at ``max_queue``; the caller should retry later."""
+    """The device already has ``max_queue`` requests in progress; the caller should retry
+    later."""
 
 
 class WorkerStoppedError(WorkerError):
     """The worker was stopped (neuron shutting down)."""
 
 
+class Admission:
+    """One request's place among the ``max_queue`` a device admits at once; :meth:`release`
+    gives it back (idempotent, and safe from any thread)."""
+
+    __slots__ = ("_released", "_worker")
+
+    def __init__(self, worker: DeviceWorker) -> None:
+        self._worker = worker
+        self._released = False
+
+    def release(self) -> None:
+        worker = self._worker
+        with worker._depth_lock:
+            if self._released:
+                return
+            self._released = True
+            worker._requests -= 1
+
+
 class _Job:
-    __slots__ = ("fn", "future", "loop")
+    __slots__ = ("admission", "fn", "future", "loop")
 
     def __init__(
-        self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
+        self,
+        fn: Callable[[], Any],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        admission: Admission | None,
     ) -> None:
         self.fn = fn
         self.loop = loop
         self.future = future
+        self.admission = admission
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -81,6 +113,7 @@ class DeviceWorker:
         self._on_poison = on_poison
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._depth = 0
+        self._requests = 0
         self._depth_lock = threading.Lock()
         self._stopped = False
         self.jobs_done = 0
@@ -107,13 +140,48 @@ class DeviceWorker:
         checks this between steps and hands the device over, so streams still take turns."""
         return self._depth > 1
 
+    @property
+    def requests_in_progress(self) -> int:
+        """Requests admitted and not finished (what ``max_queue`` bounds)."""
+        return self._requests
+
+    def admit(self) -> Admission:
+        """Admit one request, or raise at once (no waiting) when the worker is poisoned,
+        stopped, or already has ``max_queue`` requests in progress. The caller submits the
+        request's jobs with ``internal=True`` and releases the admission when it is over."""
+        self._check_usable()
+        with self._depth_lock:
+            if self._requests >= self.max_queue:
+                raise QueueFullError(
+                    f"device {self.device.key} has {self._requests} requests in progress "
+                    f"(max_queue {self.max_queue})"
+                )
+            self._requests += 1
+        return Admission(self)
+
     def submit(self, fn: Callable[[], T], *, internal: bool = False) -> asyncio.Future[T]:
         """Queue ``fn`` to run on this device's thread; returns a future for its result.
 
-        Raises at once (no waiting) when the worker is poisoned, stopped, or its queue is full.
-        ``internal`` jobs (closing a generation, unloading) skip the queue bound: cleanup must
-        never be refused because clients filled the queue.
+        Raises at once (no waiting) when the worker is poisoned or stopped. A plain job is a
+        request of its own (tokenise, a memory query): it is admitted like any request
+        (:meth:`admit`, refused at ``max_queue``) and releases its place once it ran.
+        ``internal`` jobs are never refused: the later jobs of an admitted request, and
+        cleanup (closing a generation, unloading), which must never fail because clients
+        filled the device.
         """
+        if internal:
+            self._check_usable()
+            admission = None
+        else:
+            admission = self.admit()
+        with self._depth_lock:
+            self._depth += 1
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, loop, future, admission))
+        return future
+
+    def _check_usable(self) -> None:
         if self.poison_reason is not None:
             raise DevicePoisonedError(
                 f"device {self.device.key} is poisoned after a fault ({self.poison_reason}); "
@@ -121,17 +189,6 @@ class DeviceWorker:
             )
         if self._stopped:
             raise WorkerStoppedError(f"the worker of {self.device.key} is stopped")
-        with self._depth_lock:
-            if not internal and self._depth >= self.max_queue:
-                raise QueueFullError(
-                    f"device {self.device.key} has {self._depth} jobs queued "
-                    f"(max_queue {self.max_queue})"
-                )
-            self._depth += 1
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(fn, loop, future))
-        return future
 
     async def run(self, fn: Callable[[], T], *, internal: bool = False) -> T:
         """``await worker.run(fn)``: submit and wait."""
@@ -147,6 +204,8 @@ class DeviceWorker:
             finally:
                 with self._depth_lock:
                     self._depth -= 1
+                if job.admission is not None:
+                    job.admission.release()
 
     def _run_job(self, job: _Job) -> None:
         if job.future.cancelled():
