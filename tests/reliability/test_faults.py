@@ -4,6 +4,7 @@ while neurons serve. Real ``neuron run`` processes where a process must die."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from aiohttp import web
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -215,3 +217,110 @@ def test_requests_sent_while_a_neuron_dies_go_to_another_replica(parts) -> None:
     assert [a.status_code for a in answers] == [200] * len(answers), [
         a.text for a in answers if a.status_code != 200
     ]
+
+
+# ---- a neuron that closes a keep-alive connection as a request arrives on it -------------------
+
+
+class ClosingNeuron:
+    """An aiohttp server (aiohttp, because an ASGI app cannot close its connection) that answers
+    the poller like a healthy neuron and closes, unanswered, the first generation request that
+    arrives on a connection that already served a request: what the gateway sees when a
+    neuron's keep-alive timer fires as the gateway reuses that connection."""
+
+    def __init__(self, discovery: dict[str, Any], models: dict[str, Any]) -> None:
+        self.discovery, self.models = discovery, models
+        self.dropped = 0
+        self.answered = 0
+        self._served: list[Any] = []  # transports that answered once (held: ids stay unique)
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    def _app(self) -> web.Application:
+        @web.middleware
+        async def remember(request: web.Request, handler: Any) -> web.StreamResponse:
+            response = await handler(request)
+            self._served.append(request.transport)
+            return response
+
+        async def chat(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            if not self.dropped and any(t is request.transport for t in self._served):
+                self.dropped += 1
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response()  # never written: the connection is gone
+            self.answered += 1
+            return web.json_response(
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hello"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
+
+        async def health(_request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def discovery(_request: web.Request) -> web.Response:
+            return web.json_response(self.discovery)
+
+        async def models(_request: web.Request) -> web.Response:
+            return web.json_response(self.models)
+
+        app = web.Application(middlewares=[remember])
+        app.router.add_get("/health", health)
+        app.router.add_get("/discovery", discovery)
+        app.router.add_get("/models", models)
+        app.router.add_post(ROUTE, chat)
+        return app
+
+    def start(self) -> ClosingNeuron:
+        async def begin() -> str:
+            self._runner = web.AppRunner(self._app(), access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            port = self._runner.addresses[0][1]
+            return f"http://127.0.0.1:{port}"
+
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self.url = asyncio.run_coroutine_threadsafe(begin(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def test_a_keep_alive_connection_closed_under_a_request_is_sent_again(parts) -> None:
+    """The only replica closing a pooled connection as a request arrives is not the neuron being
+    down: the gateway sends the request once more on another connection, the client sees 200
+    (it was a 502 "Can not write request body" in the gateway benchmark)."""
+    real = parts.neuron("n1")
+    load(real.url, ECHO)
+    discovery = httpx.get(f"{real.url}/discovery").json()
+    models = httpx.get(f"{real.url}/models").json()
+    closing = ClosingNeuron(discovery, models).start()
+    parts.stoppers.append(closing.stop)
+    gw = parts.gateway({"closing": closing.url})
+    wait_for(lambda: gw.node_up("closing"))
+
+    openai_client = client(gw.url, timeout=30)
+    for _ in range(4):  # every request after the poller's first one finds a pooled connection
+        reply = openai_client.chat.completions.create(model=ECHO, messages=HELLO)
+        assert reply.choices[0].message.content == "hello"
+    assert closing.dropped == 1
+    assert closing.answered == 4
+    assert gw.metric("cortex_requests_total", route=ROUTE, model=ECHO, status="ok") == 4

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,6 +28,8 @@ from cortex.gateway.stream_probe import frames_have_content, take_usage
 from cortex.wire.errors import ApiError
 from cortex.wire.sse import encode_data
 from cortex.wire.stream_response import WatchedStreamingResponse
+
+log = logging.getLogger(__name__)
 
 HOP_BY_HOP = frozenset(
     {
@@ -200,31 +203,45 @@ async def open_upstream(
     retry_after: float,
 ) -> aiohttp.ClientResponse:
     """POST to a neuron and return once its answer headers arrived (the body is not read);
-    failing that, :class:`UpstreamUnreachable`."""
-    try:
-        return await session.post(
-            url, data=body, headers=upstream_request_headers(client_headers), timeout=timeout
-        )
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise UpstreamUnreachable(
-            504, "upstream_timeout", f"{url} did not answer in time", retry_after=retry_after
-        ) from None
-    except aiohttp.ClientError as exc:
-        error = UpstreamUnreachable(
-            502,
-            "upstream_connection_error",
-            f"could not reach the neuron ({type(exc).__name__}: {exc})",
-            retry_after=retry_after,
-        )
-        # Safe to send elsewhere: a connection that was never made, and a pooled keep-alive
-        # connection that turned out dead (the neuron restarted: "Can not write request body",
-        # "Server disconnected") before a byte of answer came back; generation has no side
-        # effects, and without this every request that picks a stale connection fails.
-        error.never_connected = isinstance(
-            exc,
-            aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientOSError,
-        )
-        raise error from None
+    failing that, :class:`UpstreamUnreachable`.
+
+    A pooled keep-alive connection that the neuron closed as the request went out ("Server
+    disconnected", "Can not write request body": its idle timer fired while our event loop had
+    not yet read the FIN) is not the neuron being down: the request is sent once more, on
+    another connection, before the caller hears of it. Generation has no side effects, so a
+    request the neuron may have read before it closed is safe to send again."""
+    headers = upstream_request_headers(client_headers)
+    for attempt in (1, 2):
+        try:
+            return await session.post(url, data=body, headers=headers, timeout=timeout)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamUnreachable(
+                504, "upstream_timeout", f"{url} did not answer in time", retry_after=retry_after
+            ) from None
+        except aiohttp.ClientConnectorError as exc:  # no connection could be made at all
+            raise _unreachable(exc, retry_after, never_connected=True) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if attempt == 1:
+                log.info("connection to %s closed under the request (%s); sending again", url, exc)
+                continue
+            # Safe to send elsewhere too: no byte of answer came back.
+            raise _unreachable(exc, retry_after, never_connected=True) from None
+        except aiohttp.ClientError as exc:
+            raise _unreachable(exc, retry_after, never_connected=False) from None
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def _unreachable(
+    exc: aiohttp.ClientError, retry_after: float, never_connected: bool
+) -> UpstreamUnreachable:
+    error = UpstreamUnreachable(
+        502,
+        "upstream_connection_error",
+        f"could not reach the neuron ({type(exc).__name__}: {exc})",
+        retry_after=retry_after,
+    )
+    error.never_connected = never_connected
+    return error
 
 
 async def forward(

@@ -37,6 +37,7 @@ from cortex.gateway.router import Resolved, Resolver, least_busy, replicas
 from cortex.gateway.usage import Usage
 from cortex.logging import request_logger
 from cortex.wire.errors import ApiError, model_not_found
+from cortex.wire.keepalive import GATEWAY_UPSTREAM_KEEPALIVE_S
 
 log = logging.getLogger(__name__)
 request_log = request_logger()
@@ -99,7 +100,12 @@ class Gateway:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            ttl_dns_cache=300,
+            enable_cleanup_closed=True,
+            keepalive_timeout=GATEWAY_UPSTREAM_KEEPALIVE_S,  # below the neuron's: it lets go first
+        )
         headers = {NEURON_TOKEN_HEADER: self.neuron_token} if self.neuron_token else None
         # Neurons set no cookies: a dummy jar skips cookie filtering on every request/answer.
         self.session = aiohttp.ClientSession(

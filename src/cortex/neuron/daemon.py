@@ -31,6 +31,7 @@ from cortex.plugins import get_registry
 from cortex.request_schemas import document_request_bodies
 from cortex.source_resolver import SourceResolver
 from cortex.wire.errors import ApiError
+from cortex.wire.keepalive import NEURON_KEEPALIVE_S
 from cortex.wire.limits import BodyLimitMiddleware
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def serve(config: NeuronConfig, listen: str | None, drain_seconds: float = DRAIN
         app,
         log_level="warning",
         timeout_graceful_shutdown=int(drain_seconds),
+        timeout_keep_alive=NEURON_KEEPALIVE_S,  # past the gateway pool's: cortex.wire.keepalive
         lifespan="on",
         access_log=False,
         log_config=None,  # keep the handlers `neuron run` configured (text or JSON)
