@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from cortex.testing.servers import ProcessServer
 
 MODEL = "bench/fake"
 ECHO_MODEL = "bench/echo"
+SLICE_GAP_S = 0.25  # between two wrk slices: see measure_load
 STREAM_CHUNKS = 256
 BASELINE = "cortex baseline"
 TARGETS = {
@@ -109,6 +111,12 @@ def measure_load(running: list[proxies.Proxy], seconds: float) -> dict[str, dict
                 runs[proxy.name].append(
                     run_wrk(_url(proxy), _model(proxy), concurrency, 1.0, proxy.pid, proxy.key)
                 )
+                # wrk exits with up to `concurrency` requests in flight, which the upstream
+                # still counts until it sees them gone; two echo-neuron variants in a row would
+                # otherwise start 64 new connections against 64 abandoned requests and hear
+                # 503 queue_full at max_queue = 64 (0 of 12 runs a second apart, 3 of 12 back
+                # to back).
+                time.sleep(SLICE_GAP_S)
         by_level[concurrency] = {name: combine_slices(r) for name, r in runs.items()}
     results: dict[str, dict[str, Any]] = {}
     for proxy in running:
