@@ -249,6 +249,11 @@ class DeviceSettings:
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
     )
     max_queue: int = attrs.field(default=64, validator=attrs.validators.gt(0))
+    # Continuous batching (docs/neuron.md#the-scheduler): the most generations of one model that
+    # run at once on this device, unless its load names another ``max_batch``; and the tokens one
+    # scheduler iteration evaluates (one per running generation, the rest for prompt chunks).
+    max_batch: int = attrs.field(default=32, validator=attrs.validators.gt(0))
+    max_batch_tokens: int = attrs.field(default=512, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from cortex.harness import LoadedModel
+from cortex.neuron.scheduler import ModelLoad
 from cortex.neuron.workers import DeviceWorker
 
 LOADING = "loading"
@@ -65,7 +66,10 @@ class ModelEntry:
             self.error["details"] = details
 
     def to_json(self) -> dict[str, Any]:
-        """The ``ModelEntry`` of the neuron HTTP API contract."""
+        """The ``ModelEntry`` of the neuron HTTP API contract, with the model's share of its
+        device's scheduler (``running``, ``waiting``, ``max_batch``, ``kv_tokens``,
+        ``kv_tokens_reserved``) once it is ready."""
+        load = self.worker.scheduler.load_of(self.handle) if self.handle is not None else None
         return {
             "id": self.id,
             "harness": self.harness,
@@ -78,6 +82,7 @@ class ModelEntry:
             "in_flight": self.in_flight,
             "context_length": self.context_length,
             "error": self.error,
+            **(load.to_json() if load is not None else ModelLoad().to_json()),
         }
 
 

@@ -86,7 +86,15 @@ class Node:
         workers = []
         for key, device in by_key.items():
             settings = config.devices.get(key, DeviceSettings())
-            workers.append(DeviceWorker(device, settings.max_queue, on_poison=node._poisoned))
+            workers.append(
+                DeviceWorker(
+                    device,
+                    settings.max_queue,
+                    on_poison=node._poisoned,
+                    max_batch_tokens=settings.max_batch_tokens,
+                    max_batch=settings.max_batch,
+                )
+            )
         node.workers = WorkerPool(workers)
         return node
 
