@@ -18,6 +18,7 @@ import attrs
 from cortex.devices import Device
 from cortex.harness import DeviceOutOfMemory, HarnessError, LoadedModel, LoadOptions
 from cortex.source import Preflight, WeightFormat
+from cortex_harness_torch.batched import serve_model
 from cortex_harness_torch.memory import estimate_bytes
 from cortex_harness_torch.model import TorchModel, classify_torch_error, release_device_cache
 
@@ -166,4 +167,4 @@ class TorchHarness:
         model.eval()
         context = context_length_of(config, options.context_length)
         log.info("loaded %s on %s as %s (context %d)", snapshot.name, torch_device, dtype, context)
-        return TorchModel(model, tokenizer, torch_device, context)
+        return serve_model(model, tokenizer, torch_device, context, options)
