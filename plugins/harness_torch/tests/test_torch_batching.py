@@ -16,8 +16,8 @@ from cortex_harness_torch.harness import TorchHarness
 
 from cortex.devices import cpu_device
 from cortex.harness import LoadOptions, SamplingParams, is_batched
-from cortex.neuron.scheduler import Output, Scheduler, Sequence
-from cortex.neuron.textstream import IncrementalDecoder
+from cortex.neuron.scheduler import Scheduler
+from cortex.testing.batching import collected, drive, sequence, step
 
 TEXTS = [
     "hello the cat",
@@ -31,22 +31,6 @@ TEXTS = [
 ]
 
 
-class Collector:
-    """Stands in for a stream's event loop side: keeps what the scheduler hands out."""
-
-    loop = None
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.finish: str | None = None
-        self.error: BaseException | None = None
-
-    def deliver(self, output: Output) -> None:
-        self.tokens.extend(r.token_id for r in output.results)
-        self.finish = output.finish or self.finish
-        self.error = output.error or self.error
-
-
 def reference(model: BatchedTorchModel, prompt: list[int], n: int) -> list[int]:
     """What ``generate(do_sample=False)`` makes alone (stopping at EOS, like the scheduler)."""
     import torch
@@ -56,30 +40,6 @@ def reference(model: BatchedTorchModel, prompt: list[int], n: int) -> list[int]:
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
     )
     return out[0, len(prompt) :].tolist()
-
-
-def sequence(model: Any, prompt: list[int], max_tokens: int, sampling: SamplingParams) -> Sequence:
-    return Sequence(
-        model=model,
-        generation=model.start(prompt, sampling),
-        decoder=IncrementalDecoder(model.decode),
-        prompt_tokens=len(prompt),
-        max_tokens=max_tokens,
-        sink=Collector(),
-    )
-
-
-def drive(scheduler: Scheduler, arrivals: dict[int, list[Sequence]], limit: int = 2000) -> int:
-    """Run iterations, adding each arrival at its iteration; deliver outputs; return the
-    iterations it took."""
-    for iteration in range(limit):
-        for seq in arrivals.get(iteration, []):
-            scheduler.add(seq)
-        for seq, output in scheduler.step():
-            seq.sink.deliver(output)
-        if not scheduler.has_work and iteration >= max(arrivals):
-            return iteration
-    raise AssertionError("the scheduler did not finish")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -103,7 +63,7 @@ def test_streams_joining_and_leaving_match_generate_alone(model: BatchedTorchMod
     model.prefixes.clear()
     drive(scheduler, arrivals)
     for seq, prompt, n in zip(sequences, prompts, max_tokens, strict=True):
-        sink: Collector = seq.sink  # type: ignore[assignment]
+        sink = collected(seq)
         assert sink.error is None
         assert sink.tokens == reference(model, prompt, n)[: len(sink.tokens)]
         assert sink.finish in ("length", "stop")
@@ -120,21 +80,18 @@ def test_a_cancelled_row_frees_its_place_at_the_next_iteration(model: BatchedTor
     for seq in sequences:
         scheduler.add(seq)
     for _ in range(5):
-        for seq, output in scheduler.step():
-            seq.sink.deliver(output)
+        step(scheduler)
     assert scheduler.load_of(model).running == 3
     sequences[1].cancelled = True
-    for seq, output in scheduler.step():
-        seq.sink.deliver(output)
+    step(scheduler)
     load = scheduler.load_of(model)
     assert load.running == 2 and len(model._running) == 2
     assert load.kv_tokens_reserved == sum(s.reservation for s in (sequences[0], sequences[2]))
     assert sequences[1].generation.closed  # type: ignore[attr-defined]
     while scheduler.has_work:
-        for seq, output in scheduler.step():
-            seq.sink.deliver(output)
+        step(scheduler)
     for i in (0, 2):
-        sink: Collector = sequences[i].sink  # type: ignore[assignment]
+        sink = collected(sequences[i])
         assert sink.tokens == reference(model, prompts[i], 40)[: len(sink.tokens)]
 
 
@@ -150,7 +107,7 @@ def test_seeded_sampling_in_a_batch_equals_sampling_alone(model: BatchedTorchMod
     def run(indices: list[int]) -> dict[int, list[int]]:
         seqs = {i: sequence(model, prompts[i], 20, params[i]) for i in indices}
         drive(Scheduler(), {0: list(seqs.values())})
-        return {i: s.sink.tokens for i, s in seqs.items()}  # type: ignore[attr-defined]
+        return {i: collected(s).tokens for i, s in seqs.items()}
 
     together = run([0, 1, 2, 3])
     for i in range(4):
@@ -166,7 +123,7 @@ def test_a_shared_prompt_prefix_is_evaluated_once(model: BatchedTorchModel) -> N
     first = model.render_chat(turn)
     seq = sequence(model, first, 10, greedy)
     drive(Scheduler(), {0: [seq]})
-    answer = model.decode(seq.sink.tokens)  # type: ignore[attr-defined]
+    answer = model.decode(collected(seq).tokens)
     second = model.render_chat(
         [*turn, {"role": "assistant", "content": answer}, {"role": "user", "content": "red"}]
     )
@@ -175,4 +132,5 @@ def test_a_shared_prompt_prefix_is_evaluated_once(model: BatchedTorchModel) -> N
     drive(Scheduler(), {0: [follow]})
     reused = model.stats.prompt_tokens_reused - before
     assert reused >= len(first) - 1
-    assert follow.sink.tokens == reference(model, second, 10)[: len(follow.sink.tokens)]  # type: ignore[attr-defined]
+    tokens = collected(follow).tokens
+    assert tokens == reference(model, second, 10)[: len(tokens)]

@@ -101,7 +101,8 @@ class TorchHarness:
         return [f for f in preflight.file_names() if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
 
     def estimate_memory(self, preflight: Preflight, options: LoadOptions) -> int:
-        """Weights at the dtype of the target device, a KV cache for one sequence, and headroom.
+        """Weights at the dtype of the target device, the KV cache of the load's batching
+        capacity and saved prefixes, and headroom.
         Reads the repo's ``config.json`` from ``options.extra["config"]`` when the neuron
         fetched it first (it does when the repo has one); without it, assumes 16-bit weights."""
         weights = sum(
@@ -113,6 +114,8 @@ class TorchHarness:
             config if isinstance(config, dict) else None,
             options.device_kind or "cpu",
             options.context_length,
+            max_batch=options.max_batch,
+            kv_tokens=options.kv_tokens,
         )
 
     def load(self, snapshot: Path, device: Device, options: LoadOptions) -> LoadedModel:
