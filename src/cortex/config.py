@@ -201,6 +201,14 @@ class ModelProfile:
     pinned: bool = False
     nodes: list[str] = attrs.field(factory=list)
     keep_alive: Duration = attrs.field(default=Duration(None), converter=Duration.parse)
+    # continuous batching capacity of a load (docs/neuron.md#the-scheduler); unset: the
+    # device's max_batch and a KV cache of max_batch x 1024 tokens
+    max_batch: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    kv_tokens: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
 
 
 @attrs.frozen

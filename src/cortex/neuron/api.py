@@ -588,6 +588,9 @@ def _refresh_gauges(node: Node) -> None:
         metrics.device_memory.labels(key, "total").set(node.budget(key))
         metrics.device_memory.labels(key, "used").set(node.used(key))
         metrics.device_memory.labels(key, "free").set(max(0, node.budget(key) - node.used(key)))
+    metrics.refresh_schedulers(
+        {entry.id: load for entry in node.models.all() if (load := entry.load()) is not None}
+    )
     counts: dict[str, int] = {"loading": 0, "ready": 0, "failed": 0, "unloading": 0}
     for entry in node.models.all():
         counts[entry.state] = counts.get(entry.state, 0) + 1

@@ -249,6 +249,7 @@ class GenerationStream:
             prompt_tokens=len(self.prompt_ids),
             max_tokens=self.max_tokens,
             sink=self,
+            max_batch=self.entry.max_batch,
         )
 
     def deliver(self, output: Output) -> None:

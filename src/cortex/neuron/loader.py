@@ -341,6 +341,7 @@ class Loader:
         entry.memory_bytes = int(memory)
         entry.reserved_bytes = max(int(memory), 0)
         entry.context_length = int(handle.context_length)
+        entry.max_batch = options.max_batch
         entry.loaded_at = time.time()
         entry.last_used = entry.loaded_at
         entry.state = READY

@@ -96,6 +96,9 @@ class Node:
                 )
             )
         node.workers = WorkerPool(workers)
+        for worker in workers:
+            rows = node.metrics.series(node.metrics.batch_rows, worker.device.key)
+            worker.scheduler.on_batch = rows.observe
         return node
 
     def _poisoned(self, worker: DeviceWorker) -> None:

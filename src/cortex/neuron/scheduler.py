@@ -102,6 +102,9 @@ class Sequence:
     prompt_tokens: int
     max_tokens: int
     sink: OutputSink
+    # the load's max_batch, for a model that does not batch itself (a batched model says its
+    # own); None: the device's default
+    max_batch: int | None = None
     produced: int = 0
     state: str = WAITING
     # Set by the event loop when the stream no longer wants tokens (client left, stop string);
@@ -140,7 +143,7 @@ class ModelLane:
     """The queues of one model on the device: a FIFO of waiting generations, the running ones,
     and the KV positions they reserved."""
 
-    def __init__(self, model: LoadedModel, default_max_batch: int) -> None:
+    def __init__(self, model: LoadedModel, max_batch: int) -> None:
         self.model = model
         self.batched = is_batched(model)
         if self.batched:
@@ -148,7 +151,7 @@ class ModelLane:
             self.max_batch = max(1, int(batched.max_batch))
             self.kv_tokens: int | None = int(batched.kv_tokens)
         else:
-            self.max_batch = max(1, default_max_batch)
+            self.max_batch = max(1, max_batch)
             self.kv_tokens = None
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -212,7 +215,7 @@ class Scheduler:
         lane = self._lanes.get(id(sequence.model))
         if lane is None:
             lane = self._lanes[id(sequence.model)] = ModelLane(
-                sequence.model, self.default_max_batch
+                sequence.model, sequence.max_batch or self.default_max_batch
             )
         sequence.state = WAITING
         lane.waiting.append(sequence)
@@ -221,7 +224,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return any(lane.has_work for lane in self._lanes.values())
 
-    def load_of(self, model: LoadedModel | None) -> ModelLoad:
+    def load_of(self, model: LoadedModel | None, max_batch: int | None = None) -> ModelLoad:
+        """What ``/models`` shows of a model (``max_batch``: its load's, for a model that does
+        not batch itself)."""
         lane = self._lanes.get(id(model)) if model is not None else None
         if lane is None:
             if model is not None and is_batched(model):
@@ -231,7 +236,7 @@ class Scheduler:
                     kv_tokens=int(batched.kv_tokens),
                     batched=True,
                 )
-            return ModelLoad(max_batch=self.default_max_batch)
+            return ModelLoad(max_batch=max_batch or self.default_max_batch)
         return lane.load()
 
     # ---- the iteration --------------------------------------------------------------------
