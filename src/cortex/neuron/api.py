@@ -153,7 +153,6 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
             _end(node, entry)
             raise
         parser = output_parser(bool(chat.tools), starts_in_reasoning=opens_reasoning)
-        stream.prefill_ahead()
         if chat.options.stream:
             return _sse(
                 _chat_stream(node, entry, stream, chat, request, parser), node, entry, stream
@@ -175,7 +174,6 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         except BaseException:
             _end(node, entry)
             raise
-        stream.prefill_ahead()
         if req.options.stream:
             return _sse(_completion_stream(node, entry, stream, req, request), node, entry, stream)
         try:
@@ -352,10 +350,9 @@ def _sse(
 async def _batches_until_disconnect(
     stream: GenerationStream, request: Request
 ) -> AsyncIterator[list[str]]:
-    """The stream's deltas, one list per decode job; stops (and closes the generation) as soon
-    as the client is gone. The disconnect check runs once per job, not per token: a job's
-    tokens are already generated, and the next job is only submitted once this one's deltas
-    were consumed."""
+    """The stream's deltas, one list per hand-off; stops (and closes the generation at the
+    scheduler's next iteration) as soon as the client is gone. The disconnect check runs once
+    per hand-off, not per token: its tokens are already generated."""
     iterator = stream.delta_batches()
     try:
         async for texts in iterator:
@@ -489,7 +486,7 @@ async def _chat_stream(
     content_chunk = text_frame_encoder(lambda text: chunk({"content": text}))
     saw_call = False
     feed = parser.feed
-    # One SSE frame per delta as before, but all frames of one decode job leave in one send
+    # One SSE frame per delta as before, but all frames of one hand-off leave in one send
     # (one socket write): the per-send cost was most of a fast model's per-token overhead.
     frames: list[bytes] = []
     try:
@@ -559,7 +556,7 @@ async def _completion_stream(
     frames: list[bytes] = []
     try:
         try:
-            # one frame per delta, one send per decode job (as in _chat_stream)
+            # one frame per delta, one send per hand-off from the scheduler (as in _chat_stream)
             async for texts in _batches_until_disconnect(stream, request):
                 frames = [text_chunk(text) for text in texts]
                 if stream.finish_reason is None:

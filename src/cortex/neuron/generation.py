@@ -233,10 +233,6 @@ class GenerationStream:
         if self._sequence is not None:
             self.entry.worker.scheduler.add(self._sequence)
 
-    def prefill_ahead(self) -> None:
-        """Nothing to do any more: the scheduler starts the prefill at its next iteration,
-        while the event loop writes the response head. Kept so callers need not know."""
-
     def start_on_worker(self, handle: Any) -> None:
         """:meth:`start`'s work, on the device worker thread (a request that has more to do
         there first, such as rendering the chat template, runs it in the same job): create the

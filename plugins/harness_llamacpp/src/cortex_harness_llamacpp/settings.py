@@ -82,8 +82,11 @@ class LlamaCppSettings:
 
     @property
     def threads_batch(self) -> int:
-        """Threads for prompt evaluation (batched): all CPUs unless told otherwise."""
-        return self.n_threads_batch or self.n_threads or available_cpus()
+        """Threads for batches (prompt chunks, and the decode step of several streams): one less
+        than the CPUs unless told otherwise. The neuron's event loop needs a core while
+        streams run: with every core taken, each batched step waits for the busy one (the
+        torch harness's CPU threads follow the same rule, docs/harnesses.md)."""
+        return self.n_threads_batch or self.n_threads or max(1, available_cpus() - 1)
 
 
 _FIELDS = {f.name: f for f in attrs.fields(LlamaCppSettings)}
