@@ -24,8 +24,14 @@ import attrs
 import pytest
 
 from cortex.auth import GatewayAuth, KeySet
-from cortex.config import CortexConfig, Duration, GatewaySection, ModelProfile, ModelsConfig
-from cortex.config import NeuronRef
+from cortex.config import (
+    CortexConfig,
+    Duration,
+    GatewaySection,
+    ModelProfile,
+    ModelsConfig,
+    NeuronRef,
+)
 from cortex.gateway.app import create_app
 from cortex.gateway.service import Gateway, load_strategy
 from cortex.testing.cluster import Fleet, GatewayUnderTest

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def llm(agents: AgentFleet, tmp_path: Path, *args: str) -> Run:
     user = tmp_path / "llm"
     user.mkdir(exist_ok=True)
     (user / "extra-openai-models.yaml").write_text(MODELS.format(url=agents.url))
-    (user / "keys.json").write_text('{"cortex": "%s"}' % KEY)
+    (user / "keys.json").write_text(json.dumps({"cortex": KEY}))
     env = {"HOME": str(tmp_path), "LLM_USER_PATH": str(user)}
     return run_agent([llm_binary(), *args], tmp_path, env, timeout=60)
 

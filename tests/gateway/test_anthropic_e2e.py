@@ -357,10 +357,7 @@ def test_invalid_request_error(gw: GatewayUnderTest) -> None:
     assert answer.json()["error"]["type"] == "invalid_request_error"
 
 
-
-def test_server_tools_are_dropped_and_named_or_refused(
-    gw: GatewayUnderTest, fleet: Fleet
-) -> None:
+def test_server_tools_are_dropped_and_named_or_refused(gw: GatewayUnderTest, fleet: Fleet) -> None:
     """[gateway] hosted_tools: "drop" (the default) answers without the server tool and names
     it in x-cortex-dropped-tools; "refuse" answers 400 unsupported_tool."""
     request: dict[str, Any] = {
