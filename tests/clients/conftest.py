@@ -32,6 +32,7 @@ from cortex.config import (
     ModelsConfig,
     NeuronRef,
 )
+from cortex.demo.models import AGENT_MODEL, agent_spec
 from cortex.gateway.app import create_app
 from cortex.gateway.service import Gateway, load_strategy
 from cortex.testing.cluster import Fleet, GatewayUnderTest
@@ -95,8 +96,10 @@ def models(fleet: Fleet) -> list[ModelProfile]:
         tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}],
     )
     fleet.publish_echo("agents/plain", reply="Hello from cortex.", context_length=AGENT_CONTEXT)
+    fleet.publish_echo(AGENT_MODEL, **agent_spec())  # exactly what `make demo` serves
     names = ("claude", "codex", "weather", "plain")
-    return [ModelProfile(id=f"agents/{name}", memory_mb=64) for name in names]
+    profiles = [ModelProfile(id=f"agents/{name}", memory_mb=64) for name in names]
+    return [*profiles, ModelProfile(id=AGENT_MODEL, memory_mb=64)]
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +115,11 @@ def agent_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentFleet
             ),
             neurons=[NeuronRef(name, fleet.neuron_url(name)) for name in fleet.neurons],
         )
-        gateway = Gateway(config, ModelsConfig(models=models(fleet)), load_strategy("lru"))
+        gateway = Gateway(
+            config,
+            ModelsConfig(models=models(fleet), aliases={"agent": AGENT_MODEL}),
+            load_strategy("lru"),
+        )
         auth = GatewayAuth(KeySet.from_keys([KEY]), KeySet(), required=True)
         server = UvicornThread(create_app(gateway, auth)).start()
         fleet.gateways.append(server)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cortex.demo.models import agent_spec
+
 from .conftest import (
     DONE,
     KEY,
@@ -20,14 +22,21 @@ from .conftest import (
 )
 
 
-def claude(agents: AgentFleet, tmp_path: Path, *args: str, key: str = KEY) -> tuple[Run, Path]:
+def claude(
+    agents: AgentFleet,
+    tmp_path: Path,
+    *args: str,
+    key: str = KEY,
+    model: str = "agents/claude",
+    small: str = "agents/plain",
+) -> tuple[Run, Path]:
     home, work = folders(tmp_path)
     env = {
         "HOME": str(home),
         "ANTHROPIC_BASE_URL": agents.url,
         "ANTHROPIC_API_KEY": key,
-        "ANTHROPIC_MODEL": "agents/claude",
-        "ANTHROPIC_DEFAULT_HAIKU_MODEL": "agents/plain",
+        "ANTHROPIC_MODEL": model,
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": small,
         "DISABLE_AUTOUPDATER": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
     }
@@ -110,3 +119,15 @@ def test_a_wrong_key_fails_within_seconds(agent_fleet: AgentFleet, tmp_path: Pat
     assert result.get("api_error_status") == 401 or "401" in json.dumps(result), result
     after = agent_fleet.gateway.metric("cortex_request_errors_total", code="invalid_api_key")
     assert after > failures  # the refusals are counted (and in the request log)
+
+
+def test_the_command_make_demo_prints(agent_fleet: AgentFleet, tmp_path: Path) -> None:
+    """``make demo`` prints ANTHROPIC_MODEL=agent: its echo spec, served here, holds Claude
+    Code's whole first request (the tiny model it named before could not)."""
+    run, _work = claude(
+        agent_fleet, tmp_path, "hello", "--output-format", "json", model="agent", small="agent"
+    )
+    assert run.returncode == 0, describe(run)
+    result = json.loads(run.stdout)
+    assert result["is_error"] is False, result
+    assert result["result"] == agent_spec()["reply"]
