@@ -38,8 +38,41 @@ IGNORED_FIELDS = {
     "parallel_tool_calls": "the model may call several tools; false is a hint it may not follow",
     "tool_choice": "'auto' and 'none' are honoured; 'required' or a named function offer the "
     "tools but cannot force a call without constrained decoding",
-    "store": "false only: cortex stores no completions (true is refused)",
 }
+# Spec fields cortex reads: honoured, or refused when set to what it cannot do (n > 1,
+# logprobs, response_format other than text, functions, web_search_options, audio, ...).
+HANDLED_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "prompt",
+        "temperature",
+        "top_p",
+        "n",
+        "best_of",
+        "stream",
+        "stream_options",
+        "stop",
+        "max_tokens",
+        "max_completion_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "tools",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "response_format",
+        "store",
+        "echo",
+        "suffix",
+        "functions",
+        "function_call",
+        "web_search_options",
+        "audio",
+        "modalities",
+    }
+)
 
 
 @attrs.frozen

@@ -74,6 +74,9 @@ HANDLED_FIELDS = frozenset(
         "output_format",
         "container",
         "mcp_servers",
+        "compaction",
+        "fallbacks",
+        "thread",
     }
 )
 # Accepted and not acted on, on purpose; the reason is what docs/clients.md says.
@@ -89,6 +92,8 @@ IGNORED_FIELDS = {
     "diagnostics": "the provider's request diagnostics",
     "user_profile_id": "a provider account setting",
     "workspace_id": "a provider account setting",
+    "billing_policy": "a provider account setting",
+    "fallback_credit_token": "a provider account setting",
 }
 # ``output_config`` keys: ``effort`` is a hint open models cannot take; ``format`` (structured
 # output) needs constrained decoding cortex does not have yet, so it is refused.
@@ -167,6 +172,9 @@ def parse_messages_request(body: Any, *, hosted_tools: str = DROP) -> MessagesRe
     for name, what in (
         ("container", "code execution containers run on Anthropic's servers"),
         ("mcp_servers", "remote MCP servers are called by Anthropic's servers"),
+        ("compaction", "server-side compaction of the conversation"),
+        ("fallbacks", "fallback models chosen by Anthropic's servers"),
+        ("thread", "server-side threads"),
     ):
         if body.get(name) not in (None, [], {}):
             raise bad_request(
