@@ -26,7 +26,20 @@ def spec(vendor: str) -> dict[str, Any]:
 
     with open(load_spec_path(vendor, "official")) as handle:
         loaded = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return json.loads(json.dumps(loaded, default=str))
+    return _nullable(json.loads(json.dumps(loaded, default=str)))
+
+
+def _nullable(node: Any) -> Any:
+    """OpenAPI 3.0's ``nullable: true``, which OpenAI's 3.1 document still uses in places
+    (``finish_reason`` of a chunk, ``logprobs``), as JSON Schema: the schema or null."""
+    if isinstance(node, list):
+        return [_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False) is True:
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
 
 
 def schemas(vendor: str) -> dict[str, Any]:
