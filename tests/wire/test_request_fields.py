@@ -163,12 +163,18 @@ IGNORED_SAMPLES: dict[str, Any] = {
 RESPONSES_SAMPLES = {"context_management": [{"type": "compaction", "compact_threshold": 1000}]}
 
 
-@pytest.mark.parametrize(
-    ("dialect", "field"), [(d, f) for d, spec in DIALECTS.items() for f in sorted(spec[2])]
-)
+def ignored_cases() -> list[tuple[str, str]]:
+    """(dialect, field) for each field ignored on purpose that the dialect's spec has (chat
+    and completions share one table; the spec is read once, at collection)."""
+    cases = []
+    for dialect, (fields, _handled, ignored) in DIALECTS.items():
+        spec = fields()
+        cases += [(dialect, field) for field in sorted(ignored) if field in spec]
+    return cases
+
+
+@pytest.mark.parametrize(("dialect", "field"), ignored_cases())
 def test_ignored_fields_are_accepted(dialect: str, field: str) -> None:
-    if dialect == "completions" and field not in request_fields(OPENAI, "CreateCompletionRequest"):
-        pytest.skip("a chat-only field")
     sample = IGNORED_SAMPLES[field]
     if dialect == "responses":
         sample = RESPONSES_SAMPLES.get(field, sample)
