@@ -135,6 +135,13 @@ class GatewaySection:
     # Anthropic / Responses streams: a ping (keep-alive) after this long without output, also
     # while a cold load or a queue delays the answer (docs/clients.md).
     stream_keepalive: Duration = attrs.field(default=Duration(10.0), converter=Duration.parse)
+    # Tools only the API provider's servers can run (web_search, file_search, Anthropic's server
+    # tools) on /v1/responses and /v1/messages: "drop" leaves them out, logs them and names them
+    # in an x-cortex-dropped-tools header (Codex sends web_search on every request); "refuse"
+    # answers 400 unsupported_tool (docs/clients.md).
+    hosted_tools: str = attrs.field(
+        default="drop", validator=attrs.validators.in_(("drop", "refuse"))
+    )
 
 
 @attrs.frozen
