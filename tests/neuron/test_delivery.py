@@ -154,23 +154,23 @@ WEATHER_TOOL = {
 }
 
 
-@pytest.mark.parametrize(
-    ("script", "extra"),
-    [
-        ("echo", {}),
-        ("echo", {"stop": ["the cat"]}),  # the stop matcher holds text back across deltas
-        ("echo", {"stop": ["zzz", "ing"]}),  # a stop string inside a token
-        ("echo", {"max_tokens": 7}),
-        ("think", {}),  # reasoning frames, then content
-        ("tool", {"tools": [WEATHER_TOOL]}),  # a tool-call frame
-    ],
-)
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+CASES = [
+    ("echo", {}),
+    ("echo", {"stop": ["the cat"]}),  # the stop matcher holds text back across deltas
+    ("echo", {"stop": ["zzz", "ing"]}),  # a stop string inside a token
+    ("echo", {"max_tokens": 7}),
+    ("think", {}),  # reasoning frames, then content
+    ("tool", {"tools": [WEATHER_TOOL]}),  # a tool-call frame
+]
+ROUTE_CASES = [("/v1/chat/completions", *case) for case in CASES] + [
+    ("/v1/completions", script, extra) for script, extra in CASES if script == "echo"
+]
+
+
+@pytest.mark.parametrize(("route", "script", "extra"), ROUTE_CASES)
 def test_tokens_together_or_one_by_one_give_the_same_frames(
     delivery_neuron: LiveNeuron, script: str, extra: dict[str, Any], route: str
 ) -> None:
-    if route == "/v1/completions" and script != "echo":
-        pytest.skip("reasoning and tool calls are chat features")
     bodies = {}
     for model in (f"acme/{script}", f"acme/{script}-paced"):
         delivery_neuron.load(model)
