@@ -130,7 +130,9 @@ class LoadedModel(Protocol):
         ...
 
     def memory_bytes(self) -> int:
-        """Memory this model holds on its device now."""
+        """Memory this model holds on its device: what the node's memory ledger counts and
+        eviction frees. A KV cache that grows with the running batch counts at its capacity
+        (``kv_tokens``), so another model is never placed in room this one will need."""
         ...
 
     def unload(self) -> None:

@@ -134,3 +134,20 @@ def test_a_shared_prompt_prefix_is_evaluated_once(model: BatchedTorchModel) -> N
     assert reused >= len(first) - 1
     tokens = collected(follow).tokens
     assert tokens == reference(model, second, 10)[: len(tokens)]
+
+
+def test_memory_counts_the_kv_cache_at_capacity(tiny_llama_dir: Path) -> None:
+    """The node's ledger must hold room for the KV cache the batch grows into, from the load
+    on: weights plus (kv_tokens + the saved prefixes' budget) positions."""
+    loaded = TorchHarness().load(
+        tiny_llama_dir, cpu_device(), LoadOptions(max_batch=4, kv_tokens=2048)
+    )
+    try:
+        assert isinstance(loaded, BatchedTorchModel)
+        weights = sum(t.numel() * t.element_size() for t in loaded.model.parameters())
+        weights += sum(t.numel() * t.element_size() for t in loaded.model.buffers())
+        per_token = 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 KV heads, 16 dims, float32
+        prefixes = max(256, 2048 // 4)
+        assert loaded.memory_bytes() == weights + (2048 + prefixes) * per_token
+    finally:
+        loaded.unload()

@@ -101,6 +101,9 @@ class _Job:
 # A first token, an end or an error goes at once, and so does everything once an iteration takes
 # this long (a model slower than 4 ms a step hands off every token as it is made).
 MAX_HANDOFF_DELAY_S = 0.004
+# While generations run, queued jobs take at most about this long (or half the last iteration,
+# if longer) between two iterations; a job that started always finishes, at least one runs.
+JOBS_BUDGET_S = 0.002
 
 
 class Outbox:
@@ -166,6 +169,7 @@ class DeviceWorker:
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, default_max_batch=max_batch)
         self._outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}
         self._last_handoff = 0.0
+        self._last_iteration_s = 0.0
         self._on_poison = on_poison
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._depth = 0
@@ -281,14 +285,20 @@ class DeviceWorker:
         jobs = self._queue
         while True:
             if scheduler.has_work:
-                # the jobs queued by now first (new requests' prompts, closes, memory
-                # queries), then one iteration: a job waits at most one iteration
+                # queued jobs first (new requests' prompts, memory queries), then one
+                # iteration; while generations run, jobs get half an iteration's time (at
+                # least JOBS_BUDGET_S, at least one job), so a burst of new requests rendering
+                # their chat templates does not stall the running streams for all of them
+                budget = max(JOBS_BUDGET_S, self._last_iteration_s / 2)
+                deadline = time.perf_counter() + budget
                 for _ in range(jobs.qsize()):
                     job = jobs.get_nowait()
                     if job is None:
                         self._shutdown()
                         return
                     self._do(job)
+                    if time.perf_counter() >= deadline:
+                        break
                 self._iterate()
             else:
                 self._deliver([])  # nothing may wait in an outbox while the worker sleeps
@@ -318,7 +328,8 @@ class DeviceWorker:
             log.exception("scheduler iteration on %s failed", self.device.key)
             deliveries = self.scheduler.fail_all(exc)
         finally:
-            self.busy_seconds += time.perf_counter() - started
+            self._last_iteration_s = time.perf_counter() - started
+            self.busy_seconds += self._last_iteration_s
         self._deliver(deliveries, urgent=not self.scheduler.has_work)
 
     def _shutdown(self) -> None:

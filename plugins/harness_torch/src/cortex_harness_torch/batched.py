@@ -112,6 +112,11 @@ class BatchedTorchModel(TorchModel):
         self.stats = PrefillStats()
         self._dtype = next(model.parameters()).dtype
         config = model.config
+        from cortex_harness_torch.memory import kv_cache_bytes
+
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        element = torch_element_size(self._dtype)
+        self._kv_bytes_per_token = kv_cache_bytes(text_config.to_dict(), 1, element)
         layer_types = set(getattr(config, "layer_types", None) or ())
         window = getattr(config, "sliding_window", None)
         # models with sliding-window layers take one mask per layer type; older configs with
@@ -334,7 +339,15 @@ class BatchedTorchModel(TorchModel):
         release_device_cache(self.torch_device)
 
     def memory_bytes(self) -> int:
-        return super().memory_bytes() + self._rows.nbytes() + self.prefixes.nbytes()
+        """Weights plus the KV cache at capacity (``kv_tokens`` for running generations and
+        the saved prefixes' budget): the KV tensors grow with the batch up to that, so the
+        node's ledger counts it all from the start. More only when the rows' padding to the
+        longest sequence makes them larger (docs/harnesses.md)."""
+        if self.model is None:
+            return 0
+        capacity = (self.kv_tokens + self.prefixes.budget_tokens) * self._kv_bytes_per_token
+        used = self._rows.nbytes() + self.prefixes.nbytes()
+        return super().memory_bytes() + max(capacity, used)
 
     def unload(self) -> None:
         self._running.clear()
@@ -421,3 +434,9 @@ def serve_model(
 def prefix_cache_tokens(context_length: int, kv_tokens: int) -> int:
     """Positions kept for saved prefixes: a quarter of the KV cache, at least one context."""
     return max(context_length, kv_tokens // 4)
+
+
+def torch_element_size(dtype: Any) -> int:
+    import torch
+
+    return int(torch.empty((), dtype=dtype).element_size())
