@@ -41,7 +41,12 @@ from typing import Any
 import httpx
 
 from benchmarks.common import fmt, percentile, python_server, save, table
-from benchmarks.harness_overhead import SMALL_SHAPE, RawLlamaCpp, RawTransformers
+from benchmarks.harness_overhead import (
+    SMALL_SHAPE,
+    RawLlamaCpp,
+    RawTransformers,
+    build_small_model,
+)
 from cortex.demo.models import harness_installed
 
 TORCH_MODEL = "bench/concurrency-llama"
@@ -67,28 +72,7 @@ def prompts(count: int) -> list[list[dict[str, str]]]:
 
 def build_model(out_dir: Path) -> Path:
     """The small benchmark model with a context of :data:`CONTEXT` tokens."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cortex.testing.tiny_models import build_tiny_model
-
-    out = build_tiny_model(out_dir, context_length=CONTEXT)
-    config = LlamaConfig.from_pretrained(out)
-    for key, value in SMALL_SHAPE.items():
-        setattr(config, key, value)
-    config.head_dim = SMALL_SHAPE["hidden_size"] // SMALL_SHAPE["num_attention_heads"]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    scale = 0.2 * (64 / SMALL_SHAPE["hidden_size"]) ** 0.5
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return build_small_model(out_dir, context_length=CONTEXT)
 
 
 # ---- the raw libraries, batched by hand ---------------------------------------------------------

@@ -229,6 +229,26 @@ def capacity_of(context_length: int, options: LoadOptions) -> tuple[int, int]:
     return max_batch, max(kv_tokens, context_length)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share: what a harness can reuse of a cached
+    sequence for a new prompt. Compares slices in C (a conversation that grew by a turn shares
+    all of the shorter one: one comparison), bisecting otherwise."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    a, b = tuple(a[:n]), tuple(b[:n])  # like with like: a tuple never equals a list
+    if a == b:
+        return n
+    low, high = 1, n  # a[:low] == b[:low] holds; a[:high] == b[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def is_batched(model: LoadedModel) -> bool:
     """Whether the scheduler can step this model's generations together."""
     return callable(getattr(model, "step_batch", None)) and callable(getattr(model, "admit", None))
@@ -256,6 +276,7 @@ __all__ = [
     "Step",
     "accepting_harnesses",
     "capacity_of",
+    "common_prefix",
     "default_kv_tokens",
     "is_batched",
 ]

@@ -13,20 +13,11 @@ from typing import Any
 import httpx
 
 from cortex.harness import is_batched
+from cortex.testing.batching import TEXTS
 from tests.neuron.conftest import LiveNeuron
 
 LLAMA = "huggingface:acme/tiny-llama"
 SLOW = "huggingface:acme/slow-echo"
-TEXTS = [
-    "hello the cat",
-    "a long story about the river and the mountain city in the cold winter night",
-    "red",
-    "the quick dog runs over the old bridge",
-    "one two three four five six seven eight nine ten eleven twelve",
-    "green blue small large",
-    "the bright sun and the dark moon sing together about the sea",
-    "new",
-]
 
 
 def chat(neuron: LiveNeuron, model: str, text: str, max_tokens: int) -> dict[str, Any]:

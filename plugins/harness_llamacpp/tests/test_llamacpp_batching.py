@@ -14,21 +14,11 @@ from cortex_harness_llamacpp.model import LlamaCppModel
 from cortex.devices import cpu_device
 from cortex.harness import LoadOptions, SamplingParams, is_batched
 from cortex.neuron.scheduler import Scheduler
-from cortex.testing.batching import collected, drive, sequence, step
+from cortex.testing.batching import TEXTS, collected, drive, sequence, step
 
 pytest.importorskip("llama_cpp")
 
 GREEDY = SamplingParams(temperature=0.0)
-TEXTS = [
-    "hello the cat",
-    "a long story about the river and the mountain city in the cold winter night",
-    "red",
-    "the quick dog runs over the old bridge",
-    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen",
-    "green blue small large",
-    "the bright sun and the dark moon sing together about the sea and the sky above",
-    "new",
-]
 
 
 def load(repo: Path, **capacity: int) -> LlamaCppModel:

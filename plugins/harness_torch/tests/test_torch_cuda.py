@@ -84,22 +84,12 @@ def test_cuda_batched_streams_match_generate_alone(tiny_llama_dir: Path) -> None
     import torch
 
     from cortex.neuron.scheduler import Scheduler
-    from cortex.testing.batching import collected, drive, sequence
+    from cortex.testing.batching import TEXTS, collected, drive, sequence
 
     model = TorchHarness().load(tiny_llama_dir, _cuda_device(), LoadOptions(max_batch=6))
     try:
-        texts = [
-            "hello the cat",
-            "a long story about the river and the mountain city in the cold winter night",
-            "red",
-            "the quick dog runs over the old bridge",
-            "one two three four five six seven eight nine ten eleven twelve",
-            "green blue small large",
-            "the bright sun and the dark moon sing together about the sea",
-            "new",
-        ]
         greedy = SamplingParams(temperature=0)
-        prompts = [model.render_chat([{"role": "user", "content": t}]) for t in texts]
+        prompts = [model.render_chat([{"role": "user", "content": t}]) for t in TEXTS]
         seqs = [sequence(model, p, 32, greedy) for p in prompts]
         drive(
             Scheduler(max_batch_tokens=24), {0: seqs[:3], 2: seqs[3:5], 5: seqs[5:7], 9: seqs[7:]}

@@ -11,6 +11,19 @@ from cortex.harness import LoadedModel, SamplingParams
 from cortex.neuron.scheduler import Output, Scheduler, Sequence
 from cortex.neuron.textstream import IncrementalDecoder
 
+# Eight user messages of very different lengths, for batches whose rows join and leave at
+# different iterations (the harness parity tests use them).
+TEXTS = (
+    "hello the cat",
+    "a long story about the river and the mountain city in the cold winter night",
+    "red",
+    "the quick dog runs over the old bridge",
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen",
+    "green blue small large",
+    "the bright sun and the dark moon sing together about the sea and the sky above",
+    "new",
+)
+
 
 class Collector:
     """Stands in for a stream's event-loop side: keeps what the scheduler hands out."""
@@ -69,4 +82,4 @@ def step(scheduler: Scheduler) -> None:
         seq.sink.deliver(output)
 
 
-__all__ = ["Collector", "collected", "drive", "sequence", "step"]
+__all__ = ["TEXTS", "Collector", "collected", "drive", "sequence", "step"]

@@ -33,7 +33,14 @@ from typing import Any
 import attrs
 
 from cortex.devices import Device
-from cortex.harness import BatchRow, HarnessError, PromptError, SamplingParams, Step
+from cortex.harness import (
+    BatchRow,
+    HarnessError,
+    PromptError,
+    SamplingParams,
+    Step,
+    common_prefix,
+)
 from cortex_harness_llamacpp import native
 from cortex_harness_llamacpp.sampling import build_sampler
 from cortex_harness_llamacpp.settings import LlamaCppSettings
@@ -61,15 +68,6 @@ class PrefillStats:
     tokens_evaluated: int = 0
     evictions: int = 0
     batched_decodes: int = 0
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _message_text(content: Any) -> Any:

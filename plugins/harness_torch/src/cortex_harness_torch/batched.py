@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from cortex.harness import BatchRow, HarnessError, SamplingParams, Step
+from cortex.harness import BatchRow, HarnessError, SamplingParams, Step, common_prefix
 from cortex_harness_torch.model import TorchModel, guarded, release_device_cache
-from cortex_harness_torch.prefix import PrefixCache, common_prefix
+from cortex_harness_torch.prefix import PrefixCache
 from cortex_harness_torch.rows import RowCache, attention_mask
 from cortex_harness_torch.sampling import TokenSampler
 

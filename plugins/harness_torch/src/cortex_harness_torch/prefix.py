@@ -19,27 +19,10 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from cortex.harness import common_prefix
+
 if TYPE_CHECKING:
     import torch
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    if n == 0 or a[0] != b[0]:
-        return 0
-    if type(a) is not type(b):  # a tuple never equals a list: compare like with like
-        a, b = tuple(a[:n]), tuple(b[:n])
-    if a[:n] == b[:n]:  # the common case for a growing conversation: one C-level comparison
-        return n
-    low, high = 1, n  # a[:low] == b[:low] holds; a[:high] == b[:high] does not
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 @attrs.define(eq=False)
