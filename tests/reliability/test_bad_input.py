@@ -221,3 +221,62 @@ def test_any_json_body_gets_an_answer_or_a_4xx_envelope(servers, body, target: s
     if answer.status_code == 200:
         return
     assert_envelope(answer)
+
+
+# ---- lone surrogates (issue 22) ---------------------------------------------------------------
+
+# Valid JSON whose strings are not valid Unicode: a \uD800-\uDFFF escape without its pair.
+# Python's json module accepts them, and every later .encode("utf-8") (a tokenizer, a response
+# body) raised UnicodeEncodeError: a 500 on every non-streamed generation route.
+SURROGATE_BODIES: dict[str, tuple[str, bytes]] = {
+    "chat content": (
+        "/v1/chat/completions",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+    ),
+    "chat content, low half alone": (
+        "/v1/chat/completions",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "\\uDC00"}]}',
+    ),
+    "chat model": ("/v1/chat/completions", b'{"model": "%s\\ud800", "messages": []}'),
+    "chat key": (
+        "/v1/chat/completions",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi", "\\udbff": 1}]}',
+    ),
+    "completions prompt": ("/v1/completions", b'{"model": "%s", "prompt": "x\\ud83d"}'),
+    "messages": (
+        "/v1/messages",
+        b'{"model": "%s", "max_tokens": 8, "messages": [{"role": "user", "content": "\\ude00"}]}',
+    ),
+    "responses": ("/v1/responses", b'{"model": "%s", "input": "a\\ud800"}'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SURROGATE_BODIES))
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogates_are_a_400_not_a_500(servers, case: str, stream: bool) -> None:
+    gateway, neuron = servers
+    route, template = SURROGATE_BODIES[case]
+    body = template % ECHO.encode()
+    if stream:
+        body = body[:-1] + b', "stream": true}'
+    targets = [(gateway, "anthropic" if route == "/v1/messages" else "openai")]
+    if route in ("/v1/chat/completions", "/v1/completions"):
+        targets.append((neuron, "openai"))
+    for url, dialect in targets:
+        answer = raw_post(f"{url}{route}", body)
+        assert answer.status_code == 400, (url, answer.status_code, answer.text[:300])
+        error = assert_envelope(answer, dialect)["error"]
+        assert "surrogate" in error["message"], error
+        if dialect == "openai":
+            assert error["code"] == "invalid_json", error
+    still_serving(gateway, neuron)
+
+
+def test_a_surrogate_pair_is_one_character_and_is_served(servers) -> None:
+    """An escaped pair (what json.dumps writes for an emoji) is valid and must still work."""
+    gateway, neuron = servers
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud83d\\ude00b"}]}'
+    for url in (gateway, neuron):
+        answer = raw_post(f"{url}/v1/chat/completions", body % ECHO.encode())
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "a\U0001f600b"
