@@ -74,7 +74,7 @@ def test_a_unicode_file_name_is_served(registry) -> None:
     from urllib.parse import quote
 
     path = "/acme/tiny/resolve/main/" + quote("caf\u00e9 \u2026.txt")
-    status, headers, body = raw_get(registry.url, path)
+    status, _headers, body = raw_get(registry.url, path)
     assert status == 200 and body == b"unicode", (status, body)
     info = json.loads(raw_get(registry.url, "/api/models/acme/tiny")[2])
     assert "caf\u00e9 \u2026.txt" in {s["rfilename"] for s in info["siblings"]}
