@@ -21,6 +21,7 @@ from cortex.gateway.fleet import Fleet
 from cortex.gateway.metrics import GatewayMetrics, eviction_reason
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import READY, NodeState
+from cortex.gateway.redact import public, public_message
 from cortex.gateway.router import (
     Placement,
     Resolved,
@@ -67,10 +68,13 @@ class LoadFailure:
             error_type=e.error_type,
         )
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, public: bool = True) -> dict[str, object]:
+        """For ``/v1/models`` (``public``: redacted, :mod:`cortex.gateway.redact`), or in full
+        for the admin API and ``cortex status``."""
+        message = self.error.message
         return {
             "code": self.error.code,
-            "message": self.error.message,
+            "message": public_message(message) if public else message,
             "attempts": self.attempts,
             "retry_in": round(max(0.0, self.until - time.monotonic()), 1),
         }
@@ -122,12 +126,19 @@ class Loader:
         if task is None:
             failure = self.failures.get(resolved.canonical)
             if failure is not None and failure.blocking():
-                raise failure.again()
+                raise public(failure.again())
             task = asyncio.create_task(self._load(resolved), name=f"load {resolved.canonical}")
             self.loads[resolved.canonical] = task
             task.add_done_callback(lambda t: self._load_done(resolved.canonical, t))
         try:
             return await asyncio.wait_for(asyncio.shield(task), self._load_timeout)
+        except ApiError as exc:
+            # The load this request waited on failed: the same answer every later request gets
+            # until the backoff passes (Retry-After included; the first waiters had none).
+            failure = self.failures.get(resolved.canonical)
+            if failure is not None and failure.error is exc:
+                raise public(failure.again()) from None
+            raise public(exc) from None
         except TimeoutError:
             raise ApiError(
                 503,

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from starlette.responses import Response
 
+from cortex.gateway.redact import public_details, public_message
 from cortex.gateway.stream_probe import frames_have_content, take_usage
 from cortex.wire.errors import ApiError
 from cortex.wire.sse import encode_data
@@ -188,7 +189,10 @@ async def _relay_sse(
         yield _stream_error_frame(error, "the neuron stopped sending (idle timeout)")
     except aiohttp.ClientError as exc:
         error = "upstream_connection_error"
-        yield _stream_error_frame(error, f"the neuron connection broke: {exc}")
+        log.warning("the connection to %s broke mid-stream: %r", resp.url, exc)
+        yield _stream_error_frame(
+            error, f"the neuron connection broke mid-answer ({type(exc).__name__})"
+        )
     finally:
         resp.close()
         observer.on_end(error)
@@ -215,8 +219,12 @@ async def open_upstream(
         try:
             return await session.post(url, data=body, headers=headers, timeout=timeout)
         except (TimeoutError, aiohttp.ServerTimeoutError):
+            log.warning("%s did not answer in time", url)
             raise UpstreamUnreachable(
-                504, "upstream_timeout", f"{url} did not answer in time", retry_after=retry_after
+                504,
+                "upstream_timeout",
+                "the neuron did not answer in time",
+                retry_after=retry_after,
             ) from None
         except aiohttp.ClientConnectorError as exc:  # no connection could be made at all
             raise _unreachable(exc, retry_after, never_connected=True) from None
@@ -234,10 +242,12 @@ async def open_upstream(
 def _unreachable(
     exc: aiohttp.ClientError, retry_after: float, never_connected: bool
 ) -> UpstreamUnreachable:
+    # The client hears what happened, not where (docs/security.md); the log has both.
+    log.warning("could not reach a neuron: %s: %s", type(exc).__name__, exc)
     error = UpstreamUnreachable(
         502,
         "upstream_connection_error",
-        f"could not reach the neuron ({type(exc).__name__}: {exc})",
+        f"could not reach the neuron ({type(exc).__name__})",
         retry_after=retry_after,
     )
     error.never_connected = never_connected
@@ -290,14 +300,17 @@ async def forward(
     except aiohttp.ClientError as exc:
         resp.close()
         observer.on_end("upstream_connection_error")
+        log.warning("the connection to %s broke mid-answer: %r", url, exc)
         raise ApiError(
             502,
             "upstream_connection_error",
-            f"the neuron connection broke: {exc}",
+            f"the neuron connection broke mid-answer ({type(exc).__name__})",
             retry_after=retry_after,
         ) from None
     finally:
         resp.release()
+    if resp.status >= 400:
+        raw = public_error_body(raw)
     if resp.status == 200:
         raw = rewrite(raw)
         try:
@@ -310,6 +323,26 @@ async def forward(
     # client got the bytes (its next request must not see this one as still running).
     observer.on_end(None if resp.status == 200 else f"upstream_{resp.status}")
     return Response(raw, status_code=resp.status, headers=headers)
+
+
+def public_error_body(raw: bytes) -> bytes:
+    """A neuron's error envelope with its message and ``details`` redacted
+    (:mod:`cortex.gateway.redact`); anything else as it came."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return raw
+    message = public_message(error["message"])
+    details = public_details(error["details"]) if "details" in error else None
+    if message == error["message"] and details == error.get("details"):
+        return raw
+    error["message"] = message
+    if details is not None:
+        error["details"] = details
+    return json.dumps(body).encode()
 
 
 def elapsed_since(started: float) -> float:

@@ -38,6 +38,7 @@ from cortex.gateway.usage import Usage
 from cortex.logging import request_logger
 from cortex.wire.errors import ApiError, model_not_found
 from cortex.wire.keepalive import GATEWAY_UPSTREAM_KEEPALIVE_S
+from cortex.wire.tls import client_context
 
 log = logging.getLogger(__name__)
 request_log = request_logger()
@@ -105,6 +106,7 @@ class Gateway:
             ttl_dns_cache=300,
             enable_cleanup_closed=True,
             keepalive_timeout=GATEWAY_UPSTREAM_KEEPALIVE_S,  # below the neuron's: it lets go first
+            ssl=client_context(self.config.neuron_tls, self.config.base_dir) or True,
         )
         headers = {NEURON_TOKEN_HEADER: self.neuron_token} if self.neuron_token else None
         # Neurons set no cookies: a dummy jar skips cookie filtering on every request/answer.

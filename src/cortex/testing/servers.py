@@ -67,7 +67,7 @@ class UvicornThread:
         self.stop()
 
 
-_LISTENING = re.compile(rb"listening on (http://\S+)")
+_LISTENING = re.compile(rb"listening on (https?://\S+)")
 
 
 class ProcessServer:
