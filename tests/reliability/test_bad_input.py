@@ -123,6 +123,7 @@ def test_oversized_bodies_get_413_before_being_read(servers) -> None:
     for url, dialect in (
         (f"{gateway}/v1/chat/completions", "openai"),
         (f"{gateway}/v1/messages", "anthropic"),
+        (f"{gateway}/admin/models/load", "openai"),
         (f"{neuron}/v1/chat/completions", "openai"),
         (f"{neuron}/models/load", "openai"),
     ):
@@ -149,6 +150,9 @@ def test_oversized_bodies_get_413_before_being_read(servers) -> None:
             continue
         assert answer.status_code == 413
         assert_envelope(answer, dialect)
+        # The rest of the body is unread: the connection must not be reused (issue 22: the
+        # FastAPI routes, /admin/models/load among them, did not say so).
+        assert answer.headers.get("connection") == "close", (url, dict(answer.headers))
     still_serving(gateway, neuron)
 
 

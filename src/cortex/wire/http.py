@@ -108,7 +108,12 @@ def install_error_handlers(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc, dialect_for_path(request.url.path))
+        response = error_response(exc, dialect_for_path(request.url.path))
+        if exc.status == 413:
+            # The rest of the body is still on the wire (a chunked body is cut at the first
+            # byte over the limit): this connection cannot carry another request.
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
