@@ -204,7 +204,11 @@ class Loader:
             # The estimate and the lock were awaits: a poll may have seen the model become ready
             # meanwhile (a load on the neuron this gateway joined late, or another gateway's).
             # Use that copy; placing another would load a duplicate on a second node.
-            ready = replicas(list(self.fleet.nodes.values()), resolved.canonical, self.usage)
+            ready = [
+                nm
+                for nm in replicas(list(self.fleet.nodes.values()), resolved.canonical, self.usage)
+                if node_allowed(resolved.profile, nm[0])  # `cortex load --node` means that node
+            ]
             if ready:
                 return ready[0][0].name
             try:
@@ -287,8 +291,21 @@ class Loader:
         return node.name
 
     async def unload(self, node: NodeState, model_id: str, reason: str) -> None:
-        """Unload ``model_id`` from ``node`` (an operator's ``/admin/models/unload``)."""
-        await self._unload(node, model_id, reason)
+        """Unload ``model_id`` from ``node`` (an operator's ``/admin/models/unload``).
+
+        From the moment it starts until the fleet view shows the result, routing treats the
+        model as gone from that node (as for an eviction): a request arriving meanwhile goes to
+        another replica, or loads the model again, instead of being sent to a copy that is
+        being unloaded (the neuron answered it 409)."""
+        key = (node.name, model_id)
+        marked = key not in self.usage.evicting  # an eviction may hold the mark already
+        self.usage.evicting.add(key)
+        try:
+            await self._unload(node, model_id, reason)
+            await self.fleet.refresh(node.name)
+        finally:
+            if marked:
+                self.usage.evicting.discard(key)
 
     async def _unload(self, node: NodeState, model_id: str, reason: str) -> None:
         try:
