@@ -344,6 +344,12 @@ class NeuronConfig:
     max_header_bytes: int = attrs.field(
         default=DEFAULT_MAX_HEADER_BYTES, validator=attrs.validators.ge(1024)
     )
+    # What a poisoned device does (docs/neuron.md): "exit" ends the process with status 75
+    # once other work drained, for the service manager to restart it; "stay" keeps serving
+    # the other devices and refuses work for the dead one.
+    on_device_fault: str = attrs.field(
+        default="exit", validator=attrs.validators.in_(("exit", "stay"))
+    )
     base_dir: Path = attrs.field(default=Path("."), metadata={"file": False})
 
 

@@ -69,8 +69,11 @@ def make_app(node: Node, drain_seconds: float = DRAIN_SECONDS) -> FastAPI:
     loader = Loader(node)
     node.default_models.total = len(node.config.default_models)
 
+    node.drain_seconds = drain_seconds
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        node.loop = asyncio.get_running_loop()  # a device fault restarts from here
         task = asyncio.create_task(load_default_models(node, loader))
         node.started = True
         try:
@@ -150,10 +153,12 @@ def serve(config: NeuronConfig, listen: str | None, drain_seconds: float = DRAIN
         ),
     )
     server = DrainingServer(uv_config, node)
+    # A device fault with on_device_fault = "exit": stop like SIGTERM, exit non-zero.
+    node.request_exit = lambda: server.handle_exit(signal.SIGTERM, None)
     devices = ", ".join(node.devices)
     harnesses = ", ".join(node.harnesses) or "none"
     print(f"neuron {node.name}: devices {devices}; harnesses {harnesses}", flush=True)
     print(f"listening on {scheme(config.tls)}://{shown}:{bound_port}", flush=True)
     server.run(sockets=[sock])
     sys.stdout.flush()
-    return 0
+    return node.exit_code or 0
