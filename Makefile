@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: venv test lint format help clean dist version demo bench
+.PHONY: venv test lint format help clean dist version demo bench clients
 
 help:
 	@echo "make demo    a two-neuron fleet on this machine, walked through step by step (ARGS=--once)"
@@ -22,6 +22,7 @@ help:
 	@echo "make test    lint, then run all tests (core and every plugin)"
 	@echo "make fuzz    randomized hypothesis/schemathesis rounds for FUZZ_SECONDS (default 600)"
 	@echo "make lint    ruff check + ruff format --check"
+	@echo "make clients the pinned Claude Code and Codex CLI that tests/clients runs (npm, cached)"
 	@echo "make format  apply ruff formatting"
 	@echo "make dist    wheel + sdist of every distribution into dist/, checked by twine"
 	@echo "make version V=1.2.3  set the version of every distribution (docs/deploy.md)"
@@ -45,7 +46,19 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# The real coding agents tests/clients drives (docs/clients.md): exact versions from npm into a
+# git-ignored folder, installed once and kept (reinstalled when package.json changes). Without
+# npm those tests skip and say why. No lock file: both packages pin their own dependencies.
+CLIENTS_DIR := tests/clients/npm
+$(CLIENTS_DIR)/node_modules/.installed: $(CLIENTS_DIR)/package.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(CLIENTS_DIR) && npm install --no-package-lock --no-audit --no-fund --loglevel=error \
+		&& touch node_modules/.installed; \
+	else echo "npm not found: tests/clients skips the Claude Code and Codex CLI runs"; fi
+
+clients: $(CLIENTS_DIR)/node_modules/.installed
+
+test: lint clients
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The property-based tests with random seeds (make test runs them derandomized: conftest.py), in
@@ -76,7 +89,7 @@ bench: venv
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache $(CLIENTS_DIR)/node_modules
 
 # The five distributions `make dist` builds (the examples are third-party plugins, not shipped).
 DISTRIBUTIONS := . $(PLUGINS)

@@ -197,6 +197,13 @@ class GatewaySection:
     # Anthropic / Responses streams: a ping (keep-alive) after this long without output, also
     # while a cold load or a queue delays the answer (docs/clients.md).
     stream_keepalive: Duration = attrs.field(default=Duration(10.0), converter=Duration.parse)
+    # Tools only the API provider's servers can run (web_search, file_search, Anthropic's server
+    # tools) on /v1/responses and /v1/messages: "drop" leaves them out, logs them and names them
+    # in an x-cortex-dropped-tools header (Codex sends web_search on every request); "refuse"
+    # answers 400 unsupported_tool (docs/clients.md).
+    hosted_tools: str = attrs.field(
+        default="drop", validator=attrs.validators.in_(("drop", "refuse"))
+    )
 
 
 @attrs.frozen
@@ -268,6 +275,14 @@ class ModelProfile:
     pinned: bool = False
     nodes: list[str] = attrs.field(factory=list)
     keep_alive: Duration = attrs.field(default=Duration(None), converter=Duration.parse)
+    # continuous batching capacity of a load (docs/neuron.md#the-scheduler); unset: the
+    # device's max_batch and a KV cache of max_batch x 1024 tokens
+    max_batch: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    kv_tokens: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
 
 
 @attrs.frozen
@@ -316,6 +331,11 @@ class DeviceSettings:
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
     )
     max_queue: int = attrs.field(default=64, validator=attrs.validators.gt(0))
+    # Continuous batching (docs/neuron.md#the-scheduler): the most generations of one model that
+    # run at once on this device, unless its load names another ``max_batch``; and the tokens one
+    # scheduler iteration evaluates (one per running generation, the rest for prompt chunks).
+    max_batch: int = attrs.field(default=32, validator=attrs.validators.gt(0))
+    max_batch_tokens: int = attrs.field(default=512, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen

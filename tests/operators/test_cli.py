@@ -142,7 +142,13 @@ def test_admin_commands_status_and_json_logs(served, fleet: Fleet, tmp_path: Pat
     # The request log: one JSON object per request, with the fields operators filter on.
     server.terminate()
     lines = [json.loads(line) for line in server.text.splitlines() if line.startswith("{")]
-    requests = [e for e in lines if e["logger"] == "cortex.requests"]
+    logged = [e for e in lines if e["logger"] == "cortex.requests"]
+    # the two refused admin calls are logged too (401 without a key, 403 with a client key)
+    refusals = [
+        (e["message"], e.get("http_status")) for e in logged if e.get("http_status") in (401, 403)
+    ]
+    assert refusals == [("/admin/models", 401), ("/admin/status", 403)], refusals
+    requests = [e for e in logged if e.get("http_status") not in (401, 403)]
     assert len(requests) == 4
     ok = [e for e in requests if e["status"] == "ok"]
     assert {(e["message"], e["model"], e["node"]) for e in ok} == {

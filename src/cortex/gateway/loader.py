@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 
-from cortex.config import CortexConfig, ModelsConfig
+from cortex.config import CortexConfig, ModelProfile, ModelsConfig
 from cortex.eviction import EvictionStrategy
 from cortex.gateway.events import RecentEvents
 from cortex.gateway.fleet import Fleet
@@ -181,11 +181,7 @@ class Loader:
                 continue
             if node_capable(profile, node, resolved.canonical) is not None:
                 continue
-            payload = {"model_id": resolved.canonical}
-            if profile is not None and profile.harness:
-                payload["harness"] = profile.harness
-            if profile is not None and profile.quant:
-                payload["quant"] = profile.quant
+            payload = load_payload(resolved.canonical, profile)
             answer = await post_json(
                 self.session,
                 f"{node.endpoint}/models/estimate",
@@ -260,11 +256,7 @@ class Loader:
 
     async def _start_load(self, node: NodeState, placement: Placement, resolved: Resolved) -> str:
         profile = resolved.profile
-        payload: dict[str, object] = {"model_id": resolved.canonical, "device": placement.device}
-        if profile is not None and profile.harness:
-            payload["harness"] = profile.harness
-        if profile is not None and profile.quant:
-            payload["quant"] = profile.quant
+        payload = {**load_payload(resolved.canonical, profile), "device": placement.device}
         started = time.monotonic()
         outcome, error = "failed", None
         log.info("loading %s on %s/%s", resolved.canonical, node.name, placement.device)
@@ -387,3 +379,15 @@ class Loader:
             self.metrics.defrags.labels(node.name).inc()
             done.append(node.name)
         return done
+
+
+def load_payload(canonical: str, profile: ModelProfile | None) -> dict[str, object]:
+    """What ``/models/estimate`` and ``/models/load`` get for a model: its id and what its
+    ``models.toml`` profile chose (harness, quant, batching capacity)."""
+    payload: dict[str, object] = {"model_id": canonical}
+    if profile is not None:
+        for key in ("harness", "quant", "max_batch", "kv_tokens"):
+            value = getattr(profile, key)
+            if value:
+                payload[key] = value
+    return payload

@@ -115,12 +115,20 @@ def replicas(
 def least_busy(
     candidates: list[tuple[NodeState, NodeModel]], canonical: str, usage: Usage
 ) -> tuple[NodeState, NodeModel] | None:
-    """Fewest requests in flight (the gateway's live count first, the neuron's as tie-break)."""
+    """The replica with the most room: the fewest requests in flight for the generations it
+    can run at once (the gateway's live count over the neuron's ``max_batch``: a replica that
+    batches 64 takes more than one that batches 8), then the fewest waiting on the neuron, then
+    the fewest in flight there."""
     if not candidates:
         return None
     return min(
         candidates,
-        key=lambda nm: (usage.busy(nm[0].name, canonical), nm[1].in_flight, nm[0].name),
+        key=lambda nm: (
+            usage.busy(nm[0].name, canonical) / nm[1].max_batch,
+            nm[1].waiting,
+            nm[1].in_flight,
+            nm[0].name,
+        ),
     )
 
 

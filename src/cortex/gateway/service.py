@@ -234,12 +234,13 @@ class Gateway:
         """Count and log a request that failed before a neuron answered it."""
         if getattr(error, "recorded", False):
             return
+        path = route[:200]  # the log line names the path asked for; metrics a bounded label
         route, model = route_label(route), self.model_label(requested)
         self.metrics.requests.labels(route, model, NO_NODE, "error").inc()
         self.metrics.errors.labels(route, code_label(error.code)).inc()
         shown = requested[:200] if isinstance(requested, str) else None
         request_log.info(
-            route,
+            path,
             extra={
                 "fields": {
                     "model": shown,

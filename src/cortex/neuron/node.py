@@ -99,8 +99,19 @@ class Node:
         workers = []
         for key, device in by_key.items():
             settings = config.devices.get(key, DeviceSettings())
-            workers.append(DeviceWorker(device, settings.max_queue, on_poison=node._poisoned))
+            workers.append(
+                DeviceWorker(
+                    device,
+                    settings.max_queue,
+                    on_poison=node._poisoned,
+                    max_batch_tokens=settings.max_batch_tokens,
+                    max_batch=settings.max_batch,
+                )
+            )
         node.workers = WorkerPool(workers)
+        for worker in workers:
+            rows = node.metrics.series(node.metrics.batch_rows, worker.device.key)
+            worker.scheduler.on_batch = rows.observe
         return node
 
     def _poisoned(self, worker: DeviceWorker) -> None:
