@@ -20,11 +20,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from cortex.auth import GatewayAuth, KeySet, warn_if_exposed
 from cortex.config import CortexConfig, ModelProfile
 from cortex.gateway.redact import public, public_message
-from cortex.testing.servers import ProcessServer, free_port, python_program
+from cortex.testing.servers import ProcessServer, UvicornThread, free_port, python_program
 from cortex.wire.errors import ApiError
 
 from .conftest import ECHO, load
@@ -284,3 +286,47 @@ def test_gateway_cuts_off_slow_and_huge_headers(served) -> None:
 def test_neuron_cuts_off_slow_and_huge_headers(parts) -> None:
     neuron = parts.neuron_process("p1", header_timeout="1s")
     assert_headers_are_guarded(neuron.url, {}, "/models")
+
+
+def leaky_neuron(discovery: dict, models: dict) -> FastAPI:
+    """Answers the poller like a healthy neuron; every generation fails with an error that names
+    a cache path, a registry URL and a host (as a harness or source error can)."""
+    app = FastAPI()
+    app.get("/health")(lambda: {"status": "ok"})
+    app.get("/discovery")(lambda: JSONResponse(discovery))
+    app.get("/models")(lambda: JSONResponse(models))
+    leak = {
+        "error": {
+            "message": "cannot read /srv/private/cache/models--acme--echo/blobs/x from "
+            "http://10.9.8.7:8090/acme/echo (host 10.9.8.7:8090)",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "harness_error",
+            "details": {"endpoint": "http://10.9.8.7:8090", "file": "/srv/private/x"},
+        }
+    }
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        app.post(route)(lambda: JSONResponse(leak, status_code=422))
+    return app
+
+
+def test_relayed_neuron_errors_are_redacted_on_every_route(parts) -> None:
+    real = parts.neuron("n1")
+    load(real.url, ECHO)
+    discovery = httpx.get(f"{real.url}/discovery").json()
+    models = httpx.get(f"{real.url}/models").json()
+    leaky = UvicornThread(leaky_neuron(discovery, models)).start()
+    parts.stoppers.append(leaky.stop)
+    gw = parts.gateway({"leaky": leaky.url})
+    gw.wait_for(lambda: ECHO in gw.catalogue(), timeout=15)
+    for route, body in (
+        ("/v1/chat/completions", {"model": ECHO, "messages": HELLO}),
+        ("/v1/completions", {"model": ECHO, "prompt": "x"}),
+        ("/v1/messages", {"model": ECHO, "max_tokens": 8, "messages": HELLO}),
+        ("/v1/responses", {"model": ECHO, "input": "x"}),
+    ):
+        answer = httpx.post(f"{gw.url}{route}", json=body, timeout=30)
+        assert answer.status_code == 422, (route, answer.text)
+        for secret in ("/srv/private", "10.9.8.7", "8090"):
+            assert secret not in answer.text, (route, answer.text)
+        assert "cannot read [path]" in answer.text, (route, answer.text)
