@@ -305,7 +305,7 @@ def leaky_neuron(discovery: dict, models: dict) -> FastAPI:
             "details": {"endpoint": "http://10.9.8.7:8090", "file": "/srv/private/x"},
         }
     }
-    for route in ("/v1/chat/completions", "/v1/completions"):
+    for route in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
         app.post(route)(lambda: JSONResponse(leak, status_code=422))
     return app
 
@@ -324,6 +324,7 @@ def test_relayed_neuron_errors_are_redacted_on_every_route(parts) -> None:
         ("/v1/completions", {"model": ECHO, "prompt": "x"}),
         ("/v1/messages", {"model": ECHO, "max_tokens": 8, "messages": HELLO}),
         ("/v1/responses", {"model": ECHO, "input": "x"}),
+        ("/v1/messages/count_tokens", {"model": ECHO, "messages": HELLO}),
     ):
         answer = httpx.post(f"{gw.url}{route}", json=body, timeout=30)
         assert answer.status_code == 422, (route, answer.text)

@@ -33,6 +33,7 @@ from cortex.gateway.metrics import (
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import NodeState
 from cortex.gateway.proxy import ModelRewriter, StreamObserver, UpstreamUnreachable, forward
+from cortex.gateway.redact import public
 from cortex.gateway.router import Resolved, Resolver, least_busy, replicas
 from cortex.gateway.usage import Usage
 from cortex.logging import request_logger
@@ -420,7 +421,7 @@ class Gateway:
         except ApiError as exc:
             self.metrics.errors.labels(COUNT_TOKENS_ROUTE, code_label(exc.code)).inc()
             exc.recorded = True  # type: ignore[attr-defined]  # counted here, with its node
-            raise
+            raise public(exc) from None  # no paths or addresses to clients (docs/security.md)
         finally:
             self.usage.end(node.name, resolved.canonical)
             labels = (COUNT_TOKENS_ROUTE, resolved.canonical, node.name)
