@@ -55,3 +55,23 @@ def test_requests_during_admin_unloads_all_succeed(parts) -> None:
     failed = [a for a in answers if a[0] != 200]
     assert len(answers) > 50 and not failed, (len(answers), failed[:3])
     assert httpx.get(f"{gw.url}/admin/status").json()["failed_loads"] == {}
+
+
+def test_a_model_unloaded_behind_the_gateways_back_is_served_elsewhere(parts) -> None:
+    """Another gateway (or an operator on the neuron) unloads a copy: until the next poll this
+    gateway's view is stale; the neuron's 'not loaded here' sends the request to another
+    replica instead of to the client."""
+    n1, n2 = parts.neuron("n1"), parts.neuron("n2")
+    for neuron in (n1, n2):
+        load(neuron.url, ECHO)
+    gw = parts.gateway({"n1": n1.url, "n2": n2.url}, poll_interval="60s")
+    gw.wait_for(lambda: gw.node_up("n1") and gw.node_up("n2"), timeout=15)
+    gw.wait_for(lambda: ECHO in gw.catalogue(), timeout=15)
+    answer = httpx.post(f"{n1.url}/models/unload", json={"model_id": ECHO}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    for _ in range(10):  # least busy alternates: n1 is picked at least once while stale
+        reply = httpx.post(
+            f"{gw.url}/v1/chat/completions", json={"model": ECHO, "messages": HELLO}, timeout=30
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-cortex-node"] == "n2"

@@ -256,17 +256,27 @@ def answer_ended(url: str) -> None:
         holding.freed.set()
 
 
-async def _is_queue_full(resp: aiohttp.ClientResponse) -> bool:
-    """Whether ``resp`` is the neuron's 503 ``queue_full`` (its small body is read: it stays
-    readable for the caller)."""
-    if resp.status != 503:
-        return False
+async def _error_code(resp: aiohttp.ClientResponse) -> str | None:
+    """The ``code`` of a neuron's 404/503 error envelope (its small body is read: it stays
+    readable for the caller); None for any other answer."""
+    if resp.status not in (404, 503):
+        return None
     try:
         body = json.loads(await resp.read())
     except (ValueError, aiohttp.ClientError, TimeoutError):
-        return False
+        return None
     error = body.get("error") if isinstance(body, dict) else None
-    return isinstance(error, dict) and error.get("code") == "queue_full"
+    return str(error.get("code")) if isinstance(error, dict) else None
+
+
+async def _is_queue_full(resp: aiohttp.ClientResponse) -> bool:
+    """Whether ``resp`` is the neuron's 503 ``queue_full``."""
+    return resp.status == 503 and await _error_code(resp) == "queue_full"
+
+
+# A neuron's answer that the model is not (or no longer) there: the gateway's view of that node
+# was stale (another gateway, or an operator on the neuron, unloaded it since the last poll).
+_GONE = frozenset({"model_not_found", "model_unloading"})
 
 
 async def open_upstream(
@@ -279,7 +289,33 @@ async def open_upstream(
 ) -> aiohttp.ClientResponse:
     """POST to a neuron and return once its answer headers arrived (the body is not read);
     failing that, :class:`UpstreamUnreachable`. A 503 ``queue_full`` is held and sent again
-    within the request's admission budget (see above)."""
+    within the request's admission budget (see above). A neuron that says the model is not
+    loaded (or is being unloaded) there is, for this request, like one that could not be
+    reached before answering: nothing was relayed, so the caller refreshes its view of that
+    node and tries another replica, or answers 503 ``model_unloaded`` with Retry-After."""
+    resp = await _open_held(session, url, body, client_headers, timeout, retry_after)
+    if await _error_code(resp) in _GONE:
+        resp.close()
+        error = UpstreamUnreachable(
+            503,
+            "model_unloaded",
+            "the model was unloaded from the neuron this request was sent to; retry",
+            retry_after=retry_after,
+        )
+        error.never_connected = True  # safe to send elsewhere: no byte of answer was relayed
+        raise error
+    return resp
+
+
+async def _open_held(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    retry_after: float,
+) -> aiohttp.ClientResponse:
+    """:func:`_send_upstream`, holding a ``queue_full`` answer (see above)."""
     until = HOLD_UNTIL.get()
     if until is None:
         return await _send_upstream(session, url, body, client_headers, timeout, retry_after)

@@ -68,6 +68,7 @@ DOCUMENTED_5XX = frozenset(
         "queue_timeout",
         "nodes_at_capacity",
         "load_timeout",
+        "model_unloaded",
         "overloaded_error",
         "api_error",
     }
