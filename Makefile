@@ -20,6 +20,7 @@ help:
 	@echo "make bench   the benchmarks of docs/benchmarks.md (ARGS=--quick for a smoke run)"
 	@echo "make venv    build .venv with cortex, every plugin and the test tools (editable)"
 	@echo "make test    lint, then run all tests (core and every plugin)"
+	@echo "make fuzz    randomized hypothesis/schemathesis rounds for FUZZ_SECONDS (default 600)"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make clients the pinned Claude Code and Codex CLI that tests/clients runs (npm, cached)"
 	@echo "make format  apply ruff formatting"
@@ -59,6 +60,23 @@ clients: $(CLIENTS_DIR)/node_modules/.installed
 
 test: lint clients
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The property-based tests with random seeds (make test runs them derandomized: conftest.py), in
+# rounds of FUZZ_SCALE times their CI examples until FUZZ_SECONDS have passed; the first failure
+# stops it and prints the falsifying example (keep it as an explicit case; docs/reliability.md).
+FUZZ_SECONDS ?= 600
+FUZZ_SCALE ?= 10
+FUZZ_TESTS ?= tests/reliability/test_bad_input.py tests/reliability/test_schemathesis.py \
+	tests/registry/test_registry_fuzz.py tests/test_model_ids.py tests/wire/test_fuzz.py \
+	plugins/source_huggingface/tests/test_id_grammar.py
+.PHONY: fuzz
+fuzz: venv
+	@end=$$(( $$(date +%s) + $(FUZZ_SECONDS) )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+		round=$$((round + 1)); echo "== fuzz round $$round"; \
+		CORTEX_HYPOTHESIS_PROFILE=fuzz CORTEX_FUZZ_SCALE=$(FUZZ_SCALE) \
+			$(BIN)/python -m pytest -q -p no:cacheprovider $(FUZZ_TESTS) || exit 1; \
+	done; echo "fuzz: $$round round(s), no failure"
 
 # The first command a newcomer runs (docs/demo.md): no GPU, no download. ARGS=--once exits after
 # the walkthrough (so does CORTEX_DEMO_ONCE=1); otherwise it serves until Ctrl-C.

@@ -24,6 +24,7 @@ from cortex.gateway.admission import ClientWatch
 from cortex.gateway.dialects import DIALECT_ANSWERS, install_dialect_routes
 from cortex.gateway.fast_path import PlainEndpoint
 from cortex.gateway.service import Gateway
+from cortex.gateway.status_view import public_health
 from cortex.request_schemas import document_request_bodies
 from cortex.wire.errors import ApiError
 from cortex.wire.http import default_dialect, install_error_handlers, read_json_object
@@ -125,7 +126,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse(gateway.health())
+        return JSONResponse(public_health(gateway))  # the node list: /admin/status
 
     async def generation(request: Request) -> Response:
         route = request.url.path

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cortex.gateway.neuron_client import retry_after_of
 from cortex.gateway.proxy import StreamObserver, UpstreamStreamingResponse, open_upstream
+from cortex.gateway.redact import public
 from cortex.gateway.stream_probe import chunk_has_content
 from cortex.wire import anthropic, responses
 from cortex.wire.errors import ApiError
@@ -119,7 +120,7 @@ async def relay_translated(
         error = ApiError.from_openai_body(resp.status, payload, retry_after_of(resp.headers))
         if error.status >= 500 and error.retry_after is None:
             error.retry_after = retry_after
-        raise error
+        raise public(error)  # no paths or addresses to clients (docs/security.md)
 
     if stream is not None and resp.headers.get("content-type", "").startswith("text/event-stream"):
         return TranslatedStream(

@@ -28,6 +28,7 @@ from typing import Any
 
 from cortex.source import (
     FetchError,
+    InvalidRepoIdError,
     ModelSourceId,
     NoLoadableWeightsError,
     Preflight,
@@ -259,6 +260,8 @@ class HubSource:
 
         if isinstance(exc, SourceError):
             return exc
+        if isinstance(exc, hf.HFValidationError):  # an id or revision the hub cannot express
+            return InvalidRepoIdError(qid, f"{qid} is not a valid repo: {_first_line(exc)}")
         endpoint = self.settings.endpoint
         unreachable = httpx2.TransportError | hf.OfflineModeIsEnabled | hf.LocalEntryNotFoundError
         if isinstance(exc, unreachable):
