@@ -1,7 +1,8 @@
-"""Builders for the OpenAI chat shapes the neuron emits and the translators consume.
+"""Builders for the OpenAI shapes the neuron emits and the translators consume.
 
-One place builds ``chat.completion`` and ``chat.completion.chunk`` dicts, so the neuron, the
-gateway and the Anthropic/Responses translators agree on every field (tests parse the results
+One place builds ``chat.completion``, ``chat.completion.chunk`` and ``text_completion`` dicts
+(the neuron's answers: ``cortex.neuron.framing``), so the neuron, the gateway and the
+Anthropic/Responses translators agree on every field (tests parse the results
 with the ``openai`` SDK's own models). Plain dicts, not classes: they go straight to JSON on the
 hot path.
 
@@ -120,16 +121,62 @@ def chat_chunk(
 
 
 def usage_chunk(
-    *, id: str, model: str, prompt_tokens: int, completion_tokens: int, created: int | None = None
+    *,
+    id: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    created: int | None = None,
+    object: str = "chat.completion.chunk",
 ) -> dict[str, Any]:
-    """The final chunk of a stream with ``stream_options.include_usage``: no choices, usage."""
+    """The final chunk of a stream with ``stream_options.include_usage``: no choices, usage
+    (``object`` is ``text_completion`` on ``/v1/completions``)."""
     return {
         "id": id,
-        "object": "chat.completion.chunk",
+        "object": object,
         "created": int(time.time()) if created is None else created,
         "model": model,
         "choices": [],
         "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def text_completion(
+    *,
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """A whole ``text_completion`` (``/v1/completions``) with one choice and usage."""
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_chunk(
+    *,
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk."""
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
     }
 
 
@@ -230,6 +277,7 @@ __all__ = [
     "assistant_message",
     "chat_chunk",
     "chat_completion",
+    "completion_chunk",
     "completion_id",
     "count",
     "items",
@@ -238,6 +286,7 @@ __all__ = [
     "random_id",
     "stream_error",
     "text",
+    "text_completion",
     "tool_call_arguments_as_objects",
     "usage",
     "usage_chunk",
