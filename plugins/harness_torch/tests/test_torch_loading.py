@@ -147,7 +147,7 @@ _GPU_LOAD = r"""
 import json, os, resource, sys, threading, time, psutil, torch
 from pathlib import Path
 from cortex.devices import cuda_devices
-from cortex.harness import LoadOptions, SamplingParams
+from cortex.harness import LoadOptions
 from cortex_harness_torch.harness import TorchHarness
 
 budget = int(sys.argv[3])
@@ -169,8 +169,9 @@ model = harness.load(Path(sys.argv[2]), device, LoadOptions())
 done.set()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 devices = {p.device.type for p in model.model.parameters()}
-generation = model.start(model.tokenize("the cat"), SamplingParams(temperature=0))
-token = generation.step().token_id
+ids = torch.tensor([model.tokenize("the cat")], device=f"cuda:{device.index}")
+with torch.no_grad():
+    token = int(model.model(ids).logits[0, -1].argmax())
 print(json.dumps({"base": base, "base_peak": base_peak, "peak": peak, "devices": sorted(devices),
                   "token": token, "gpu_bytes": torch.cuda.memory_allocated(device.index)}))
 """
