@@ -82,6 +82,6 @@ def build_sized_model(
                 param.normal_(0.0, 0.02, generator=generator)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
-    shard = f"{max(1, shard_bytes // 2**20)}MB" if shard_bytes else "1000GB"
+    shard = shard_bytes or 1 << 40
     model.save_pretrained(out, safe_serialization=True, max_shard_size=shard)
     return out
