@@ -4,13 +4,16 @@
    plus config and tokenizer), served by ``cortex registry serve`` in its own process, fetched
    into an empty cache by: curl (one process, the files one after another, into files; and into
    /dev/null: the wire alone), bare ``hf_hub_download`` (one call per file in a child process,
-   timed inside it) and ``neuron pull`` (the CLI, timed as a whole and by the fetch it reports).
+   timed inside it) and ``neuron pull`` (the CLI, timed as a whole and by the fetch it reports;
+   and with ``CORTEX_FETCH_CONNECTIONS=1``). The clients the fetch was chosen from are compared
+   on their own by ``benchmarks.fetch_clients``.
    The variants take turns within each round (the first one rotates); medians and min-max.
 2. **Load.** The cached models loaded on CPU in a fresh child process each (imports warmed by a
    tiny load first; the files are in the page cache, having just been fetched): the torch
    harness, transformers' own ``from_pretrained`` at the CPU dtype followed by ``.to()`` (what
-   the harness did before), and reading the safetensors (``load_file``). Each touches every
-   weight page once, as a first forward pass would. Wall time, and peak RSS (the kernel's
+   the harness did before), reading the safetensors (``load_file``, which maps them) and
+   reading their bytes (``read()``). Each touches every weight page once, as a first forward
+   pass would. Wall time, and peak RSS (the kernel's
    ``ru_maxrss``) against the RSS the loaded model keeps, both above the RSS before the load.
 3. **Cold request to first token through the gateway, split.** The sharded model with an empty
    cache (fetch + load + first token), then cached but not loaded (load + first token), then
@@ -137,13 +140,14 @@ def fetch_once(variant: str, registry: str, repo_id: str, files: list[str], work
             f'[sources.huggingface]\nendpoint = "{registry}"\nauth_env = "BENCH_NO_TOKEN"\n'
             f'cache_dir = "{work / "cache"}"\n'
         )
+        one = {"CORTEX_FETCH_CONNECTIONS": "1"} if "1 connection" in variant else {}
         started = time.perf_counter()
         out = subprocess.run(
             [PYTHON, "-m", "cortex.cli", "neuron", "pull", repo_id, "-c", str(config), "--json"],
             check=True,
             capture_output=True,
             text=True,
-            env=child_env(),
+            env=child_env(**one),
             cwd=str(ROOT.parent),
         )
         wall = time.perf_counter() - started
@@ -161,24 +165,28 @@ FETCHERS = (
     "hf_hub_download",
     "neuron pull (fetch)",
     "neuron pull (CLI wall)",
+    "neuron pull (fetch, 1 connection)",
 )
 
 
-def bench_fetch(registry: str, repos: list[str], rounds: int, tmp: Path) -> dict[str, Any]:
+def bench_fetch(
+    registry: str, repos: list[str], rounds: int, tmp: Path, quick: bool
+) -> dict[str, Any]:
+    fetchers = FETCHERS[:-1] if quick else FETCHERS
     results: dict[str, Any] = {}
     files = {repo: repo_files(registry, repo) for repo in repos}  # also hashes them, once
     runs: dict[tuple[str, str], list[float]] = {}
     for round_ in range(rounds):
         for repo in repos:
             names = [name for name, _ in files[repo]]
-            order = FETCHERS[round_ % len(FETCHERS) :] + FETCHERS[: round_ % len(FETCHERS)]
+            order = fetchers[round_ % len(fetchers) :] + fetchers[: round_ % len(fetchers)]
             for variant in order:
                 seconds = fetch_once(variant, registry, repo, names, tmp / "fetch")
                 runs.setdefault((repo, variant), []).append(seconds)
     for repo in repos:
         size = sum(s for _, s in files[repo])
         entry: dict[str, Any] = {"bytes": size, "files": len(files[repo]), "variants": {}}
-        for variant in FETCHERS:
+        for variant in fetchers:
             seconds = runs[(repo, variant)]
             entry["variants"][variant] = {
                 "runs_s": seconds,
@@ -219,7 +227,11 @@ def touch(tensors):
     with torch.no_grad():
         return sum(float(t.reshape(-1)[:: 4096 // t.element_size()].float().sum()) for t in tensors)
 
-if mode == "read":
+if mode == "read bytes":
+    def load(path):
+        data = [f.read_bytes() for f in sorted(Path(path).glob("*.safetensors"))]
+        return data, lambda: [torch.frombuffer(bytearray(1), dtype=torch.uint8)]
+elif mode == "read":
     from safetensors.torch import load_file
     def load(path):
         tensors = {}
@@ -256,7 +268,7 @@ print(json.dumps({"load_s": loaded_s, "load_and_touch_s": touched_s,
                   "peak_mb": (peak - base) / 2**20, "kept_mb": (after - base) / 2**20}))
 """
 
-LOADERS = ("harness", "transformers", "read")
+LOADERS = ("harness", "transformers", "read", "read bytes")
 
 
 def bench_load(models: dict[str, Path], tiny: Path, rounds: int, quick: bool) -> dict[str, Any]:
@@ -288,8 +300,12 @@ def bench_load(models: dict[str, Path], tiny: Path, rounds: int, quick: bool) ->
                 row[f"{key}_range"] = [min(values), max(values)]
             row["peak_over_kept"] = median([r["peak_mb"] / r["kept_mb"] for r in measured])
             entry["modes"][mode] = row
-        read = entry["modes"]["read"]["load_and_touch_s"]
-        entry["harness_vs_read"] = entry["modes"]["harness"]["load_and_touch_s"] / read
+        harness = entry["modes"]["harness"]["load_and_touch_s"]
+        entry["harness_vs_read"] = harness / entry["modes"]["read"]["load_and_touch_s"]
+        if "read bytes" in entry["modes"]:
+            entry["harness_vs_read_bytes"] = (
+                harness / entry["modes"]["read bytes"]["load_and_touch_s"]
+            )
         results[model] = entry
     return results
 
@@ -436,7 +452,7 @@ def run(quick: bool, rounds: int | None = None) -> dict[str, Any]:
     }
     try:
         if torch:
-            report["fetch"] = bench_fetch(registry.url, [SHARDED, SINGLE], rounds, tmp)
+            report["fetch"] = bench_fetch(registry.url, [SHARDED, SINGLE], rounds, tmp, quick)
             report["load"] = bench_load(models, models[TINY], rounds, quick)
         profiles = [ECHO, *([TINY, SHARDED] if torch else [])]
         neuron, gateway = start_fleet(tmp, registry.url, profiles)
@@ -500,6 +516,12 @@ def print_report(report: dict[str, Any]) -> None:
                 )
         headers = ["model", "loader", "load s", "+touch s", "peak MB", "kept MB", "peak/kept"]
         print(table(headers, rows))
+        for model, entry in report["load"].items():
+            bytes_read = entry.get("harness_vs_read_bytes")
+            print(
+                f"{model}: harness (load + touch) {entry['harness_vs_read']:.1f}x load_file "
+                + (f", {bytes_read:.2f}x read()" if bytes_read else "")
+            )
     if "cold_split" in report:
         s = report["cold_split"]
         print(f"\ncold request to first token through the gateway, {s['model']} (median)")
@@ -508,6 +530,9 @@ def print_report(report: dict[str, Any]) -> None:
             f"{s['load_s']:.2f} + first token {s['first_token_s']:.3f} "
             f"(first in a fresh neuron: {s['first_in_fresh_neuron_s']:.2f} s)"
         )
+        for key in ("empty_cache_s", "cached_s", "loaded_s"):
+            values = [r[key] for r in s["runs"]]
+            print(f"  {key}: {' '.join(f'{v:.2f}' for v in values)}")
     print(f"\ndirect load vs one request through the gateway (median of {rounds})")
     rows = [
         [

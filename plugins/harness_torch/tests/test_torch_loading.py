@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cortex_harness_torch.harness import TorchHarness
-from cortex_harness_torch.loading import stored_dtype
+from cortex_harness_torch.loading import _matches, place_weights, stored_dtype
 
 from cortex.devices import cpu_device
 from cortex.harness import LoadOptions
@@ -82,6 +82,35 @@ def test_a_bf16_checkpoint_on_cpu_computes_what_transformers_computes(
             assert torch.equal(ours.model(ids).logits, reference(ids).logits)
     finally:
         ours.unload()
+
+
+def test_placing_at_half_precision_matches_transformers(tiny_llama_dir: Path) -> None:
+    """The path a GPU load takes (convert each tensor, release its pages), on the CPU: the same
+    parameters as transformers' own bf16 load, none left behind in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    placed = place_weights(model, torch.device("cpu"), torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    theirs = dict(reference.named_parameters())
+    assert placed.moved == len(theirs) and placed.kept == 0
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16, name
+        assert torch.equal(param, theirs[name]), name
+    their_buffers = dict(reference.named_buffers())
+    for name, buffer in model.named_buffers():  # RoPE's inv_freq stays float32, as theirs
+        assert buffer.dtype == their_buffers[name].dtype, name
+        assert torch.equal(buffer, their_buffers[name]), name
+    if sys.platform.startswith("linux"):
+        assert placed.released_bytes > 0
+
+
+def test_keep_in_fp32_patterns_match_whole_module_names() -> None:
+    assert _matches("encoder.block.0.layer.1.DenseReluDense.wo.weight", ["wo"])
+    assert _matches("model.layers.3.mlp.gate.weight", ["layers.*.mlp.gate"])
+    assert not _matches("model.layers.3.mlp.wout.weight", ["wo"])
+    assert not _matches("model.norm.weight", [])
 
 
 # A child process measures a load: RSS before (imports warmed by a tiny load), the kernel's peak

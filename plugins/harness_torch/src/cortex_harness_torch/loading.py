@@ -105,9 +105,9 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def place_weights(model: Any, device: Any, dtype: Any) -> Placement:
-    """Move every floating parameter (and floating buffer) of ``model`` to ``device`` at
-    ``dtype`` (float32 where transformers keeps a module in float32), one tensor at a time,
-    releasing each source range; then everything else to ``device``."""
+    """Move every parameter of ``model`` to ``device``, the floating ones at ``dtype`` (float32
+    where transformers keeps a module in float32), one tensor at a time, releasing each source
+    range; buffers move to ``device`` at the dtype they have."""
     import torch
 
     keep = fp32_patterns(model, dtype)
@@ -124,15 +124,13 @@ def place_weights(model: Any, device: Any, dtype: Any) -> Placement:
             placement.moved += 1
             placement.released_bytes += _release(source, mappings)
             del source
-        for module_name, module in model.named_modules():
+        for module in model.modules():
+            # buffers keep their dtype (transformers computes RoPE's inv_freq in float32 and
+            # keeps it so whatever the weights' dtype): they only change device
             for key, buffer in list(module._buffers.items()):
-                if buffer is None:
+                if buffer is None or buffer.device == device:
                     continue
-                name = f"{module_name}.{key}" if module_name else key
-                want = _target_dtype(buffer, name, dtype, keep)
-                if buffer.device == device and buffer.dtype == want:
-                    continue
-                module._buffers[key] = buffer.to(device=device, dtype=want)
+                module._buffers[key] = buffer.to(device=device)
                 placement.released_bytes += _release(buffer, mappings)
     model.to(device)  # anything not reached above (a parameter-less submodule's state)
     if hasattr(model, "config"):
