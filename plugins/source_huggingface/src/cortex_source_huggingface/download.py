@@ -222,7 +222,7 @@ def _fetch_one(
     if blob.exists():
         _link(blob, pointer)
         return
-    if meta.xet and _xet_available():
+    if (meta.xet and _xet_available()) or not hasattr(os, "pwrite"):  # no pwrite: Windows
         _fetch_with_hf(target, meta, reporter)
         return
     lock = target.lock_path(meta.etag)
