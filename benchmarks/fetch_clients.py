@@ -156,7 +156,13 @@ CLIENTS: dict[str, tuple[Client, bool]] = {
 }
 
 
-def run(quick: bool, rounds: int, parallel: list[int], hf_transfer_path: str | None) -> Any:
+def run(
+    quick: bool,
+    rounds: int,
+    parallel: list[int],
+    hf_transfer_path: str | None,
+    clients: list[str] | None = None,
+) -> Any:
     from cortex.testing.registry import publish_repo
 
     if hf_transfer_path:
@@ -180,11 +186,11 @@ def run(quick: bool, rounds: int, parallel: list[int], hf_transfer_path: str | N
         "--listen", "127.0.0.1:0", "--log-level", "warning",
     ).start(timeout=60)  # fmt: skip
     assert registry.url is not None
-    available = dict(CLIENTS)
+    available = {k: v for k, v in CLIENTS.items() if not clients or k in clients}
     try:
         import hf_transfer  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
-        available.pop("hf_transfer")
+        available.pop("hf_transfer", None)
     variants = [
         (name, n)
         for name, (_, scales) in available.items()
@@ -248,9 +254,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--parallel", default="1,4,8")
     parser.add_argument("--hf-transfer-path", default=None)
+    parser.add_argument("--clients", default="", help=f"comma-separated, of: {', '.join(CLIENTS)}")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
-    run(args.quick, rounds, [int(x) for x in args.parallel.split(",")], args.hf_transfer_path)
+    chosen = [c.strip() for c in args.clients.split(",") if c.strip()]
+    unknown = set(chosen) - set(CLIENTS)
+    if unknown:
+        parser.error(f"unknown client(s): {', '.join(sorted(unknown))}")
+    parallel = [int(x) for x in args.parallel.split(",")]
+    run(args.quick, rounds, parallel, args.hf_transfer_path, chosen or None)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class TransferSettings:
     """How a fetch uses the network. ``connections`` bounds the requests in flight for a whole
     fetch (all its files); a file larger than ``part_bytes`` is fetched as parts in parallel."""
 
-    connections: int = 8
+    connections: int = 4
     part_bytes: int = 64 * MiB
     buffer_bytes: int = 4 * MiB
     timeout: float = 30.0
