@@ -68,7 +68,12 @@ class FetchProgress:
     def bar(self, file: str, total: int | None) -> FileBar:
         """A byte counter for one file that several threads may update at once."""
         bar = self.tqdm_class(file)(
-            total=total, initial=0, unit="B", unit_scale=True, name="huggingface_hub.http_get"
+            total=total,
+            initial=0,
+            unit="B",
+            unit_scale=True,
+            name="huggingface_hub.http_get",
+            disable=_hf_disable(),
         )
         return FileBar(bar)
 
@@ -108,3 +113,15 @@ class FileBar:
     def close(self) -> None:
         with self._lock:
             self._bar.close()
+
+
+def _hf_disable() -> bool | None:
+    """What huggingface_hub passes as tqdm's ``disable`` for a download: None (a bar only on a
+    terminal) unless its logging or ``TQDM_POSITION`` says otherwise. A bar written to a log
+    file would break a neuron's one-JSON-object-per-line log."""
+    try:
+        from huggingface_hub.utils import is_tqdm_disabled
+    except ImportError:  # an older huggingface_hub: tqdm's own terminal detection
+        return None
+    level = logging.getLogger("huggingface_hub.file_download").getEffectiveLevel()
+    return is_tqdm_disabled(level)
