@@ -287,9 +287,11 @@ def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
 
 
 def file_server(
-    files: dict[str, bytes], served: Served, ranges: bool, delay: float = 0.0
+    files: dict[str, bytes], served: Served, ranges: bool, delay: float = 0.0, busy: int = 0
 ) -> type[http.server.BaseHTTPRequestHandler]:
-    """Serves ``files`` by path (``/x.bin``), with or without ``Range``."""
+    """Serves ``files`` by path (``/x.bin``), with or without ``Range``; the first ``busy``
+    requests get a 503."""
+    refusals = [busy]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -305,6 +307,13 @@ def file_server(
                 served.in_flight += 1
                 served.peak = max(served.peak, served.in_flight)
             try:
+                with served.lock:
+                    refuse, refusals[0] = refusals[0] > 0, max(0, refusals[0] - 1)
+                if refuse:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = files.get(self.path.split("?")[0])
                 if body is None:
                     self.send_error(404)
@@ -461,3 +470,26 @@ def test_a_download_the_source_refuses_is_unauthorized(servers, tmp_path: Path) 
         source.fetch(mid("mirror:acme/private"), ["w.safetensors"], revision=COMMIT)
     assert "$MIRROR_TOKEN" in caught.value.message
     assert cdn_seen.requests == []
+
+
+def test_a_busy_server_is_asked_again(
+    servers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = {"/w.safetensors": blob_of(MiB + 3)}
+    cdn_seen, front_seen = Served(), Served()
+    cdn = servers(file_server(files, cdn_seen, ranges=True, busy=2))
+    monkeypatch.setenv("MIRROR_TOKEN", "t")
+    front = servers(front_server(files, cdn, "t", front_seen))
+    source = make_source(tmp_path, front, auth_env="MIRROR_TOKEN", connections=1)
+    snapshot = source.fetch(mid("mirror:acme/busy"), ["w.safetensors"], revision=COMMIT)
+    assert (snapshot / "w.safetensors").read_bytes() == files["/w.safetensors"]
+    assert len(cdn_seen.requests) == 2 + 2  # two 503s, then the two parts
+
+    forever = Served()
+    cdn = servers(file_server(files, forever, ranges=True, busy=100))
+    front = servers(front_server(files, cdn, "t", Served()))
+    source = make_source(tmp_path, front, auth_env="MIRROR_TOKEN", cache="other", attempts=3)
+    with pytest.raises(RegistryUnreachableError) as caught:
+        source.fetch(mid("mirror:acme/busy"), ["w.safetensors"], revision=COMMIT)
+    assert caught.value.details["status"] == 503
+    assert len(forever.requests) == 3

@@ -47,6 +47,7 @@ PART_MB_ENV = "CORTEX_FETCH_PART_MB"
 INCOMPLETE_SUFFIX = ".cortex.incomplete"
 PARTS_SUFFIX = ".cortex.incomplete.parts"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # tried again, like a lost connection
 _MAX_REDIRECTS = 5
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -89,6 +90,10 @@ class TransferError(Exception):
 
 class Cancelled(Exception):
     """Another file of the same fetch failed; this one stops between two reads."""
+
+
+class _Busy(Exception):
+    """A status worth another try (``_RETRY_STATUSES``); counted like a lost connection."""
 
 
 # ---- connections -----------------------------------------------------------------------------
@@ -282,6 +287,7 @@ class BlobDownload:
         self._lock = threading.Lock()
         self._fd = -1
         self._resumable = False
+        self._last_status: int | None = None
         self.resumed_bytes = 0
 
     # -- planning -----------------------------------------------------------------------------
@@ -477,10 +483,11 @@ class BlobDownload:
                             pos = 0
                         whole = True
                     else:
-                        body = response.read(4096)
-                        raise TransferError(
-                            _status_message(response.status, answered_by, body), response.status
-                        )
+                        message = _status_message(response.status, answered_by, response.read(4096))
+                        if response.status in _RETRY_STATUSES:
+                            self._last_status = response.status
+                            raise _Busy(message)
+                        raise TransferError(message, response.status)
                     if on_answer is not None:
                         on_answer(response.status == 206)
                         on_answer = None
@@ -499,17 +506,22 @@ class BlobDownload:
             except (Cancelled, TransferError):
                 self.pool.discard(self.url)
                 raise
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, _Busy) as exc:
                 self.pool.discard(self.url)
                 failures = 1 if pos > furthest else failures + 1
                 furthest = max(furthest, pos)
                 if failures >= self.settings.attempts:
                     raise TransferError(
                         f"downloading {_safe_url(self.url)} failed {failures} times in a row "
-                        f"at byte {pos}: {type(exc).__name__}: {exc}"
+                        f"at byte {pos}: {type(exc).__name__}: {exc}",
+                        self._last_status if isinstance(exc, _Busy) else None,
                     ) from None
                 log.warning(
-                    "%s: connection lost at byte %d (%s); resuming", self.dest.name, pos, exc
+                    "%s: %s at byte %d (%s); trying again",
+                    self.dest.name,
+                    "busy" if isinstance(exc, _Busy) else "connection lost",
+                    pos,
+                    exc,
                 )
                 time.sleep(min(4.0, self.settings.retry_wait * failures))
         if not whole:
