@@ -13,14 +13,16 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: venv test lint format help clean dist version demo bench
+.PHONY: venv test lint format help clean dist version demo bench clients
 
 help:
 	@echo "make demo    a two-neuron fleet on this machine, walked through step by step (ARGS=--once)"
 	@echo "make bench   the benchmarks of docs/benchmarks.md (ARGS=--quick for a smoke run)"
 	@echo "make venv    build .venv with cortex, every plugin and the test tools (editable)"
 	@echo "make test    lint, then run all tests (core and every plugin)"
+	@echo "make fuzz    randomized hypothesis/schemathesis rounds for FUZZ_SECONDS (default 600)"
 	@echo "make lint    ruff check + ruff format --check"
+	@echo "make clients the pinned Claude Code and Codex CLI that tests/clients runs (npm, cached)"
 	@echo "make format  apply ruff formatting"
 	@echo "make dist    wheel + sdist of every distribution into dist/, checked by twine"
 	@echo "make version V=1.2.3  set the version of every distribution (docs/deploy.md)"
@@ -44,8 +46,37 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# The real coding agents tests/clients drives (docs/clients.md): exact versions from npm into a
+# git-ignored folder, installed once and kept (reinstalled when package.json changes). Without
+# npm those tests skip and say why. No lock file: both packages pin their own dependencies.
+CLIENTS_DIR := tests/clients/npm
+$(CLIENTS_DIR)/node_modules/.installed: $(CLIENTS_DIR)/package.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(CLIENTS_DIR) && npm install --no-package-lock --no-audit --no-fund --loglevel=error \
+		&& touch node_modules/.installed; \
+	else echo "npm not found: tests/clients skips the Claude Code and Codex CLI runs"; fi
+
+clients: $(CLIENTS_DIR)/node_modules/.installed
+
+test: lint clients
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The property-based tests with random seeds (make test runs them derandomized: conftest.py), in
+# rounds of FUZZ_SCALE times their CI examples until FUZZ_SECONDS have passed; the first failure
+# stops it and prints the falsifying example (keep it as an explicit case; docs/reliability.md).
+FUZZ_SECONDS ?= 600
+FUZZ_SCALE ?= 10
+FUZZ_TESTS ?= tests/reliability/test_bad_input.py tests/reliability/test_schemathesis.py \
+	tests/registry/test_registry_fuzz.py tests/test_model_ids.py tests/wire/test_fuzz.py \
+	plugins/source_huggingface/tests/test_id_grammar.py
+.PHONY: fuzz
+fuzz: venv
+	@end=$$(( $$(date +%s) + $(FUZZ_SECONDS) )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+		round=$$((round + 1)); echo "== fuzz round $$round"; \
+		CORTEX_HYPOTHESIS_PROFILE=fuzz CORTEX_FUZZ_SCALE=$(FUZZ_SCALE) \
+			$(BIN)/python -m pytest -q -p no:cacheprovider $(FUZZ_TESTS) || exit 1; \
+	done; echo "fuzz: $$round round(s), no failure"
 
 # The first command a newcomer runs (docs/demo.md): no GPU, no download. ARGS=--once exits after
 # the walkthrough (so does CORTEX_DEMO_ONCE=1); otherwise it serves until Ctrl-C.
@@ -58,7 +89,7 @@ bench: venv
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache $(CLIENTS_DIR)/node_modules
 
 # The five distributions `make dist` builds (the examples are third-party plugins, not shipped).
 DISTRIBUTIONS := . $(PLUGINS)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
-from benchmarks import cold_start, gateway_overhead, harness_overhead, scale
+from benchmarks import cold_start, concurrency, gateway_overhead, harness_overhead, scale
 
-NAMES = ("gateway_overhead", "harness_overhead", "cold_start", "scale")
+NAMES = ("gateway_overhead", "harness_overhead", "concurrency", "cold_start", "scale")
 
 
 def main() -> None:
@@ -33,6 +33,8 @@ def main() -> None:
             gateway_overhead.run(args.quick, not args.no_litellm, True, args.fast_stack)
         elif name == "harness_overhead":
             harness_overhead.run(args.quick)
+        elif name == "concurrency":
+            concurrency.run(args.quick)
         elif name == "cold_start":
             cold_start.run(args.quick)
         elif name == "scale":

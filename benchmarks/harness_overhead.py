@@ -240,7 +240,7 @@ class RawLlamaCpp:
         return time.perf_counter() - started, produced
 
 
-def build_small_model(out_dir: Path) -> Path:
+def build_small_model(out_dir: Path, context_length: int = 256) -> Path:
     """``build_tiny_model`` (tokenizer, chat template, config, seeded init), then the weights
     rebuilt at :data:`SMALL_SHAPE` the same way (seeded normal init, std 0.2 / sqrt of the
     width ratio so the activations stay in the same range)."""
@@ -249,7 +249,7 @@ def build_small_model(out_dir: Path) -> Path:
 
     from cortex.testing.tiny_models import build_tiny_model
 
-    out = build_tiny_model(out_dir)
+    out = build_tiny_model(out_dir, context_length=context_length)
     config = LlamaConfig.from_pretrained(out)
     for key, value in SMALL_SHAPE.items():
         setattr(config, key, value)

@@ -142,8 +142,53 @@ def plot_scale(report: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def plot_concurrency(report: dict[str, Any], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colours = {"transformers": "#4c72b0", "llama.cpp": "#dd8452"}
+    for label, result in results.items():
+        rows = result["streams"]
+        streams = sorted(int(s) for s in rows)
+        colour = colours.get(label)
+        neuron = [rows[str(s)]["tokens_per_s"] for s in streams]
+        raw = [rows[str(s)]["raw_tokens_per_s"] for s in streams]
+        axes[0].plot(streams, neuron, marker="o", c=colour, label=f"{label}: neuron run")
+        axes[0].plot(streams, raw, marker="x", ls=":", c=colour, label=f"{label}: library batched")
+        ttft = [rows[str(s)]["ttft_p50_ms"] for s in streams]
+        axes[1].plot(streams, ttft, marker="o", c=colour, label=f"{label} p50")
+        ttft99 = [rows[str(s)]["ttft_p99_ms"] for s in streams]
+        axes[1].plot(streams, ttft99, marker=".", ls="--", c=colour, label=f"{label} p99")
+        itl = [rows[str(s)]["itl_p50_ms"] for s in streams]
+        axes[2].plot(streams, itl, marker="o", c=colour, label=f"{label} p50")
+        itl99 = [rows[str(s)]["itl_p99_ms"] for s in streams]
+        axes[2].plot(streams, itl99, marker=".", ls="--", c=colour, label=f"{label} p99")
+    titles = (
+        "aggregate tokens/s",
+        "time to first token (ms)",
+        "inter-token latency (ms)",
+    )
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams (closed loop)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    fig.suptitle(
+        "Concurrency: continuous batching through neuron run vs the library batched by hand\n"
+        + _subtitle(report)
+    )
+    fig.tight_layout()
+    path = out / "bench-concurrency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 PLOTS = {
     "gateway_overhead": plot_gateway,
+    "concurrency": plot_concurrency,
     "harness_overhead": plot_harness,
     "cold_start": plot_cold,
     "scale": plot_scale,

@@ -31,7 +31,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 def test_defaults() -> None:
     cortex = load_cortex_config(None)
     assert cortex.gateway.listen == "0.0.0.0:31313"
-    assert cortex.gateway.metrics_listen == "0.0.0.0:31314"
+    assert cortex.gateway.metrics_listen == "127.0.0.1:31314"  # loopback: docs/security.md
     assert cortex.eviction.strategy == "lru"
     assert cortex.eviction.defrag_after_cycles == 50
     neuron = load_neuron_config(None)

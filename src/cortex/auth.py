@@ -283,6 +283,24 @@ class NeuronTokenMiddleware:
         await self.app(scope, receive, send)
 
 
+class MetricsTokenMiddleware:
+    """The gateway's metrics listener with ``[auth] metrics_token_env`` set: every request needs
+    ``Authorization: Bearer TOKEN`` (what Prometheus sends from ``credentials_file``)."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.keys = KeySet.from_keys([token])
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.keys.matches(presented_key(scope_headers(scope))):
+            error = ApiError(
+                401, "invalid_metrics_token", "this metrics port needs its bearer token"
+            )
+            await send_error(send, error, "openai", {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+
 # ---- exposure -----------------------------------------------------------------------------------
 
 
@@ -295,17 +313,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def warn_if_exposed(host: str, auth: GatewayAuth) -> bool:
-    """Log a loud warning when a non-loopback listener runs without keys. True when it warned."""
-    if auth.enabled or is_loopback(host):
+def warn_if_exposed(
+    host: str,
+    auth: GatewayAuth,
+    metrics_host: str | None = None,
+    metrics_token: bool = False,
+) -> bool:
+    """Log a loud warning when a non-loopback listener is open to anyone: the API without keys,
+    or the metrics port without ``metrics_token_env``. True when it warned."""
+    api_open = not auth.enabled and not is_loopback(host)
+    metrics_open = metrics_host is not None and not metrics_token and not is_loopback(metrics_host)
+    if not (api_open or metrics_open):
         return False
     banner = "!" * 78
-    log.warning(
-        "\n%s\nAUTH IS OFF on a non-loopback listener (%s): anyone who can reach this port can\n"
-        "use and load models. Set [auth] keys_env or keys_file in cortex.toml "
-        "(docs/security.md).\n%s",
-        banner,
-        host,
-        banner,
-    )
+    lines = []
+    if api_open:
+        lines.append(
+            f"AUTH IS OFF on a non-loopback listener ({host}): anyone who can reach this port "
+            "can\nuse and load models. Set [auth] keys_env or keys_file in cortex.toml "
+            "(docs/security.md)."
+        )
+    if metrics_open:
+        lines.append(
+            f"THE METRICS PORT IS OPEN on a non-loopback listener ({metrics_host}): anyone who "
+            "can\nreach it reads model names, node names and traffic. Set [auth] "
+            "metrics_token_env, or\nlisten on 127.0.0.1 (docs/security.md)."
+        )
+    log.warning("\n%s\n%s\n%s", banner, "\n".join(lines), banner)
     return True

@@ -102,6 +102,55 @@ def _check_model_id(_instance: Any, attribute: attrs.Attribute, value: str) -> N
 
 
 # --------------------------------------------------------------------------------------------
+# Listeners: TLS and header limits (gateway and neuron alike)
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+
+
+def _check_tls_pair(instance: Any, _attribute: attrs.Attribute, _value: Any) -> None:
+    if (instance.certfile is None) != (instance.keyfile is None):
+        raise ValueError("certfile and keyfile go together (set both or neither)")
+
+
+@attrs.frozen
+class ServerTls:
+    """``[gateway.tls]`` / ``[tls]`` in neuron.toml: serve HTTPS with uvicorn's certificate
+    options. ``client_ca_file`` additionally requires every caller to present a certificate
+    signed by that CA (mutual TLS). Relative paths are taken from the config file's folder."""
+
+    certfile: str | None = attrs.field(default=None, validator=_check_tls_pair)
+    keyfile: str | None = None
+    client_ca_file: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.client_ca_file is not None and self.certfile is None:
+            raise ValueError("client_ca_file needs certfile and keyfile (TLS must be on)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+
+@attrs.frozen
+class NeuronTls:
+    """``[neuron_tls]`` in cortex.toml: how the gateway checks ``https://`` neurons.
+    ``ca_file``: the CA that signed the neurons' certificates (default: the system's trust
+    store); ``certfile``/``keyfile``: the gateway's client certificate, for neurons that
+    require one (their ``client_ca_file``)."""
+
+    ca_file: str | None = None
+    certfile: str | None = attrs.field(default=None, validator=_check_tls_pair)
+    keyfile: str | None = None
+
+
+def _positive_duration(_instance: Any, attribute: attrs.Attribute, value: Duration) -> None:
+    if value.seconds is None or value.seconds <= 0:
+        raise ValueError(f"{attribute.name} must be a positive duration, got {value}")
+
+
+# --------------------------------------------------------------------------------------------
 # cortex.toml
 # --------------------------------------------------------------------------------------------
 
@@ -109,7 +158,20 @@ def _check_model_id(_instance: Any, attribute: attrs.Attribute, value: str) -> N
 @attrs.frozen
 class GatewaySection:
     listen: str = attrs.field(default="0.0.0.0:31313", validator=_check_listen)
-    metrics_listen: str = attrs.field(default="0.0.0.0:31314", validator=_check_listen)
+    # Loopback by default: the metrics port has no client keys (docs/security.md); to scrape
+    # from another host, listen on it and set [auth] metrics_token_env.
+    metrics_listen: str = attrs.field(default="127.0.0.1:31314", validator=_check_listen)
+    # HTTPS for clients (docs/security.md): certfile + keyfile, optional client_ca_file.
+    tls: ServerTls = attrs.field(factory=ServerTls)
+    # Slow or huge request headers (docs/security.md): 408 / 431 and the connection closed.
+    header_timeout: Duration = attrs.field(
+        default=Duration(DEFAULT_HEADER_TIMEOUT),
+        converter=Duration.parse,
+        validator=_positive_duration,
+    )
+    max_header_bytes: int = attrs.field(
+        default=DEFAULT_MAX_HEADER_BYTES, validator=attrs.validators.ge(1024)
+    )
     # The scheme of bare ids clients send; unset = what the healthy neurons report.
     default_source: str | None = None
     # Fleet poller: how often each neuron is asked, and after how many misses in a row it is down.
@@ -135,6 +197,13 @@ class GatewaySection:
     # Anthropic / Responses streams: a ping (keep-alive) after this long without output, also
     # while a cold load or a queue delays the answer (docs/clients.md).
     stream_keepalive: Duration = attrs.field(default=Duration(10.0), converter=Duration.parse)
+    # Tools only the API provider's servers can run (web_search, file_search, Anthropic's server
+    # tools) on /v1/responses and /v1/messages: "drop" leaves them out, logs them and names them
+    # in an x-cortex-dropped-tools header (Codex sends web_search on every request); "refuse"
+    # answers 400 unsupported_tool (docs/clients.md).
+    hosted_tools: str = attrs.field(
+        default="drop", validator=attrs.validators.in_(("drop", "refuse"))
+    )
 
 
 @attrs.frozen
@@ -156,6 +225,9 @@ class AuthSection:
     admin_keys_file: str | None = None
     # The env var holding the token the gateway sends to neurons (same name in neuron.toml).
     neuron_token_env: str | None = None
+    # The env var holding the bearer token the metrics listener requires (Prometheus sends it
+    # with ``authorization: {credentials_file: ...}``); unset: the metrics port is open.
+    metrics_token_env: str | None = None
     # None: keys are required when configured, and a non-loopback listener without keys warns.
     required: bool | None = None
 
@@ -172,6 +244,8 @@ class CortexConfig:
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
     auth: AuthSection = attrs.field(factory=AuthSection)
     neurons: list[NeuronRef] = attrs.field(factory=list)
+    # How the gateway verifies https:// neurons (and its client certificate for them).
+    neuron_tls: NeuronTls = attrs.field(factory=NeuronTls)
     models_config: str = "models.toml"
     base_dir: Path = attrs.field(default=Path("."), metadata={"file": False})
 
@@ -201,6 +275,14 @@ class ModelProfile:
     pinned: bool = False
     nodes: list[str] = attrs.field(factory=list)
     keep_alive: Duration = attrs.field(default=Duration(None), converter=Duration.parse)
+    # continuous batching capacity of a load (docs/neuron.md#the-scheduler); unset: the
+    # device's max_batch and a KV cache of max_batch x 1024 tokens
+    max_batch: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    kv_tokens: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
 
 
 @attrs.frozen
@@ -249,6 +331,11 @@ class DeviceSettings:
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
     )
     max_queue: int = attrs.field(default=64, validator=attrs.validators.gt(0))
+    # Continuous batching (docs/neuron.md#the-scheduler): the most generations of one model that
+    # run at once on this device, unless its load names another ``max_batch``; and the tokens one
+    # scheduler iteration evaluates (one per running generation, the rest for prompt chunks).
+    max_batch: int = attrs.field(default=32, validator=attrs.validators.gt(0))
+    max_batch_tokens: int = attrs.field(default=512, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen
@@ -265,6 +352,24 @@ class NeuronConfig:
     token_env: str | None = None
     # Request bodies over this many bytes get 413 before they are read whole.
     max_body_bytes: int = attrs.field(default=32 * 2**20, validator=attrs.validators.gt(0))
+    # HTTPS for the gateway's calls (docs/security.md): certfile + keyfile; client_ca_file
+    # requires the gateway's client certificate.
+    tls: ServerTls = attrs.field(factory=ServerTls)
+    # Slow or huge request headers: 408 / 431 and the connection closed (docs/security.md).
+    header_timeout: Duration = attrs.field(
+        default=Duration(DEFAULT_HEADER_TIMEOUT),
+        converter=Duration.parse,
+        validator=_positive_duration,
+    )
+    max_header_bytes: int = attrs.field(
+        default=DEFAULT_MAX_HEADER_BYTES, validator=attrs.validators.ge(1024)
+    )
+    # What a poisoned device does (docs/neuron.md): "exit" ends the process with status 75
+    # once other work drained, for the service manager to restart it; "stay" keeps serving
+    # the other devices and refuses work for the dead one.
+    on_device_fault: str = attrs.field(
+        default="exit", validator=attrs.validators.in_(("exit", "stay"))
+    )
     base_dir: Path = attrs.field(default=Path("."), metadata={"file": False})
 
 

@@ -1,12 +1,13 @@
 """Devices a neuron can place models on, and how they are discovered.
 
 Discovery is a hook (``cortex_discover_devices``) so another accelerator can plug in later; core
-registers the CPU device (always present) and CUDA devices found through nvidia-ml-py or torch,
-whichever is importable. No GPU is a normal, supported situation.
+registers the CPU device (always present) and CUDA devices found through NVML (nvidia-ml-py, a
+dependency) or, failing that, torch. No GPU is a normal, supported situation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -60,45 +61,86 @@ def cpu_device(memory_budget: int | None = None) -> Device:
     return Device("cpu", 0, "cpu", total, available)
 
 
-def cuda_devices() -> list[Device]:
-    """CUDA devices via nvidia-ml-py (no CUDA context needed), else torch, else none.
+# Present when the NVIDIA kernel driver is loaded: a GPU machine, whatever Python can import.
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
+_warned_undiscovered = False
 
-    ``CUDA_VISIBLE_DEVICES=""`` hides every GPU: then nothing is probed (and torch, slow to
-    import, is not imported just to find none)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-        return []
+
+def visible_cuda_indices(count: int, uuids: list[str]) -> list[int] | None:
+    """The physical (NVML, PCI bus order) index of each CUDA device this process may use, in
+    CUDA's order, from ``CUDA_VISIBLE_DEVICES``; None when it is unset (all of them).
+
+    Entries are indices or (prefixes of) ``GPU-...`` UUIDs, as CUDA reads them; as in CUDA, an
+    entry that names no device ends the list."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    visible: list[int] = []
+    for entry in (e.strip() for e in raw.split(",")):
+        if entry.isdigit() and int(entry) < count:
+            index = int(entry)
+        else:
+            matches = [i for i, uuid in enumerate(uuids) if entry and uuid.startswith(entry)]
+            if len(matches) != 1:
+                break
+            index = matches[0]
+        if index in visible:
+            break
+        visible.append(index)
+    return visible
+
+
+def _nvml_devices() -> list[Device] | None:
+    """CUDA devices through NVML (nvidia-ml-py, a dependency of cortex): no CUDA context, no
+    torch. None when NVML cannot be used (no driver library): the caller falls back."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        pynvml = None
-    if pynvml is not None:
-        try:
-            pynvml.nvmlInit()
-            devices = []
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                name = pynvml.nvmlDeviceGetName(handle)
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                devices.append(
-                    Device(
-                        "cuda",
-                        i,
-                        name.decode() if isinstance(name, bytes) else str(name),
-                        int(mem.total),
-                        int(mem.free),
-                        f"{major}.{minor}",
-                    )
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # no libnvidia-ml (no driver): not a GPU machine, or a broken one
+        log.debug("NVML is not usable: %s", exc)
+        return None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+        order = visible_cuda_indices(count, uuids)
+        devices = []
+        for cuda_index, physical in enumerate(range(count) if order is None else order):
+            handle = handles[physical]
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            devices.append(
+                Device(
+                    "cuda",
+                    cuda_index,
+                    _text(pynvml.nvmlDeviceGetName(handle)),
+                    int(mem.total),
+                    int(mem.free),
+                    f"{major}.{minor}",
                 )
-            return devices
-        except Exception as exc:  # NVML missing driver etc.: fall back to torch
-            log.debug("nvml discovery failed: %s", exc)
+            )
+        return devices
+    except Exception as exc:
+        log.warning("NVML device query failed: %s", exc)
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _torch_devices() -> list[Device]:
+    """CUDA devices through torch, when it is installed (a fallback: it creates a context)."""
     try:
         import torch
     except ImportError:
         return []
-    import torch
-
     if not torch.cuda.is_available():
         return []
     devices = []
@@ -107,5 +149,35 @@ def cuda_devices() -> list[Device]:
         free, total = torch.cuda.mem_get_info(i)
         devices.append(
             Device("cuda", i, props.name, int(total), int(free), f"{props.major}.{props.minor}")
+        )
+    return devices
+
+
+def cuda_devices() -> list[Device]:
+    """CUDA devices via NVML (nvidia-ml-py: no CUDA context, no torch), else torch, else none.
+
+    Why NVML first: a GGUF-only GPU node has llama.cpp but no torch, and discovery through
+    torch found no GPU there, so llama.cpp ran on the CPU without a word. NVML comes with the
+    driver and nvidia-ml-py is a dependency of cortex, so every node can see its GPUs.
+
+    The indices are CUDA's, which torch and llama.cpp use: ``CUDA_VISIBLE_DEVICES`` is applied
+    (indices or UUIDs), and ``CUDA_DEVICE_ORDER`` is set to ``PCI_BUS_ID`` when unset (the
+    process's CUDA libraries then number devices in NVML's order; CUDA's own default puts the
+    fastest first, which on a box with two different GPUs is another order).
+    ``CUDA_VISIBLE_DEVICES=""`` hides every GPU: then nothing is probed. A machine whose NVIDIA
+    driver is loaded but where no device was found gets a warning, not silence."""
+    global _warned_undiscovered
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return []
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    devices = _nvml_devices()
+    if devices is None:
+        devices = _torch_devices()
+    if not devices and os.path.exists(NVIDIA_DRIVER_FILE) and not _warned_undiscovered:
+        _warned_undiscovered = True
+        log.warning(
+            "the NVIDIA driver is loaded but no CUDA device was found (NVML failed and torch "
+            "is missing or sees none): models will run on the CPU. Check that nvidia-ml-py is "
+            "installed and libnvidia-ml.so loads, and CUDA_VISIBLE_DEVICES."
         )
     return devices

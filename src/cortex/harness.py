@@ -2,9 +2,15 @@
 
 A harness turns a fetched repo into a :class:`LoadedModel` on one device. Every method of a
 loaded model and of a generation is called on that device's worker thread and nowhere else, so a
-harness never needs locks and never sees two of its calls at once. Generation is step-sized: the
-neuron asks for one token at a time, which is what lets two streams share a device and lets a
-disconnected client stop its generation within one step.
+harness never needs locks and never sees two of its calls at once.
+
+The device's scheduler (``cortex.neuron.scheduler``) drives generation in iterations. A model
+that implements :class:`BatchedModel` is stepped once per iteration for all its running
+generations together (:meth:`BatchedModel.step_batch`: chunks of prompts and one decode token
+per running generation in one forward pass), which is what makes many concurrent users cost
+little more than one. A model that implements only :class:`LoadedModel` still works: the
+scheduler calls each running generation's :meth:`Generation.step` once per iteration, one after
+another. Either way a cancelled generation leaves at the next iteration.
 
 Everything above a token id (detokenisation, stop strings, max_tokens, usage, finish reasons, the
 OpenAI wire format) lives in the neuron, so a harness only does what is specific to its library.
@@ -12,6 +18,7 @@ OpenAI wire format) lives in the neuron, so a harness only does what is specific
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,6 +38,11 @@ class LoadOptions:
     context_length: int | None = None
     device_kind: str | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
+    # Capacity of a batched model: at most ``max_batch`` generations run at once, and the KV
+    # cache holds ``kv_tokens`` positions (None: :func:`default_kv_tokens`). A harness that
+    # batches sizes its KV cache (and its memory estimate) from these.
+    max_batch: int | None = None
+    kv_tokens: int | None = None
 
 
 @attrs.frozen
@@ -118,7 +130,9 @@ class LoadedModel(Protocol):
         ...
 
     def memory_bytes(self) -> int:
-        """Memory this model holds on its device now."""
+        """Memory this model holds on its device: what the node's memory ledger counts and
+        eviction frees. A KV cache that grows with the running batch counts at its capacity
+        (``kv_tokens``), so another model is never placed in room this one will need."""
         ...
 
     def unload(self) -> None:
@@ -149,12 +163,107 @@ class Harness(Protocol):
         ...
 
 
+@runtime_checkable
+class BatchedGeneration(Generation, Protocol):
+    """A generation of a :class:`BatchedModel`. ``pending_tokens`` is how many of its known
+    tokens the KV cache does not hold yet: the prompt (less any prefix reused from a cache) once
+    admitted, then 1 (the token just sampled). :meth:`Generation.step` must still work (one
+    ``step_batch`` of this generation alone), but the scheduler does not call it."""
+
+    pending_tokens: int
+
+
+@runtime_checkable
+class BatchedModel(LoadedModel, Protocol):
+    """A model whose generations advance together, one forward pass per scheduler iteration.
+
+    ``max_batch`` bounds the generations running at once and ``kv_tokens`` the positions its KV
+    cache holds; the scheduler admits a generation only while both have room for its prompt plus
+    its ``max_tokens`` (so a running generation is never evicted or starved), and makes the
+    others wait in order.
+    """
+
+    max_batch: int
+    kv_tokens: int
+
+    def admit(self, generation: BatchedGeneration) -> None:
+        """The scheduler admitted ``generation`` (it runs from the next ``step_batch`` on):
+        claim its place in the KV cache and reuse a cached prefix of its prompt, lowering its
+        ``pending_tokens``. Called once, before its first ``step_batch``."""
+        ...
+
+    def step_batch(self, rows: Sequence[BatchRow]) -> list[Step | None]:
+        """One forward pass over ``rows``: for each ``(generation, n)``, evaluate the next ``n``
+        (1 <= n <= ``pending_tokens``) of its pending tokens; when that evaluates all of them,
+        sample its next token and answer its :class:`Step` (the token is then its one pending
+        token), else ``None`` (a chunk of a long prompt). Each row samples with its own
+        :class:`SamplingParams`. Raising fails every row of the call; a generation closed
+        later frees its KV at once."""
+        ...
+
+
+BatchRow = tuple[BatchedGeneration, int]
+"""One row of :meth:`BatchedModel.step_batch`: a generation and how many tokens to evaluate."""
+
+# The KV cache a batched load reserves when the load request and the model profile name no
+# ``kv_tokens``: enough for ``max_batch`` requests of ~1k tokens, and never less than one full
+# context (or this cap of it): a 128k-context model is not given 128k x max_batch positions.
+KV_TOKENS_PER_SEQUENCE = 1024
+KV_CONTEXT_CAP = 8192
+DEFAULT_MAX_BATCH = 32
+
+
+def default_kv_tokens(context_length: int, max_batch: int) -> int:
+    """KV positions for a batched load that names none: ``max_batch`` x 1024, at least one
+    context of up to 8192 tokens, at most ``max_batch`` full contexts (more is never used)."""
+    floor = min(context_length, KV_CONTEXT_CAP)
+    return max(floor, min(max_batch * KV_TOKENS_PER_SEQUENCE, max_batch * context_length))
+
+
+def capacity_of(context_length: int, options: LoadOptions) -> tuple[int, int]:
+    """``(max_batch, kv_tokens)`` of a load: what the options ask for, else the defaults; the
+    KV cache always holds at least one full context, so a request that fits the context alone
+    can always run."""
+    max_batch = options.max_batch or DEFAULT_MAX_BATCH
+    kv_tokens = options.kv_tokens or default_kv_tokens(context_length, max_batch)
+    return max_batch, max(kv_tokens, context_length)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share: what a harness can reuse of a cached
+    sequence for a new prompt. Compares slices in C (a conversation that grew by a turn shares
+    all of the shorter one: one comparison), bisecting otherwise."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    a, b = tuple(a[:n]), tuple(b[:n])  # like with like: a tuple never equals a list
+    if a == b:
+        return n
+    low, high = 1, n  # a[:low] == b[:low] holds; a[:high] == b[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def is_batched(model: LoadedModel) -> bool:
+    """Whether the scheduler can step this model's generations together."""
+    return callable(getattr(model, "step_batch", None)) and callable(getattr(model, "admit", None))
+
+
 def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[Harness]:
     """The installed harnesses that can load the repo preflight described, in registration order."""
     return [h for h in harnesses if h.accepts(preflight)]
 
 
 __all__ = [
+    "DEFAULT_MAX_BATCH",
+    "BatchRow",
+    "BatchedGeneration",
+    "BatchedModel",
     "DeviceFault",
     "DeviceOutOfMemory",
     "Generation",
@@ -166,4 +275,8 @@ __all__ = [
     "SamplingParams",
     "Step",
     "accepting_harnesses",
+    "capacity_of",
+    "common_prefix",
+    "default_kv_tokens",
+    "is_batched",
 ]

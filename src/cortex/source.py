@@ -22,6 +22,9 @@ import attrs
 # --------------------------------------------------------------------------------------------
 
 
+QUOTE_MAX = 200
+
+
 class ModelIdError(ValueError):
     """A model id that cannot be parsed. ``code`` is a stable machine-readable name."""
 
@@ -30,8 +33,10 @@ class ModelIdError(ValueError):
 
     def __init__(self, raw: str) -> None:
         self.raw = raw
+        # Quoted back so the client sees what was wrong, but never a megabyte of it.
+        shown = repr(raw) if len(raw) <= QUOTE_MAX else f"{raw[:QUOTE_MAX]!r}... ({len(raw)} chars)"
         super().__init__(
-            f"model id {raw!r} {self.reason} (expected 'scheme:org/name' or 'org/name')"
+            f"model id {shown} {self.reason} (expected 'scheme:org/name' or 'org/name')"
         )
 
 
@@ -80,7 +85,43 @@ class UnsafeModelIdError(ModelIdError):
         super().__init__(raw)
 
 
+class NameContainsSlashError(ModelIdError):
+    code = "name_contains_slash"
+    reason = "has a '/' in its name (a registry repo is exactly 'org/name')"
+
+
+class InvalidRepoNameError(ModelIdError):
+    """An org or name the registry wire format cannot express (see :data:`REPO_PART`)."""
+
+    code = "invalid_repo_name"
+
+    def __init__(self, raw: str, why: str) -> None:
+        self.reason = f"is not a valid registry repo: {why}"
+        super().__init__(raw)
+
+
+class InvalidSchemeError(ModelIdError):
+    code = "invalid_scheme"
+
+    def __init__(self, raw: str, why: str) -> None:
+        self.reason = f"has an invalid scheme: {why}"
+        super().__init__(raw)
+
+
 _FORBIDDEN_CHARS = re.compile(r"[\s\x00-\x1f\x7f\\?#]")
+
+# The repo grammar of the HF wire format, which every source speaks (huggingface_hub's
+# ``validate_repo_id``, narrowed to ASCII): an org and a name of letters, digits, '-', '_' and
+# '.', each starting and ending with a letter, digit or '_', no '--' or '..' (the cache folder
+# ``models--org--name`` would be ambiguous), no '.git' suffix, at most 96 characters. Checked
+# here so an id the registry cannot express is a 400 at every entry point instead of a
+# registry error (or a retryable 503) after a round trip.
+REPO_PART_MAX = 96
+REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_REPO_PART_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+# Schemes name ``[sources.<scheme>]`` tables and cache folders: ASCII, like a TOML bare key.
+SCHEME_MAX = 64
+SCHEME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
 def _check_safe(raw: str, scheme: str | None, org: str, name: str) -> None:
@@ -100,6 +141,39 @@ def _check_safe(raw: str, scheme: str | None, org: str, name: str) -> None:
             raise UnsafeModelIdError(raw, "it contains an empty path segment ('//')")
     if scheme in (".", ".."):
         raise UnsafeModelIdError(raw, f"its scheme is {scheme!r}")
+
+
+def _check_grammar(raw: str, scheme: str | None, org: str, name: str) -> None:
+    """What a registry can express (after :func:`_check_safe`, which names the unsafe cases)."""
+    if scheme is not None:
+        if len(scheme) > SCHEME_MAX:
+            raise InvalidSchemeError(raw, f"longer than {SCHEME_MAX} characters")
+        if SCHEME.fullmatch(scheme) is None:
+            raise InvalidSchemeError(
+                raw, "only ASCII letters, digits, '_' and '-' (not first) are allowed"
+            )
+    if "/" in name:
+        raise NameContainsSlashError(raw)
+    for label, part in (("org", org), ("name", name)):
+        if len(part) > REPO_PART_MAX:
+            raise InvalidRepoNameError(
+                raw, f"its {label} is longer than {REPO_PART_MAX} characters"
+            )
+        bad = _REPO_PART_CHARS.search(part)
+        if bad is not None:
+            raise InvalidRepoNameError(
+                raw,
+                f"its {label} contains {bad.group()!r} (only ASCII letters, digits, '-', '_' "
+                "and '.' are allowed)",
+            )
+        if REPO_PART.fullmatch(part) is None:
+            raise InvalidRepoNameError(
+                raw, f"its {label} must start and end with a letter, a digit or '_'"
+            )
+        if "--" in part or ".." in part:
+            raise InvalidRepoNameError(raw, f"its {label} contains '--' or '..'")
+    if name.endswith(".git"):
+        raise InvalidRepoNameError(raw, "its name ends with '.git'")
 
 
 @attrs.frozen
@@ -137,6 +211,7 @@ class ModelSourceId:
         if ":" in name:
             raise NameContainsColonError(raw)
         _check_safe(raw, scheme, org, name)
+        _check_grammar(raw, scheme, org, name)
         return cls(scheme=scheme, org=org, name=name)
 
     @property
@@ -257,6 +332,14 @@ class SourceError(Exception):
             "message": self.message,
             **self.details,
         }
+
+
+class InvalidRepoIdError(SourceError):
+    """The registry client refused the id itself (e.g. huggingface_hub's repo-id validation):
+    the request is wrong, not the registry, so it is a 400 that retrying cannot fix."""
+
+    kind = "invalid_repo_name"
+    http_status = 400
 
 
 class UnknownSchemeError(SourceError):

@@ -81,6 +81,22 @@ def test_harness_overhead_quick(tmp_path: Path) -> None:
     assert len(transformers["neuron_runs"]) == report["settings"]["rounds"]
 
 
+def test_concurrency_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "concurrency", timeout=600)
+    results = report["results"]
+    assert "transformers" in results
+    for label, result in results.items():
+        rows = result["streams"]
+        assert set(rows) == {"1", "2", "4"}, label
+        for streams, r in rows.items():
+            assert r["requests"] == int(streams), (label, streams)  # every stream completed
+            for key in ("tokens_per_s", "raw_tokens_per_s", "ttft_p50_ms", "itl_p99_ms"):
+                assert positive(r[key]), (label, streams, key)
+        turns = result["multi_turn"]
+        assert turns["prompt_tokens"] >= 300
+        assert positive(turns["ttft_cached_ms"]) and positive(turns["ttft_uncached_ms"])
+
+
 def test_cold_start_quick(tmp_path: Path) -> None:
     report = run_benchmark(tmp_path, "cold_start", timeout=400)
     echo = report["results"]["bench/echo"]

@@ -64,11 +64,27 @@ def test_demo_configs_load_with_the_strict_loaders(tmp_path: Path) -> None:
     anything); a model missing from models.toml would make the walkthrough ask for nothing."""
     from cortex.config import load_models_config
     from cortex.demo.configs import Ports, write_configs
-    from cortex.demo.models import ECHO_MODELS, DemoModels
+    from cortex.demo.models import AGENT_MODEL, ECHO_MODELS, DemoModels
 
-    models = DemoModels(tmp_path / "repos", "demo/tiny-llama", None, ECHO_MODELS)
+    models = DemoModels(tmp_path / "repos", "demo/tiny-llama", None, ECHO_MODELS, AGENT_MODEL)
     configs = write_configs(tmp_path, Ports(1, 2, 3, 4, 5), models)
     loaded = load_models_config(configs.path("models.toml"))
-    assert [m.id for m in loaded.models] == ["demo/tiny-llama", *ECHO_MODELS]
-    assert loaded.aliases == {"tiny": "demo/tiny-llama", "echo": "demo/echo-a"}
+    assert [m.id for m in loaded.models] == ["demo/tiny-llama", *ECHO_MODELS, AGENT_MODEL]
+    assert loaded.aliases == {
+        "tiny": "demo/tiny-llama",
+        "echo": "demo/echo-a",
+        "agent": AGENT_MODEL,
+    }
     assert 'endpoint = "http://127.0.0.1:1"' in configs.path("alpha.toml").read_text()
+
+
+def test_the_printed_claude_code_command_names_a_model_that_holds_its_prompt() -> None:
+    """The demo printed ANTHROPIC_MODEL=tiny (a 256-token context) where Claude Code's first
+    request is ~56k tokens: it could never work. It names the agent model now, whose spec
+    tests/clients/test_claude_code.py runs the real Claude Code against."""
+    from cortex.demo.main import claude_code_command
+    from cortex.demo.models import AGENT_CONTEXT, agent_spec
+
+    command = claude_code_command("http://127.0.0.1:31313")
+    assert "ANTHROPIC_MODEL=agent " in command and "ANTHROPIC_DEFAULT_HAIKU_MODEL=agent" in command
+    assert agent_spec()["context_length"] == AGENT_CONTEXT >= 200_000

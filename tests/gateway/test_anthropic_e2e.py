@@ -355,14 +355,29 @@ def test_invalid_request_error(gw: GatewayUnderTest) -> None:
     )
     assert answer.status_code == 400
     assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_server_tools_are_dropped_and_named_or_refused(gw: GatewayUnderTest, fleet: Fleet) -> None:
+    """[gateway] hosted_tools: "drop" (the default) answers without the server tool and names
+    it in x-cortex-dropped-tools; "refuse" answers 400 unsupported_tool."""
+    request: dict[str, Any] = {
+        "model": "claude-echo",
+        "max_tokens": 8,
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+        "messages": ASK,
+    }
+    raw = claude(gw).messages.with_raw_response.create(**request)
+    assert raw.headers["x-cortex-dropped-tools"] == "web_search_20250305"
+    assert raw.parse().content[0].text == REPLY
+    with claude(gw).messages.with_streaming_response.create(**request, stream=True) as streamed:
+        assert streamed.headers["x-cortex-dropped-tools"] == "web_search_20250305"
+    strict = fleet.gateway(
+        models=publish_models(fleet), aliases={"claude-echo": "ant/echo"}, hosted_tools="refuse"
+    )
     with pytest.raises(anthropic.BadRequestError) as info:
-        claude(gw).messages.create(
-            model="claude-echo",
-            max_tokens=8,
-            tools=[{"type": "web_search_20250305", "name": "web_search"}],
-            messages=ASK,
-        )
+        claude(strict).messages.create(**request)
     assert "server tool" in info.value.body["error"]["message"]
+    assert info.value.response.headers["x-should-retry"] == "false"
 
 
 def test_not_found_error(gw: GatewayUnderTest) -> None:

@@ -201,6 +201,11 @@ def test_a_mid_stream_failure_ends_with_response_failed(gw: GatewayUnderTest) ->
     sequence_ok(events)
     assert [e.type for e in events[-2:]] == ["error", "response.failed"]
     assert "scripted failure" in events[-2].message
+    # the item the deltas went into is closed (incomplete) and kept in the failed response
+    added = [e.item.id for e in events if e.type == "response.output_item.added"]
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [item.id for item in done] == added and done[-1].status == "incomplete"
+    assert [item.id for item in events[-1].response.output] == added
 
 
 def bad_request(gw: GatewayUnderTest, **body: Any) -> openai.BadRequestError:
@@ -211,9 +216,18 @@ def bad_request(gw: GatewayUnderTest, **body: Any) -> openai.BadRequestError:
     return info.value
 
 
+def test_hosted_tools_are_dropped_and_named(gw: GatewayUnderTest) -> None:
+    """[gateway] hosted_tools = "drop" (the default): Codex's web_search does not fail the
+    request; the answer names what was left out. Strict mode: tests/wire/test_client_compat.py
+    and the Anthropic e2e test."""
+    raw = gw.client().responses.with_raw_response.create(
+        model="gpt-echo", input="x", tools=[{"type": "web_search"}]
+    )
+    assert raw.headers["x-cortex-dropped-tools"] == "web_search"
+    assert raw.parse().output_text == REPLY
+
+
 def test_refusals_are_clear_400s(gw: GatewayUnderTest) -> None:
-    hosted = bad_request(gw, tools=[{"type": "web_search"}])
-    assert hosted.body["code"] == "unsupported_tool" and "hosted tool" in hosted.body["message"]
     previous = bad_request(gw, previous_response_id="resp_123")
     assert previous.body["param"] == "previous_response_id"
     assert "no conversation state" in previous.body["message"]

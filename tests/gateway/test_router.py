@@ -64,6 +64,23 @@ def test_least_busy_replica_uses_live_counts_then_neuron_counts() -> None:
     assert [n.name for n, _ in replicas([a, b], "huggingface:acme/m", usage)] == ["a"]
 
 
+def test_least_busy_replica_weighs_live_counts_by_batch_capacity() -> None:
+    """A replica that runs 32 generations at once has room where one that runs 4 is full; with
+    the same room, fewer waiting on the neuron wins."""
+    wide = node("wide", model("acme/m", max_batch=32))
+    narrow = node("narrow", model("acme/m", max_batch=4))
+    usage = Usage()
+    found = replicas([wide, narrow], "huggingface:acme/m", usage)
+    for _ in range(3):
+        usage.begin("wide", "huggingface:acme/m")
+    usage.begin("narrow", "huggingface:acme/m")
+    assert least_busy(found, "huggingface:acme/m", usage)[0].name == "wide"  # 3/32 < 1/4
+    queued = node("queued", model("acme/m", max_batch=8, waiting=2))
+    idle = node("idle", model("acme/m", max_batch=8))
+    found = replicas([queued, idle], "huggingface:acme/m", Usage())
+    assert least_busy(found, "huggingface:acme/m", Usage())[0].name == "idle"
+
+
 def test_loading_and_failed_entries_are_not_replicas() -> None:
     a = node("a", model("acme/m", state="loading"))
     b = node("b", model("acme/m", state="failed"))

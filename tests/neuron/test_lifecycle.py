@@ -172,8 +172,12 @@ def two_device_neuron(
     model_registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveNeuron]:
     """A neuron with the CPU and a second device of another kind (as an accelerator plugin
-    would register through cortex_discover_devices); the echo harness runs on any device."""
-    config = neuron_config(model_registry.url, tmp_path_factory.mktemp("cache"))
+    would register through cortex_discover_devices); the echo harness runs on any device.
+    A device fault leaves the other device serving (``on_device_fault = "stay"``; the default,
+    exiting for a restart, is tests/reliability/test_device_fault.py)."""
+    config = neuron_config(
+        model_registry.url, tmp_path_factory.mktemp("cache"), on_device_fault="stay"
+    )
     registry = get_registry()
     devices = [*registry.devices(), Device("sim", 0, "simulated accelerator", 2**30, 2**30)]
     resolver = SourceResolver.from_config(config, registry.source_plugins())

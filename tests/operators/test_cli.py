@@ -69,7 +69,7 @@ def served(fleet: Fleet, tmp_path: Path) -> Iterator[tuple[ProcessServer, str, s
         yield server, pinned, plain
 
 
-def test_admin_commands_status_and_json_logs(served, fleet: Fleet) -> None:
+def test_admin_commands_status_and_json_logs(served, fleet: Fleet, tmp_path: Path) -> None:
     server, pinned, plain = served
     admin = {"CORTEX_ENDPOINT": server.url, "CORTEX_ADMIN_KEY": ADMIN_KEY}
 
@@ -81,6 +81,21 @@ def test_admin_commands_status_and_json_logs(served, fleet: Fleet) -> None:
     # A client key is not an admin key.
     wrong = cli("cortex", "status", env={**admin, "CORTEX_ADMIN_KEY": CLIENT_KEY})
     assert wrong.returncode == 1 and "403" in wrong.stderr
+    # Never from an argument (ps, shell history): refused before any request, key not echoed.
+    argued = cli("cortex", "status", "--endpoint", server.url, "--admin-key", ADMIN_KEY)
+    assert argued.returncode == 2 and "CORTEX_ADMIN_KEY" in argued.stderr
+    assert ADMIN_KEY not in argued.stdout + argued.stderr
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(ADMIN_KEY + "\n")
+    from_file = cli(
+        "cortex",
+        "status",
+        "--admin-key-file",
+        str(key_file),
+        "--json",
+        env={"CORTEX_ENDPOINT": server.url},
+    )
+    assert from_file.returncode == 0, from_file.stderr
 
     loaded = cli("cortex", "load", "ops/pinned", "--node", "n1", env=admin)
     assert loaded.returncode == 0, loaded.stderr
@@ -127,7 +142,13 @@ def test_admin_commands_status_and_json_logs(served, fleet: Fleet) -> None:
     # The request log: one JSON object per request, with the fields operators filter on.
     server.terminate()
     lines = [json.loads(line) for line in server.text.splitlines() if line.startswith("{")]
-    requests = [e for e in lines if e["logger"] == "cortex.requests"]
+    logged = [e for e in lines if e["logger"] == "cortex.requests"]
+    # the two refused admin calls are logged too (401 without a key, 403 with a client key)
+    refusals = [
+        (e["message"], e.get("http_status")) for e in logged if e.get("http_status") in (401, 403)
+    ]
+    assert refusals == [("/admin/models", 401), ("/admin/status", 403)], refusals
+    requests = [e for e in logged if e.get("http_status") not in (401, 403)]
     assert len(requests) == 4
     ok = [e for e in requests if e["status"] == "ok"]
     assert {(e["message"], e["model"], e["node"]) for e in ok} == {

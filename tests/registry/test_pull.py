@@ -112,3 +112,9 @@ def test_pull_errors_are_typed(setup) -> None:
     bad_id = run_pull("helexa:../x", config=config)
     assert bad_id.returncode == 2
     assert "Traceback" not in bad_id.stderr
+    # Ids the registry cannot express (issue 22): refused before any request, exit 2, its kind.
+    for raw in ("huggingface:0/{", "helexa:acme/a/b", "acme/echo@main", "acme/x--y"):
+        refused = run_pull(raw, "--json", config=config)
+        assert refused.returncode == 2, (raw, refused.stdout, refused.stderr)
+        kind = json.loads(refused.stdout)["error"]["kind"]
+        assert kind in ("invalid_repo_name", "name_contains_slash"), (raw, kind)

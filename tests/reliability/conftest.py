@@ -27,6 +27,7 @@ from cortex.config import (
     ModelsConfig,
     NeuronConfig,
     NeuronRef,
+    NeuronTls,
     structure_config,
 )
 from cortex.gateway.app import create_app as create_gateway_app
@@ -97,10 +98,13 @@ def toml_value(value: Any) -> str:
 def neuron_toml(settings: dict[str, Any]) -> str:
     lines = [f"{k} = {toml_value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
     for table, value in settings.items():
-        if isinstance(value, dict):
-            for key, sub in value.items():
+        if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+            for key, sub in value.items():  # [sources."huggingface"], [devices."cpu"]
                 lines.append(f'[{table}."{key}"]')
                 lines += [f"{k} = {toml_value(v)}" for k, v in sub.items()]
+        elif isinstance(value, dict):  # a plain table: [tls]
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +148,7 @@ class Parts:
         neurons: dict[str, str],
         models: list[ModelProfile] | None = None,
         auth: AuthSection | None = None,
+        neuron_tls: NeuronTls | None = None,
         **settings: Any,
     ) -> GatewayUnderTest:
         values: dict[str, Any] = {
@@ -158,6 +163,7 @@ class Parts:
             gateway=GatewaySection(**values),
             auth=auth or AuthSection(),
             neurons=[NeuronRef(name, url) for name, url in neurons.items()],
+            neuron_tls=neuron_tls or NeuronTls(),
         )
         gateway = Gateway(config, ModelsConfig(models=models or []), load_strategy("lru"))
         server = UvicornThread(create_gateway_app(gateway)).start()

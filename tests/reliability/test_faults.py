@@ -31,10 +31,6 @@ def client(url: str, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, **kwargs)
 
 
-def has_route(gw, path: str) -> bool:
-    return any(getattr(r, "path", None) == path for r in gw.server.app.routes)
-
-
 def test_neuron_killed_mid_stream(parts) -> None:
     p1, p2 = parts.neuron_process("p1"), parts.neuron_process("p2")
     for proc in (p1, p2):
@@ -82,8 +78,6 @@ def test_neuron_killed_mid_stream_anthropic(parts) -> None:
     p1 = parts.neuron_process("p1")
     load(p1.url, SLOW)
     gw = parts.gateway({"p1": p1.url})
-    if not has_route(gw, "/v1/messages"):
-        pytest.skip("the gateway does not serve /v1/messages yet")
     api = anthropic.Anthropic(base_url=gw.url, api_key="unused", max_retries=0, timeout=30)
     with api.messages.stream(model=SLOW, max_tokens=500, messages=HELLO) as stream:
         events = stream.__iter__()

@@ -103,3 +103,69 @@ def test_queue_timeout_and_per_node_limit(parts, slow_neuron) -> None:
                 assert got == 200, body
 
     asyncio.run(scenario())
+
+
+# ---- a neuron whose own queue is full (issue 22) ------------------------------------------------
+
+
+def small_neuron(parts, max_queue: int):
+    neuron = parts.neuron("n1", devices={"cpu": {"memory_mb": 1024, "max_queue": max_queue}})
+    load(neuron.url, SLOW)
+    return neuron
+
+
+async def stream_all(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, str]:
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+        return resp.status, await resp.text()
+
+
+def test_the_gateway_holds_what_a_full_neuron_cannot_take_yet(parts) -> None:
+    """40 streams for a neuron that runs 4 at a time: the gateway's bounds are far from reached,
+    so every client is served; the neuron's 503 queue_full never reaches one."""
+    neuron = small_neuron(parts, max_queue=4)
+    gw = parts.gateway({"n1": neuron.url})
+    body = {**LONG, "max_tokens": 8}
+
+    async def scenario() -> list[tuple[int, str]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            # The neuron alone refuses most of a burst like this one (the reason to hold).
+            direct = await asyncio.gather(
+                *(stream_all(session, neuron.url, body) for _ in range(40))
+            )
+            assert sum(1 for status, _ in direct if status == 503) >= 20
+            return await asyncio.gather(*(stream_all(session, gw.url, body) for _ in range(40)))
+
+    results = asyncio.run(scenario())
+    assert [status for status, _ in results] == [200] * 40, [r for r in results if r[0] != 200][:2]
+    assert all("w7" in text and "[DONE]" in text for _, text in results)
+    assert gw.metric("cortex_request_errors_total", route="/v1/chat/completions") == 0
+    assert gw.gateway.usage.node_busy("n1") == 0
+
+
+def test_held_requests_are_refused_once_the_queue_timeout_is_spent(parts) -> None:
+    neuron = small_neuron(parts, max_queue=1)
+    gw = parts.gateway({"n1": neuron.url}, queue_timeout=0.6)
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            holder = await session.post(f"{gw.url}/v1/chat/completions", json=LONG)  # ~5 s
+            await holder.content.readline()
+            started = time.monotonic()
+            status, headers, body = await post(session, gw.url, QUICK)
+            waited = time.monotonic() - started
+            assert status == 503 and body["error"]["code"] == "queue_full", body
+            assert int(headers["Retry-After"]) >= 1
+            assert 0.5 <= waited < 5, waited  # held for the budget, then refused
+            # Held clients that leave are dropped at once and hold nothing.
+            held = [asyncio.create_task(post(session, gw.url, QUICK)) for _ in range(5)]
+            await asyncio.sleep(0.3)
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            await wait_until(lambda: gw.gateway.usage.node_busy("n1") == 1, timeout=5)
+            holder.close()
+            await wait_until(lambda: gw.gateway.usage.node_busy("n1") == 0)
+            status, _headers, body = await post(session, gw.url, QUICK)
+            assert status == 200, body
+
+    asyncio.run(scenario())

@@ -29,13 +29,17 @@ RESPONSES = golden_cases(GOLDEN / "anthropic_response")
 def test_request_translation(path: Path) -> None:
     case = load_case(path)
     try:
-        parsed = parse_messages_request(case["request"])
+        parsed = parse_messages_request(
+            case["request"], hosted_tools=case.get("hosted_tools", "drop")
+        )
         actual = {
             "model": parsed.model,
             "stream": parsed.stream,
             "thinking": parsed.thinking,
             "chat": parsed.chat,
         }
+        if parsed.dropped_tools:
+            actual["dropped_tools"] = parsed.dropped_tools
     except ApiError as error:
         assert error.status == 400
         actual = {"error": {"param": error.param, **error.anthropic_body()}}
@@ -125,7 +129,7 @@ def test_retryable_errors_keep_retry_after() -> None:
         503, {"error": {"message": "loading", "code": "model_loading"}}, retry_after=7
     )
     assert error.anthropic_type == "overloaded_error"
-    assert error.headers() == {"Retry-After": "7"}
+    assert error.headers() == {"Retry-After": "7", "x-should-retry": "true"}
 
 
 def test_tool_input_never_loses_arguments() -> None:

@@ -33,7 +33,9 @@ EVENT = TypeAdapter(ResponseStreamEvent)
 def test_request_translation(path: Path) -> None:
     case = load_case(path)
     try:
-        parsed = parse_responses_request(case["request"])
+        parsed = parse_responses_request(
+            case["request"], hosted_tools=case.get("hosted_tools", "drop")
+        )
         actual: dict[str, Any] = {
             "model": parsed.model,
             "stream": parsed.stream,
@@ -41,6 +43,10 @@ def test_request_translation(path: Path) -> None:
             "echo": parsed.echo,
             "ignored_items": parsed.ignored_items,
         }
+        if parsed.dropped_tools:
+            actual["dropped_tools"] = parsed.dropped_tools
+        if parsed.namespaced:
+            actual["namespaced"] = parsed.namespaced
     except ApiError as error:
         assert error.status == 400
         actual = {"error": error.openai_body()}

@@ -15,6 +15,7 @@ from cortex.config import effective_sources, load_neuron_config
 from cortex.plugins import PluginRegistry
 from cortex.source import (
     FetchError,
+    ModelIdError,
     ModelSourceId,
     NoLoadableWeightsError,
     QuantNotFoundError,
@@ -99,10 +100,13 @@ def test_preflight_safetensors_repo(local: LocalSource) -> None:
     assert local.has_token is False
 
 
-def test_name_with_slashes_and_bare_id(local: LocalSource) -> None:
-    preflight = local.preflight(ModelSourceId.parse("acme/nested/deep"))
-    assert preflight.model_id == "local:acme/nested/deep"
+def test_bare_id_and_nested_name_refused(local: LocalSource) -> None:
+    preflight = local.preflight(ModelSourceId.parse("acme/tiny-chat"))
+    assert preflight.model_id == "local:acme/tiny-chat"
     assert preflight.weight_format == WeightFormat.SAFETENSORS
+    # Ids are 'org/name' for every source (the HF repo grammar): a nested folder is not an id.
+    with pytest.raises(ModelIdError):
+        ModelSourceId.parse("acme/nested/deep")
 
 
 def test_preflight_gguf_default_requested_and_missing_quant(local: LocalSource) -> None:

@@ -32,7 +32,10 @@ DEFAULTS = {"n_threads": 1, "flash_attn": "off"}
 
 def load(repo: Path, quant: str | None = "F16", **extra: object) -> LlamaCppModel:
     context = extra.pop("context_length", None)
-    options = LoadOptions(quant=quant, context_length=context, extra={**DEFAULTS, **extra})
+    capacity = {k: extra.pop(k) for k in ("max_batch", "kv_tokens") if k in extra}
+    options = LoadOptions(
+        quant=quant, context_length=context, extra={**DEFAULTS, **extra}, **capacity
+    )
     model = LlamaCppHarness().load(repo, cpu_device(), options)
     assert isinstance(model, LlamaCppModel)
     return model
@@ -107,7 +110,7 @@ def test_a_context_that_cannot_fit_the_device_is_refused_before_allocating(
 ) -> None:
     small = Device("cpu", 0, "cpu", total_memory=64 * 2**20, free_memory=64 * 2**20)
     options = LoadOptions(quant="F16", context_length=1_000_000, extra=DEFAULTS)
-    with pytest.raises(DeviceOutOfMemory, match=r"context of 1000000 tokens needs 2\d\d MiB"):
+    with pytest.raises(DeviceOutOfMemory, match=r"KV cache of 1000192 tokens needs 2\d\d MiB"):
         LlamaCppHarness().load(tiny_gguf_repo, small, options)
 
 
@@ -137,8 +140,8 @@ def test_context_defaults_to_the_gguf_metadata_capped_by_config(tiny_gguf_repo: 
 def test_bad_option_values_are_harness_errors(tiny_gguf_repo: Path) -> None:
     with pytest.raises(HarnessError, match="n_threads"):
         load(tiny_gguf_repo, n_threads="many")
-    with pytest.raises(HarnessError, match="parallel"):
-        load(tiny_gguf_repo, parallel=0)
+    with pytest.raises(HarnessError, match=r"parallel .* is replaced by max_batch"):
+        load(tiny_gguf_repo, parallel=2)
     with pytest.raises(HarnessError, match="flash_attn must be one of auto, on, off"):
         load(tiny_gguf_repo, flash_attn="sometimes")
 
@@ -233,7 +236,7 @@ def test_steps_are_one_token_each_and_generations_are_protocol_objects(
 
 
 def interleave(model: LlamaCppModel, prompts: list, n: int, sampling=GREEDY) -> list[list[int]]:
-    """Step every generation once per round, the way the neuron's worker queue does."""
+    """Step every generation once per round through ``step()`` (each alone)."""
     generations = [model.start(p, sampling) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     for _ in range(n):
@@ -244,93 +247,14 @@ def interleave(model: LlamaCppModel, prompts: list, n: int, sampling=GREEDY) -> 
     return outputs
 
 
-@pytest.mark.parametrize("batch_streams", [True, False])
-def test_interleaved_generations_equal_solo_runs(tiny_gguf_repo: Path, batch_streams: bool) -> None:
-    loaded = load(tiny_gguf_repo, batch_streams=batch_streams)
-    try:
-        texts = ("the cat runs", "a red bird sings", "the cat walks")
-        prompts = [loaded.tokenize(t) for t in texts]
-        solo = [run(loaded, p, 20) for p in prompts]
-        assert interleave(loaded, prompts, 20) == solo
-        # Batched: after the prefills, one decode per round serves all three streams.
-        expected = 19 if batch_streams else 0
-        assert loaded.stats.batched_decodes == expected
-        seeded = SamplingParams(temperature=1.0, seed=7)
-        alone = [run(loaded, p, 12, seeded) for p in prompts]
-        assert interleave(loaded, prompts, 12, seeded) == alone
-    finally:
-        loaded.unload()
-
-
-def test_streams_that_outgrow_the_kv_cache_together_fall_back_to_turns(
-    tiny_gguf_repo: Path,
-) -> None:
-    """Four 70-token streams need more than the 256 shared KV cells: a batch of all four cannot
-    fit, so each decodes alone, evicting the others (slow, but every stream completes)."""
-    loaded = load(tiny_gguf_repo)
-    try:
-        prompts = [loaded.tokenize(t) for t in ("one two", "three four", "five six", "seven")]
-        solo = [run(loaded, p, 70) for p in prompts]
-        evictions = loaded.stats.evictions
-        assert interleave(loaded, prompts, 70) == solo
-        assert loaded.stats.evictions > evictions
-    finally:
-        loaded.unload()
-
-
-def test_more_streams_than_slots_take_turns_correctly(tiny_gguf_repo: Path) -> None:
-    """With one KV slot, three interleaved streams keep evicting each other and re-evaluating;
-    the output must not change."""
-    loaded = load(tiny_gguf_repo, parallel=1)
-    try:
-        prompts = [loaded.tokenize(t) for t in ("one two", "three four five", "six")]
-        solo = [run(loaded, p, 12) for p in prompts]
-        generations = [loaded.start(p, GREEDY) for p in prompts]
-        outputs = [[g.step().token_id for g in generations] for _ in range(12)]
-        for g in generations:
-            g.close()
-        assert [list(col) for col in zip(*outputs, strict=True)] == solo
-        assert loaded.stats.evictions > 0
-    finally:
-        loaded.unload()
-
-
-@pytest.mark.parametrize("parallel", [2, 4])
-def test_chat_streams_beyond_the_slots_batch_correctly(tiny_gguf_repo: Path, parallel: int) -> None:
-    """Chat prompts share a prefix, so a slot taken over from another stream keeps part of its
-    cache; batching must only use what the new owner really shares (a regression test)."""
-    loaded = load(tiny_gguf_repo, parallel=parallel)
-    try:
-        texts = ["one two", "a blue fish", "the old house", "rain and snow", "hello world"]
-        prompts = [loaded.render_chat([{"role": "user", "content": t}]) for t in texts]
-        solo = [run(loaded, p, 16) for p in prompts]
-        assert interleave(loaded, prompts, 16) == solo
-        assert loaded.stats.batched_decodes > 0
-    finally:
-        loaded.unload()
-
-
-def test_a_full_kv_cache_evicts_other_sequences(tiny_gguf_repo: Path) -> None:
-    """Two 200-token prompts cannot share 256 KV cells: each step evicts the other sequence."""
-    loaded = load(tiny_gguf_repo, parallel=2)
-    try:
-        assert loaded.kv_cells == 256
-        words = "the cat runs and the dog walks near the river " * 40
-        a = loaded.tokenize(words)[:200]
-        b = loaded.tokenize("a " + words)[:200]
-        solo = [run(loaded, a, 6), run(loaded, b, 6)]
-        loaded.reset()
-        ga, gb = loaded.start(a, GREEDY), loaded.start(b, GREEDY)
-        out_a, out_b = [], []
-        for _ in range(6):
-            out_a.append(ga.step().token_id)
-            out_b.append(gb.step().token_id)
-        ga.close()
-        gb.close()
-        assert [out_a, out_b] == solo
-        assert loaded.stats.evictions >= 2
-    finally:
-        loaded.unload()
+def test_generations_stepped_in_turns_equal_solo_runs(model: LlamaCppModel) -> None:
+    texts = ("the cat runs", "a red bird sings", "the cat walks")
+    prompts = [model.tokenize(t) for t in texts]
+    solo = [run(model, p, 20) for p in prompts]
+    assert interleave(model, prompts, 20) == solo
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    alone = [run(model, p, 12, seeded) for p in prompts]
+    assert interleave(model, prompts, 12, seeded) == alone
 
 
 def test_prefix_reuse_skips_the_shared_prompt(model: LlamaCppModel) -> None:
@@ -429,8 +353,8 @@ def test_generation_stops_at_the_context_length(tiny_gguf_repo: Path) -> None:
 
 
 def test_memory_counts_weights_and_kv_cache_and_unload_frees_it(tiny_gguf_repo: Path) -> None:
-    small = load(tiny_gguf_repo, "F32", context_length=256)
-    large = load(tiny_gguf_repo, "F32", context_length=4096)
+    small = load(tiny_gguf_repo, "F32", context_length=256, kv_tokens=256)
+    large = load(tiny_gguf_repo, "F32", context_length=256, kv_tokens=4096)
     try:
         file_size = (tiny_gguf_repo / "tiny-F32.gguf").stat().st_size
         # 2 layers x 2 KV heads x (16 + 16) dims x 2 bytes = 256 bytes per cached token

@@ -59,14 +59,21 @@ def test_files_needed_is_only_the_chosen_quant() -> None:
     assert harness.files_needed(preflight(SPLIT, None)) == []
 
 
-def test_memory_estimate_is_file_size_plus_kv_cache_for_the_context() -> None:
+def test_memory_estimate_is_file_size_plus_kv_cache_for_the_capacity() -> None:
     harness = LlamaCppHarness()
     q4 = preflight(SPLIT, "model-Q4_K_M.gguf")
-    short = harness.estimate_memory(q4, LoadOptions(context_length=1024))
-    long = harness.estimate_memory(q4, LoadOptions(context_length=9216))
     per_token = estimated_kv_bytes_per_token(5 * GIB)
+    # the KV cache holds kv_tokens cells (at least one context)
+    short = harness.estimate_memory(q4, LoadOptions(context_length=1024, kv_tokens=1024))
+    long = harness.estimate_memory(q4, LoadOptions(context_length=1024, kv_tokens=9216))
     assert long - short == 8192 * per_token
     assert 5 * GIB + 1024 * per_token < short < 5.2 * GIB + 1024 * per_token
+    assert harness.estimate_memory(
+        q4, LoadOptions(context_length=4096, kv_tokens=1024)
+    ) == harness.estimate_memory(q4, LoadOptions(context_length=4096, kv_tokens=4096))
+    # by default: max_batch (32) x 1024 cells
+    default = harness.estimate_memory(q4, LoadOptions(context_length=1024))
+    assert default - short == (32 * 1024 - 1024) * per_token
     # Llama-3-8B Q4_K_M (4.9 GB) really needs 128 KiB of F16 KV cache per token.
     assert 100_000 < estimated_kv_bytes_per_token(4_900_000_000) < 140_000
     # Shards are summed; the default context is max_context.
@@ -116,8 +123,8 @@ def test_settings_come_from_extra_then_environment_then_defaults() -> None:
         "CORTEX_LLAMACPP_PREFIX_CACHE": "off",
         "CORTEX_LLAMACPP_FLASH_ATTN": "OFF",
     }
-    settings = resolve_settings(LoadOptions(extra={"parallel": "2", "other": 1}), env)
-    assert (settings.n_threads, settings.parallel, settings.prefix_cache) == (6, 2, False)
+    settings = resolve_settings(LoadOptions(extra={"n_batch": "128", "other": 1}), env)
+    assert (settings.n_threads, settings.n_batch, settings.prefix_cache) == (6, 128, False)
     assert settings.flash_attn == "off"
     assert settings.threads == 6 and settings.threads_batch == 6
     assert resolve_settings(LoadOptions(extra={"n_threads": 3}), env).n_threads == 3
@@ -126,6 +133,10 @@ def test_settings_come_from_extra_then_environment_then_defaults() -> None:
     assert defaults.threads >= 1 and defaults.threads_batch >= defaults.threads
     with pytest.raises(HarnessError, match="prefix_cache"):
         resolve_settings(LoadOptions(extra={"prefix_cache": "maybe"}), {})
+    # the options of earlier versions that batching replaced are refused, never ignored
+    for retired in ("PARALLEL", "BATCH_STREAMS"):
+        with pytest.raises(HarnessError, match="is replaced by"):
+            resolve_settings(LoadOptions(), {f"CORTEX_LLAMACPP_{retired}": "4"})
 
 
 def test_importing_the_plugin_does_not_import_llama_cpp() -> None:

@@ -131,9 +131,16 @@ def test_estimate_uses_config_and_target_dtype(tiny_llama_dir: Path) -> None:
         preflight, LoadOptions(device_kind="cuda", extra={"config": config})
     )
     assert cpu >= size  # float32 stored, float32 on CPU
-    # KV per token: 2 (k, v) x 2 layers x 2 kv heads x 16 dims x 4 bytes; the context counts
-    full, half = estimate_bytes(size, config, "cpu", None), estimate_bytes(size, config, "cpu", 128)
-    assert full - half == 2 * 2 * 2 * 16 * 4 * 128
+    # KV per token: 2 (k, v) x 2 layers x 2 kv heads x 16 dims x 4 bytes; the capacity counts:
+    # kv_tokens positions for running generations, plus saved prefixes (a quarter of them, at
+    # least one context)
+    per_token = 2 * 2 * 2 * 16 * 4
+    one = estimate_bytes(size, config, "cpu", 256, max_batch=1, kv_tokens=256)
+    many = estimate_bytes(size, config, "cpu", 256, max_batch=8, kv_tokens=4096)
+    assert many - one == per_token * ((4096 + 1024) - (256 + 256))
+    # the default capacity: 32 x 1024 positions, at most 32 contexts of 256
+    default = estimate_bytes(size, config, "cpu", 256)
+    assert default - one == per_token * ((32 * 256 + 32 * 256 // 4) - (256 + 256))
     assert cuda - 64 * 2**20 < cpu  # half precision weights on CUDA
     model = harness.load(tiny_llama_dir, cpu_device(), LoadOptions())
     assert model.memory_bytes() <= cpu

@@ -3,15 +3,18 @@ terminal.
 
 They talk to the gateway, never to neurons: the gateway places a load exactly as a request
 would (profiles, free memory, eviction) and knows where a model is loaded. The admin key comes
-from ``--admin-key`` or ``CORTEX_ADMIN_KEY`` (needed when the gateway has keys configured) and is
-sent as ``Authorization: Bearer``; it is never printed. Failures end with a one-line reason on
+from ``CORTEX_ADMIN_KEY`` or ``--admin-key-file`` (needed when the gateway has keys configured;
+never from an argument, which ``ps`` and shell history would show) and is sent as
+``Authorization: Bearer``; it is never printed. Failures end with a one-line reason on
 stderr and a non-zero exit code, so scripts can warm a fleet with ``cortex load`` in a loop.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -60,21 +63,54 @@ class GatewayClient:
                 reason = answer.text[:200] or answer.reason_phrase
             hint = ""
             if answer.status_code in (401, 403):
-                hint = f" (pass --admin-key or set {ADMIN_KEY_ENV})"
+                hint = f" (set {ADMIN_KEY_ENV} or pass --admin-key-file)"
             fail(f"{path} answered {answer.status_code}: {reason}{hint}")
         if not isinstance(payload, dict):
             fail(f"{path} answered something that is not a JSON object")
         return payload
 
 
+def _refuse_key_argument(_ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+    if value is not None:
+        raise click.UsageError(
+            f"--admin-key is not accepted: a key in an argument shows in 'ps' and in shell "
+            f"history. Set {ADMIN_KEY_ENV}, or pass --admin-key-file PATH ('-' reads stdin)."
+        )
+
+
+def _admin_key(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
+    """The admin key: the first line of ``--admin-key-file`` (``-``: stdin), else
+    ``CORTEX_ADMIN_KEY``, else none."""
+    if path is None:
+        return os.environ.get(ADMIN_KEY_ENV) or None
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    key = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not key:
+        raise click.BadParameter(f"{path} holds no key")
+    return key
+
+
 def gateway_options(command: Any) -> Any:
-    """``--endpoint`` and ``--admin-key`` (from the environment when not given)."""
+    """``--endpoint`` and the admin key (``CORTEX_ADMIN_KEY`` or ``--admin-key-file``)."""
+    command = click.option(
+        "--admin-key-file",
+        "admin_key",
+        default=None,
+        metavar="PATH",
+        callback=_admin_key,
+        help=f"A file holding the admin key ('-': stdin); default: ${ADMIN_KEY_ENV}. "
+        "Needed when the gateway has keys configured; never printed.",
+    )(command)
     command = click.option(
         "--admin-key",
-        envvar=ADMIN_KEY_ENV,
+        "refused_admin_key",
         default=None,
-        show_envvar=True,
-        help="Admin key, when the gateway has keys configured (never printed).",
+        hidden=True,
+        expose_value=False,
+        callback=_refuse_key_argument,
     )(command)
     return click.option(
         "--endpoint",

@@ -21,7 +21,7 @@ import click
 from cortex.cli.common import configure_logging
 from cortex.config import ConfigError, load_neuron_config
 from cortex.harness import Harness, accepting_harnesses
-from cortex.source import ModelIdError, Preflight, SourceError
+from cortex.source import InvalidRepoIdError, ModelIdError, Preflight, SourceError
 from cortex.source_resolver import SourceResolver
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,8 @@ def pull(
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         result = pull_model(model_id, quant, harness_name, config_path)
-    except SourceError as exc:
-        _fail(exc.message, exc.to_json(), as_json, 1)
+    except SourceError as exc:  # an id the registry client refuses is a bad id, like a parse error
+        _fail(exc.message, exc.to_json(), as_json, 2 if isinstance(exc, InvalidRepoIdError) else 1)
     except ModelIdError as exc:
         _fail(str(exc), {"kind": exc.code, "message": str(exc)}, as_json, 2)
     except ConfigError as exc:

@@ -7,6 +7,7 @@ huggingface_hub: a gateway host installs ``cortex`` alone (a test checks ``sys.m
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from cortex.config import (
     load_models_config,
     parse_listen,
 )
+from cortex.wire.server import listener_options, scheme
+from cortex.wire.tls import client_context
 
 DEFAULT_CONFIG = "cortex.toml"
 
@@ -88,7 +91,7 @@ def _shown(host: str) -> str:
 async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> None:
     from prometheus_client import make_asgi_app
 
-    from cortex.auth import GatewayAuth, warn_if_exposed
+    from cortex.auth import GatewayAuth, MetricsTokenMiddleware, read_token, warn_if_exposed
     from cortex.gateway.app import create_app
     from cortex.gateway.metrics import GatewayMetrics
     from cortex.gateway.service import Gateway, load_strategy
@@ -101,11 +104,23 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
     try:
         gateway = Gateway(config, models, strategy, metrics)
         auth = GatewayAuth.from_config(config.auth, config.base_dir)
+        metrics_token = read_token(
+            config.auth.metrics_token_env, os.environ, "[auth] metrics_token_env"
+        )
+        client_context(config.neuron_tls, config.base_dir)  # unreadable files: fail now
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    host, port = parse_listen(config.gateway.listen)
-    warn_if_exposed(host, auth)
-    m_host, m_port = parse_listen(config.gateway.metrics_listen)
+    g = config.gateway
+    host, port = parse_listen(g.listen)
+    m_host, m_port = parse_listen(g.metrics_listen)
+    warn_if_exposed(host, auth, m_host, metrics_token is not None)
+    # Header limits and TLS (docs/security.md) on both listeners.
+    listener = listener_options(
+        header_timeout=g.header_timeout.seconds or 10.0,
+        max_header_bytes=g.max_header_bytes,
+        tls=g.tls,
+        base_dir=config.base_dir,
+    )
     api = uvicorn.Server(
         uvicorn.Config(
             create_app(gateway, auth),
@@ -117,17 +132,22 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
             # cortex never reads the client address, and uvicorn's X-Forwarded-For middleware
             # wrapped every request (docs/benchmarks.md)
             proxy_headers=False,
+            **listener,
         )
     )
+    metrics_app = make_asgi_app(registry=metrics.registry)
+    if metrics_token is not None:
+        metrics_app = MetricsTokenMiddleware(metrics_app, metrics_token)
     metrics_server = uvicorn.Server(
         uvicorn.Config(
-            make_asgi_app(registry=metrics.registry),
+            metrics_app,
             host=m_host,
             port=m_port,
             log_level=log_level,
             access_log=False,
             log_config=None,
             lifespan="off",
+            **listener,
         )
     )
     # One handler for both servers, and a clean exit (status 0) on SIGTERM/SIGINT: uvicorn's
@@ -145,8 +165,9 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
                 await task
                 raise click.ClickException("the gateway failed to start (see the log above)")
         await asyncio.sleep(0.01)
-    click.echo(f"metrics on http://{_shown(m_host)}:{_bound_port(metrics_server)}/metrics")
-    click.echo(f"listening on http://{_shown(host)}:{_bound_port(api)}")
+    web = scheme(g.tls)
+    click.echo(f"metrics on {web}://{_shown(m_host)}:{_bound_port(metrics_server)}/metrics")
+    click.echo(f"listening on {web}://{_shown(host)}:{_bound_port(api)}")
     await api_task
     metrics_server.should_exit = True
     await metrics_task

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import attrs
 
-from cortex.demo.models import ECHO_MEMORY_MB, DemoModels
+from cortex.demo.models import AGENT_MEMORY_MB, ECHO_MEMORY_MB, DemoModels
 
 ALPHA, BETA = "alpha", "beta"
 ALPHA_MEMORY_MB = 1024
@@ -112,10 +112,22 @@ def models_toml(models: DemoModels) -> str:
             f'nodes = ["{BETA}"]',
             'keep_alive = "30m"',
         ]
+    if models.agent_model:
+        lines += [
+            "",
+            "# For coding agents (Claude Code, Codex): an echo model with a 256k-token context.",
+            "[[models]]",
+            f'id = "{models.agent_model}"',
+            f"memory_mb = {AGENT_MEMORY_MB}",
+            f'nodes = ["{ALPHA}"]',
+            'keep_alive = "30m"',
+        ]
     lines += ["", "[aliases]"]
     if models.torch_model:
         lines.append(f'"tiny" = "{models.torch_model}"')
     lines.append(f'"echo" = "{models.echo_models[0]}"')
+    if models.agent_model:
+        lines.append(f'"agent" = "{models.agent_model}"')
     return "\n".join(lines) + "\n"
 
 

@@ -109,8 +109,16 @@ def start_fleet(
     return fleet
 
 
+def claude_code_command(gateway: str) -> str:
+    """The Claude Code command the demo prints: the ``agent`` model (its context holds Claude
+    Code's ~56k-token first request; tests/clients runs Claude Code against the same spec)."""
+    return (
+        f"ANTHROPIC_BASE_URL={gateway} ANTHROPIC_AUTH_TOKEN=demo \\\n"
+        "  ANTHROPIC_MODEL=agent ANTHROPIC_DEFAULT_HAIKU_MODEL=agent claude"
+    )
+
+
 def print_serving(fleet: Fleet, models: DemoModels, data_dir: Path) -> None:
-    model = "tiny" if models.torch_model else "echo"
     banner(say, 0, "cortex keeps serving; try it")
     say(f"OpenAI API     {fleet.gateway}/v1   (models: {fleet.gateway}/v1/models)")
     say(f"Anthropic API  {fleet.gateway}/v1/messages")
@@ -128,9 +136,9 @@ def print_serving(fleet: Fleet, models: DemoModels, data_dir: Path) -> None:
     say("openai SDK / tools that read the OpenAI env vars:")
     say(f"  export OPENAI_BASE_URL={fleet.gateway}/v1 OPENAI_API_KEY=demo")
     say("")
-    say("Claude Code (the tiny models talk gibberish, echo-a answers politely):")
-    say(f"  ANTHROPIC_BASE_URL={fleet.gateway} ANTHROPIC_AUTH_TOKEN=demo \\")
-    say(f"  ANTHROPIC_MODEL={model} ANTHROPIC_DEFAULT_HAIKU_MODEL=echo claude")
+    say("Claude Code (the 'agent' echo model: a 256k context for its ~56k-token prompt;")
+    say("the tiny models' 256 tokens cannot hold it). docs/clients.md has Codex, llm, aider:")
+    say("  " + claude_code_command(fleet.gateway))
     say("")
     say(f"Logs in {data_dir / 'logs'}; configs in {data_dir / 'config'}. Ctrl-C stops everything.")
 

@@ -6,6 +6,9 @@
 - ``demo/tiny-llama-gguf``: the same weights as GGUF, when the llama.cpp harness is installed.
 - ``demo/echo-a``, ``-b``, ``-c``: echo models (:mod:`cortex.builtins.echo`) that claim 100 MB
   each, so the second neuron (250 MB) can hold two and the third forces an eviction.
+- ``demo/agent`` (alias ``agent``): an echo model with a coding agent's context (256k tokens),
+  for the Claude Code / Codex commands the demo prints: their first request is ~56k tokens of
+  system prompt and tools, which no tiny model's 256-token context holds.
 
 Repos land in ``<data>/repos`` in the layout ``cortex registry serve`` reads. A marker file makes
 a second run reuse them (seconds instead of a rebuild).
@@ -25,8 +28,11 @@ TORCH_MODEL = "demo/tiny-llama"
 GGUF_MODEL = "demo/tiny-llama-gguf"
 ECHO_MODELS = ("demo/echo-a", "demo/echo-b", "demo/echo-c")
 ECHO_MEMORY_MB = 100
+AGENT_MODEL = "demo/agent"
+AGENT_MEMORY_MB = 16
+AGENT_CONTEXT = 262144
 # Bumped when what the demo builds changes, so an old demo-data folder is rebuilt.
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 
 
 @attrs.frozen
@@ -37,10 +43,13 @@ class DemoModels:
     torch_model: str | None
     gguf_model: str | None
     echo_models: tuple[str, ...]
+    agent_model: str | None = None
 
     @property
     def all(self) -> list[str]:
-        return [m for m in (self.torch_model, self.gguf_model, *self.echo_models) if m]
+        return [
+            m for m in (self.torch_model, self.gguf_model, *self.echo_models, self.agent_model) if m
+        ]
 
 
 def harness_installed(name: str) -> bool:
@@ -57,6 +66,17 @@ def _echo_spec(repo: str) -> dict[str, object]:
     return {
         "reply": f"Hello from {short}! I am an echo model: no weights, no GPU, scripted replies.",
         "memory_mb": ECHO_MEMORY_MB,
+        "tokens_per_second": 200.0,
+    }
+
+
+def agent_spec() -> dict[str, object]:
+    """``demo/agent``'s echo.json: answers any agent politely, with room for its prompt."""
+    return {
+        "reply": "Hello from the cortex demo! I am an echo model (scripted replies, no "
+        "weights); point your agent at a real model in models.toml for real work.",
+        "memory_mb": AGENT_MEMORY_MB,
+        "context_length": AGENT_CONTEXT,
         "tokens_per_second": 200.0,
     }
 
@@ -81,6 +101,10 @@ def build_demo_models(data_dir: Path, log: Callable[[str], None] = print) -> Dem
             files["README.md"] = f"# {repo}\n\nAn echo model for the cortex demo.\n"
             publish_repo(repos, repo, files)
             log(f"built {repo} (echo, declares {ECHO_MEMORY_MB} MB)")
+        agent = {"echo.json": json.dumps(agent_spec(), indent=2)}
+        agent["README.md"] = f"# {AGENT_MODEL}\n\nThe demo's model for coding agents.\n"
+        publish_repo(repos, AGENT_MODEL, agent)
+        log(f"built {AGENT_MODEL} (echo with a {AGENT_CONTEXT}-token context, for agents)")
         if want_torch:
             from cortex.testing.tiny_models import build_tiny_model
 
@@ -103,4 +127,5 @@ def build_demo_models(data_dir: Path, log: Callable[[str], None] = print) -> Dem
         torch_model=TORCH_MODEL if want_torch else None,
         gguf_model=GGUF_MODEL if want_gguf else None,
         echo_models=ECHO_MODELS,
+        agent_model=AGENT_MODEL,
     )

@@ -41,7 +41,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             {
                 **gateway.health(),
                 "models": gateway.catalogue(),
-                "failed_loads": {k: f.to_json() for k, f in failures.items()},
+                "failed_loads": {k: f.to_json(public=False) for k, f in failures.items()},
             }
         )
 

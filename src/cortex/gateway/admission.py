@@ -10,6 +10,13 @@ requests never hold capacity (tests/reliability/test_overload.py cancels 100 of 
 
 The per-node bound is enforced by the router (a node at its limit is not picked; when every
 replica is at its limit the request gets 503 + Retry-After).
+
+A neuron has a bound of its own (``max_queue`` per device: 503 ``queue_full``). A request it
+refuses that way is *held* by the gateway (:func:`cortex.gateway.proxy.open_upstream`) and sent
+again as the neuron frees room, within the same ``queue_timeout`` budget, holding its admission
+slot meanwhile: the gateway's documented bounds (``max_in_flight_per_model`` held or running,
+``model_queue_size`` waiting behind them, ``queue_timeout`` in all) decide when a client is
+refused, not the first neuron queue that fills.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,6 +38,13 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 # body was read, it returns ``http.disconnect`` when the client goes away.
 CURRENT_RECEIVE: contextvars.ContextVar[Receive | None] = contextvars.ContextVar(
     "cortex_current_receive", default=None
+)
+# Until when the request being handled may still wait for capacity (monotonic time; set by
+# :meth:`Admission.enter`). One budget, ``queue_timeout``, for the gateway's queue and for a
+# neuron that answers ``queue_full`` (:mod:`cortex.gateway.proxy` holds the request and sends it
+# again until then). None: not admitted here, never held.
+HOLD_UNTIL: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "cortex_hold_until", default=None
 )
 
 
@@ -163,4 +178,26 @@ class Admission:
         return gate
 
     async def enter(self, model: str) -> Slot:
-        return await self.gate(model).enter(self.queue_timeout, self.retry_after)
+        started = time.monotonic()
+        slot = await self.gate(model).enter(self.queue_timeout, self.retry_after)
+        timeout = self.queue_timeout
+        HOLD_UNTIL.set(math.inf if timeout is None else started + timeout)
+        return slot
+
+
+async def pause_unless_client_left(wake: asyncio.Event, seconds: float) -> None:
+    """Sleep up to ``seconds``, less when ``wake`` is set; :class:`ClientGone` when the client of
+    the request being handled disconnects meanwhile (it is watched as in the queue)."""
+    receive = CURRENT_RECEIVE.get()
+    woken = asyncio.ensure_future(wake.wait())
+    watch = asyncio.ensure_future(receive()) if receive is not None else None
+    pending: set[asyncio.Future[Any]] = {woken} | ({watch} if watch else set())
+    try:
+        done, _ = await asyncio.wait(pending, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in pending:
+            if not future.done():
+                future.cancel()
+    left = watch is not None and watch in done and not watch.cancelled()
+    if left and watch.result().get("type") == "http.disconnect":
+        raise ClientGone(499, "client_closed", "the client went away while held")

@@ -7,11 +7,12 @@ Handlers read raw JSON (no pydantic on the hot path) and every failure leaves as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +24,7 @@ from cortex.gateway.admission import ClientWatch
 from cortex.gateway.dialects import DIALECT_ANSWERS, install_dialect_routes
 from cortex.gateway.fast_path import PlainEndpoint
 from cortex.gateway.service import Gateway
+from cortex.gateway.status_view import public_health
 from cortex.request_schemas import document_request_bodies
 from cortex.wire.errors import ApiError
 from cortex.wire.http import default_dialect, install_error_handlers, read_json_object
@@ -38,6 +40,25 @@ _NO_NATIVE_TELEMETRY: dict[str, Any] = (
     else {}
 )
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+class RecordedAuth:
+    """The gateway's key check with every refusal counted and written to the request log
+    (a client with a wrong key shows up there, not only in its own error message). Wraps the
+    :class:`GatewayAuth` both the middleware and the plain-ASGI routes ask."""
+
+    def __init__(self, auth: GatewayAuth, gateway: Gateway) -> None:
+        self._auth = auth
+        self._gateway = gateway
+
+    def check(self, path: str, headers: Mapping[str, str]) -> ApiError | None:
+        error = self._auth.check(path, headers)
+        if error is not None:
+            self._gateway.record_failure(path, None, error)
+        return error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._auth, name)
 
 
 class GatewayApp(FastAPI):
@@ -60,6 +81,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
     ``auth`` defaults to the keys named in ``[auth]`` (docs/security.md)."""
     if auth is None:
         auth = GatewayAuth.from_config(gateway.config.auth, gateway.config.base_dir)
+    auth = cast(GatewayAuth, RecordedAuth(auth, gateway))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -91,14 +113,20 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
-        for entry in gateway.catalogue():
-            if entry["id"] == model_id:
-                return JSONResponse(entry)
+        # Any name a generation route accepts: an alias, a bare org/name, a scheme:org/name.
+        names = [model_id]
+        with contextlib.suppress(ApiError):
+            names.append(gateway.resolve(model_id, gateway.default_source).canonical)
+        entries = gateway.catalogue()
+        for name in names:
+            for entry in entries:
+                if entry["id"] == name:
+                    return JSONResponse(entry)
         raise ApiError(404, "model_not_found", f"model {model_id!r} not found", param="model")
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse(gateway.health())
+        return JSONResponse(public_health(gateway))  # the node list: /admin/status
 
     async def generation(request: Request) -> Response:
         route = request.url.path

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cortex.gateway.neuron_client import retry_after_of
 from cortex.gateway.proxy import StreamObserver, UpstreamStreamingResponse, open_upstream
+from cortex.gateway.redact import public
 from cortex.gateway.stream_probe import chunk_has_content
 from cortex.wire import anthropic, responses
 from cortex.wire.errors import ApiError
@@ -42,9 +43,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The neuron request extension every translated request carries (docs/clients.md).
-CLAMP_EXTENSION = {"clamp_max_tokens": True}
+# The neuron request extension every translated request carries (docs/clients.md): the
+# max_tokens clamp, and the prompt's length on the first chunk (message_start's usage).
+CLAMP_EXTENSION = {"clamp_max_tokens": True, "report_prompt_tokens": True}
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# Names the tools dropped under ``[gateway] hosted_tools = "drop"`` (their types).
+DROPPED_TOOLS_HEADER = "x-cortex-dropped-tools"
+_warned_dropped: set[tuple[str, str]] = set()
+
+
+def dropped_tools_headers(route: str, dropped: tuple[str, ...]) -> dict[str, str]:
+    """The response header naming dropped hosted tools, logged too: a warning the first time a
+    route drops a tool type (Codex sends web_search on every request), then at debug."""
+    if not dropped:
+        return {}
+    kinds = list(dict.fromkeys(dropped))
+    for kind in kinds:
+        key = (route, kind)
+        if key not in _warned_dropped and len(_warned_dropped) < 1024:
+            _warned_dropped.add(key)
+            log.warning(
+                "%s: dropped the hosted tool %r (the fleet cannot run it; "
+                "[gateway] hosted_tools = 'refuse' answers 400 instead); said in the %s header",
+                route,
+                kind[:64],
+                DROPPED_TOOLS_HEADER,
+            )
+        else:
+            log.debug("%s: dropped the hosted tool %r", route, kind[:64])
+    value = ",".join(kind[:64] for kind in kinds)
+    return {DROPPED_TOOLS_HEADER: value.encode("ascii", "replace").decode("ascii")}
+
 
 WholeTranslator = Callable[[dict[str, Any]], dict[str, Any]]
 # A dialect route's work once its JSON body is read: (gateway, route, payload, headers).
@@ -91,7 +120,7 @@ async def relay_translated(
         error = ApiError.from_openai_body(resp.status, payload, retry_after_of(resp.headers))
         if error.status >= 500 and error.retry_after is None:
             error.retry_after = retry_after
-        raise error
+        raise public(error)  # no paths or addresses to clients (docs/security.md)
 
     if stream is not None and resp.headers.get("content-type", "").startswith("text/event-stream"):
         return TranslatedStream(
@@ -176,11 +205,16 @@ async def serve_translated(
     chat: dict[str, Any],
     whole: WholeTranslator,
     stream: TranslatorFactory | None,
+    dropped: tuple[str, ...] = (),
 ) -> Response:
-    """Route a translated chat body; a stream that is slow to start is kept alive by pings."""
+    """Route a translated chat body; a stream that is slow to start is kept alive by pings.
+    ``dropped``: hosted tools the request named and cortex left out (said in a header)."""
     chat = {**chat, "cortex": CLAMP_EXTENSION}
+    extra = dropped_tools_headers(route, dropped)
     if stream is None:
-        return await gateway.translated(route, model, chat, headers, whole, None)
+        return _with_headers(
+            await gateway.translated(route, model, chat, headers, whole, None), extra
+        )
     translator = stream()  # one translator for the waiting phase and the relayed stream
     interval = gateway.config.gateway.stream_keepalive.seconds or 10.0
     answer = asyncio.ensure_future(
@@ -196,13 +230,19 @@ async def serve_translated(
         return StreamingResponse(
             _kept_alive(answer, translator, interval, record),
             media_type="text/event-stream",
-            headers=STREAM_HEADERS,
+            headers={**STREAM_HEADERS, **extra},
         )
     except BaseException:
         if not answer.done():  # the client went away: stop routing / waiting for it
             answer.cancel()
         raise
-    return answer.result()
+    return _with_headers(answer.result(), extra)
+
+
+def _with_headers(response: Response, extra: Mapping[str, str]) -> Response:
+    for name, value in extra.items():
+        response.headers[name] = value
+    return response
 
 
 async def _kept_alive(
@@ -272,7 +312,9 @@ async def messages_answer(
     gateway: Gateway, route: str, payload: dict[str, Any], headers: Mapping[str, str]
 ) -> Response:
     """Anthropic Messages: translated to a chat request, answered in Anthropic's shape."""
-    parsed = anthropic.parse_messages_request(payload)
+    parsed = anthropic.parse_messages_request(
+        payload, hosted_tools=gateway.config.gateway.hosted_tools
+    )
     return await serve_translated(
         gateway,
         route,
@@ -285,6 +327,7 @@ async def messages_answer(
         (lambda: anthropic.AnthropicStreamTranslator(parsed.model, thinking=parsed.thinking))
         if parsed.stream
         else None,
+        parsed.dropped_tools,
     )
 
 
@@ -302,7 +345,9 @@ async def responses_answer(
     gateway: Gateway, route: str, payload: dict[str, Any], headers: Mapping[str, str]
 ) -> Response:
     """OpenAI Responses: translated to a chat request, answered as a ``response``."""
-    parsed = responses.parse_responses_request(payload)
+    parsed = responses.parse_responses_request(
+        payload, hosted_tools=gateway.config.gateway.hosted_tools
+    )
     return await serve_translated(
         gateway,
         route,
@@ -311,6 +356,7 @@ async def responses_answer(
         parsed.chat,
         lambda completion: responses.response_from_chat_completion(completion, parsed),
         (lambda: responses.ResponsesStreamTranslator(parsed)) if parsed.stream else None,
+        parsed.dropped_tools,
     )
 
 

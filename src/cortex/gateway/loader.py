@@ -14,13 +14,14 @@ import time
 
 import aiohttp
 
-from cortex.config import CortexConfig, ModelsConfig
+from cortex.config import CortexConfig, ModelProfile, ModelsConfig
 from cortex.eviction import EvictionStrategy
 from cortex.gateway.events import RecentEvents
 from cortex.gateway.fleet import Fleet
 from cortex.gateway.metrics import GatewayMetrics, eviction_reason
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import READY, NodeState
+from cortex.gateway.redact import public, public_message
 from cortex.gateway.router import (
     Placement,
     Resolved,
@@ -67,10 +68,13 @@ class LoadFailure:
             error_type=e.error_type,
         )
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, public: bool = True) -> dict[str, object]:
+        """For ``/v1/models`` (``public``: redacted, :mod:`cortex.gateway.redact`), or in full
+        for the admin API and ``cortex status``."""
+        message = self.error.message
         return {
             "code": self.error.code,
-            "message": self.error.message,
+            "message": public_message(message) if public else message,
             "attempts": self.attempts,
             "retry_in": round(max(0.0, self.until - time.monotonic()), 1),
         }
@@ -122,12 +126,19 @@ class Loader:
         if task is None:
             failure = self.failures.get(resolved.canonical)
             if failure is not None and failure.blocking():
-                raise failure.again()
+                raise public(failure.again())
             task = asyncio.create_task(self._load(resolved), name=f"load {resolved.canonical}")
             self.loads[resolved.canonical] = task
             task.add_done_callback(lambda t: self._load_done(resolved.canonical, t))
         try:
             return await asyncio.wait_for(asyncio.shield(task), self._load_timeout)
+        except ApiError as exc:
+            # The load this request waited on failed: the same answer every later request gets
+            # until the backoff passes (Retry-After included; the first waiters had none).
+            failure = self.failures.get(resolved.canonical)
+            if failure is not None and failure.error is exc:
+                raise public(failure.again()) from None
+            raise public(exc) from None
         except TimeoutError:
             raise ApiError(
                 503,
@@ -170,11 +181,7 @@ class Loader:
                 continue
             if node_capable(profile, node, resolved.canonical) is not None:
                 continue
-            payload = {"model_id": resolved.canonical}
-            if profile is not None and profile.harness:
-                payload["harness"] = profile.harness
-            if profile is not None and profile.quant:
-                payload["quant"] = profile.quant
+            payload = load_payload(resolved.canonical, profile)
             answer = await post_json(
                 self.session,
                 f"{node.endpoint}/models/estimate",
@@ -193,7 +200,11 @@ class Loader:
             # The estimate and the lock were awaits: a poll may have seen the model become ready
             # meanwhile (a load on the neuron this gateway joined late, or another gateway's).
             # Use that copy; placing another would load a duplicate on a second node.
-            ready = replicas(list(self.fleet.nodes.values()), resolved.canonical, self.usage)
+            ready = [
+                nm
+                for nm in replicas(list(self.fleet.nodes.values()), resolved.canonical, self.usage)
+                if node_allowed(resolved.profile, nm[0])  # `cortex load --node` means that node
+            ]
             if ready:
                 return ready[0][0].name
             try:
@@ -245,11 +256,7 @@ class Loader:
 
     async def _start_load(self, node: NodeState, placement: Placement, resolved: Resolved) -> str:
         profile = resolved.profile
-        payload: dict[str, object] = {"model_id": resolved.canonical, "device": placement.device}
-        if profile is not None and profile.harness:
-            payload["harness"] = profile.harness
-        if profile is not None and profile.quant:
-            payload["quant"] = profile.quant
+        payload = {**load_payload(resolved.canonical, profile), "device": placement.device}
         started = time.monotonic()
         outcome, error = "failed", None
         log.info("loading %s on %s/%s", resolved.canonical, node.name, placement.device)
@@ -276,8 +283,21 @@ class Loader:
         return node.name
 
     async def unload(self, node: NodeState, model_id: str, reason: str) -> None:
-        """Unload ``model_id`` from ``node`` (an operator's ``/admin/models/unload``)."""
-        await self._unload(node, model_id, reason)
+        """Unload ``model_id`` from ``node`` (an operator's ``/admin/models/unload``).
+
+        From the moment it starts until the fleet view shows the result, routing treats the
+        model as gone from that node (as for an eviction): a request arriving meanwhile goes to
+        another replica, or loads the model again, instead of being sent to a copy that is
+        being unloaded (the neuron answered it 409)."""
+        key = (node.name, model_id)
+        marked = key not in self.usage.evicting  # an eviction may hold the mark already
+        self.usage.evicting.add(key)
+        try:
+            await self._unload(node, model_id, reason)
+            await self.fleet.refresh(node.name)
+        finally:
+            if marked:
+                self.usage.evicting.discard(key)
 
     async def _unload(self, node: NodeState, model_id: str, reason: str) -> None:
         try:
@@ -359,3 +379,15 @@ class Loader:
             self.metrics.defrags.labels(node.name).inc()
             done.append(node.name)
         return done
+
+
+def load_payload(canonical: str, profile: ModelProfile | None) -> dict[str, object]:
+    """What ``/models/estimate`` and ``/models/load`` get for a model: its id and what its
+    ``models.toml`` profile chose (harness, quant, batching capacity)."""
+    payload: dict[str, object] = {"model_id": canonical}
+    if profile is not None:
+        for key in ("harness", "quant", "max_batch", "kv_tokens"):
+            value = getattr(profile, key)
+            if value:
+                payload[key] = value
+    return payload

@@ -7,11 +7,14 @@ code, message and Retry-After, so a client sees what the neuron said, not a gene
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import aiohttp
 
 from cortex.wire.errors import ApiError
+
+log = logging.getLogger(__name__)
 
 
 def retry_after_of(headers: Any) -> float | None:
@@ -41,10 +44,11 @@ async def post_json(
             if resp.status == 200 and isinstance(body, dict):
                 return body
             if resp.status == 200:
+                log.warning("%s answered 200 with a body that is not a JSON object", url)
                 raise ApiError(
                     502,
                     "upstream_bad_answer",
-                    f"{url} answered 200 with a body that is not a JSON object",
+                    "a neuron answered 200 with a body that is not a JSON object",
                     retry_after=retry_after,
                 )
             error = ApiError.from_openai_body(resp.status, body, retry_after_of(resp.headers))
@@ -52,13 +56,16 @@ async def post_json(
                 error.retry_after = retry_after
             raise error
     except (TimeoutError, aiohttp.ServerTimeoutError):
+        log.warning("%s did not answer in time", url)
         raise ApiError(
-            504, "upstream_timeout", f"{url} did not answer in time", retry_after=retry_after
+            504, "upstream_timeout", "a neuron did not answer in time", retry_after=retry_after
         ) from None
     except aiohttp.ClientError as exc:
+        # Clients hear what happened, not where (docs/security.md); the log has both.
+        log.warning("could not reach %s: %s: %s", url, type(exc).__name__, exc)
         raise ApiError(
             502,
             "upstream_connection_error",
-            f"could not reach {url}: {type(exc).__name__}: {exc}",
+            f"could not reach a neuron ({type(exc).__name__})",
             retry_after=retry_after,
         ) from None

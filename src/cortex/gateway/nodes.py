@@ -106,6 +106,11 @@ class NodeModel:
     last_used: float = 0.0
     context_length: int | None = None
     error: dict[str, Any] | None = None
+    # the neuron scheduler's view (docs/neuron.md#the-scheduler): generations running and
+    # waiting for a place, and how many may run at once
+    running: int = 0
+    waiting: int = 0
+    max_batch: int = 1
 
     @classmethod
     def from_json(cls, data: Any) -> NodeModel:
@@ -124,6 +129,9 @@ class NodeModel:
             last_used=_float(data, "last_used"),
             context_length=context if isinstance(context, int) else None,
             error=error if isinstance(error, dict) else None,
+            running=_int(data, "running", 0),
+            waiting=_int(data, "waiting", 0),
+            max_batch=max(1, _int(data, "max_batch", 1)),
         )
 
 

@@ -18,12 +18,16 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from starlette.responses import Response
 
+from cortex.gateway.admission import HOLD_UNTIL, ClientGone, pause_unless_client_left
+from cortex.gateway.redact import public_details, public_message
 from cortex.gateway.stream_probe import frames_have_content, take_usage
 from cortex.wire.errors import ApiError
 from cortex.wire.sse import encode_data
@@ -145,6 +149,7 @@ class UpstreamStreamingResponse(WatchedStreamingResponse):
 
     def release(self) -> None:
         self._upstream.close()
+        answer_ended(str(self._upstream.url))
         self._observer.on_end("client_disconnected")
 
 
@@ -188,10 +193,90 @@ async def _relay_sse(
         yield _stream_error_frame(error, "the neuron stopped sending (idle timeout)")
     except aiohttp.ClientError as exc:
         error = "upstream_connection_error"
-        yield _stream_error_frame(error, f"the neuron connection broke: {exc}")
+        log.warning("the connection to %s broke mid-stream: %r", resp.url, exc)
+        yield _stream_error_frame(
+            error, f"the neuron connection broke mid-answer ({type(exc).__name__})"
+        )
     finally:
         resp.close()
+        answer_ended(str(resp.url))
         observer.on_end(error)
+
+
+# ---- holding requests a neuron cannot take yet ----------------------------------------------
+#
+# A neuron bounds the requests it runs per device (``max_queue``) and answers one more with
+# 503 ``queue_full``. The gateway's own bounds are larger (256 in flight per model, 512
+# queued, a minute of waiting), so passing that 503 on refused clients long before the gateway's
+# documented limits: 150 concurrent streams for one replica got 86 of them. Instead the request
+# is held: it waits, first come first served with the other requests that neuron refused, and is
+# sent again when an answer from that neuron ends (or after a short backoff, at most
+# HOLD_MAX_BACKOFF), until the admission budget (``queue_timeout``, HOLD_UNTIL) is spent; only
+# then does the client get the neuron's 503. A client that disconnects while held is dropped at
+# once. While requests are held for a neuron, new ones for it queue behind them rather than
+# overtaking them.
+
+HOLD_FIRST_BACKOFF = 0.05
+HOLD_MAX_BACKOFF = 0.5
+
+
+class _Holding:
+    """The requests held for one neuron (per event loop: tests run gateways side by side)."""
+
+    def __init__(self) -> None:
+        self.turn = asyncio.Lock()  # FIFO: the oldest held request goes first
+        self.freed = asyncio.Event()  # set when an answer from this neuron ends
+        self.held = 0
+
+
+_HOLDING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Holding]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _holding(url: str) -> _Holding:
+    per_loop = _HOLDING.setdefault(asyncio.get_running_loop(), {})
+    origin = _origin(url)
+    found = per_loop.get(origin)
+    if found is None:
+        found = per_loop[origin] = _Holding()
+    return found
+
+
+def answer_ended(url: str) -> None:
+    """An answer from the neuron at ``url`` is over: the oldest held request may try again."""
+    per_loop = _HOLDING.get(asyncio.get_running_loop())
+    holding = per_loop.get(_origin(url)) if per_loop else None
+    if holding is not None and holding.held:
+        holding.freed.set()
+
+
+async def _error_code(resp: aiohttp.ClientResponse) -> str | None:
+    """The ``code`` of a neuron's 404/503 error envelope (its small body is read: it stays
+    readable for the caller); None for any other answer."""
+    if resp.status not in (404, 503):
+        return None
+    try:
+        body = json.loads(await resp.read())
+    except (ValueError, aiohttp.ClientError, TimeoutError):
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("code")) if isinstance(error, dict) else None
+
+
+async def _is_queue_full(resp: aiohttp.ClientResponse) -> bool:
+    """Whether ``resp`` is the neuron's 503 ``queue_full``."""
+    return resp.status == 503 and await _error_code(resp) == "queue_full"
+
+
+# A neuron's answer that the model is not (or no longer) there: the gateway's view of that node
+# was stale (another gateway, or an operator on the neuron, unloaded it since the last poll).
+_GONE = frozenset({"model_not_found", "model_unloading"})
 
 
 async def open_upstream(
@@ -203,7 +288,85 @@ async def open_upstream(
     retry_after: float,
 ) -> aiohttp.ClientResponse:
     """POST to a neuron and return once its answer headers arrived (the body is not read);
-    failing that, :class:`UpstreamUnreachable`.
+    failing that, :class:`UpstreamUnreachable`. A 503 ``queue_full`` is held and sent again
+    within the request's admission budget (see above). A neuron that says the model is not
+    loaded (or is being unloaded) there is, for this request, like one that could not be
+    reached before answering: nothing was relayed, so the caller refreshes its view of that
+    node and tries another replica, or answers 503 ``model_unloaded`` with Retry-After."""
+    resp = await _open_held(session, url, body, client_headers, timeout, retry_after)
+    if await _error_code(resp) in _GONE:
+        resp.close()
+        error = UpstreamUnreachable(
+            503,
+            "model_unloaded",
+            "the model was unloaded from the neuron this request was sent to; retry",
+            retry_after=retry_after,
+        )
+        error.never_connected = True  # safe to send elsewhere: no byte of answer was relayed
+        raise error
+    return resp
+
+
+async def _open_held(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    retry_after: float,
+) -> aiohttp.ClientResponse:
+    """:func:`_send_upstream`, holding a ``queue_full`` answer (see above)."""
+    until = HOLD_UNTIL.get()
+    if until is None:
+        return await _send_upstream(session, url, body, client_headers, timeout, retry_after)
+    holding = _holding(url)
+    if not holding.held:
+        resp = await _send_upstream(session, url, body, client_headers, timeout, retry_after)
+        if not await _is_queue_full(resp) or time.monotonic() >= until:
+            return resp
+        # Its body was read whole, so its connection is back in the pool; not released, so the
+        # caller can still read it if it becomes the answer.
+        refused: aiohttp.ClientResponse | None = resp
+    else:
+        refused = None  # others are held for this neuron: queue behind them
+    holding.held += 1
+    try:
+        async with holding.turn:
+            backoff = HOLD_FIRST_BACKOFF
+            while True:
+                if refused is not None:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        return refused  # the budget is spent: the client gets the neuron's 503
+                    holding.freed.clear()
+                    try:
+                        await pause_unless_client_left(holding.freed, min(backoff, left))
+                    except ClientGone:
+                        # Nothing was relayed: the caller ends the request's bookkeeping as for
+                        # an unreachable neuron, and nobody reads the answer.
+                        raise UpstreamUnreachable(
+                            499, "client_closed", "the client went away while held"
+                        ) from None
+                    backoff = min(HOLD_MAX_BACKOFF, backoff * 2)
+                resp = await _send_upstream(
+                    session, url, body, client_headers, timeout, retry_after
+                )
+                if not await _is_queue_full(resp):
+                    return resp
+                refused = resp
+    finally:
+        holding.held -= 1
+
+
+async def _send_upstream(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    retry_after: float,
+) -> aiohttp.ClientResponse:
+    """One POST: return once its answer headers arrived, else :class:`UpstreamUnreachable`.
 
     A pooled keep-alive connection that the neuron closed as the request went out ("Server
     disconnected", "Can not write request body": its idle timer fired while our event loop had
@@ -215,8 +378,12 @@ async def open_upstream(
         try:
             return await session.post(url, data=body, headers=headers, timeout=timeout)
         except (TimeoutError, aiohttp.ServerTimeoutError):
+            log.warning("%s did not answer in time", url)
             raise UpstreamUnreachable(
-                504, "upstream_timeout", f"{url} did not answer in time", retry_after=retry_after
+                504,
+                "upstream_timeout",
+                "the neuron did not answer in time",
+                retry_after=retry_after,
             ) from None
         except aiohttp.ClientConnectorError as exc:  # no connection could be made at all
             raise _unreachable(exc, retry_after, never_connected=True) from None
@@ -234,10 +401,12 @@ async def open_upstream(
 def _unreachable(
     exc: aiohttp.ClientError, retry_after: float, never_connected: bool
 ) -> UpstreamUnreachable:
+    # The client hears what happened, not where (docs/security.md); the log has both.
+    log.warning("could not reach a neuron: %s: %s", type(exc).__name__, exc)
     error = UpstreamUnreachable(
         502,
         "upstream_connection_error",
-        f"could not reach the neuron ({type(exc).__name__}: {exc})",
+        f"could not reach the neuron ({type(exc).__name__})",
         retry_after=retry_after,
     )
     error.never_connected = never_connected
@@ -290,14 +459,17 @@ async def forward(
     except aiohttp.ClientError as exc:
         resp.close()
         observer.on_end("upstream_connection_error")
+        log.warning("the connection to %s broke mid-answer: %r", url, exc)
         raise ApiError(
             502,
             "upstream_connection_error",
-            f"the neuron connection broke: {exc}",
+            f"the neuron connection broke mid-answer ({type(exc).__name__})",
             retry_after=retry_after,
         ) from None
     finally:
         resp.release()
+    if resp.status >= 400:
+        raw = public_error_body(raw)
     if resp.status == 200:
         raw = rewrite(raw)
         try:
@@ -308,8 +480,29 @@ async def forward(
             observer.on_usage(usage)
     # The neuron is done once its answer is read: end the in-flight count now, not after the
     # client got the bytes (its next request must not see this one as still running).
+    answer_ended(url)
     observer.on_end(None if resp.status == 200 else f"upstream_{resp.status}")
     return Response(raw, status_code=resp.status, headers=headers)
+
+
+def public_error_body(raw: bytes) -> bytes:
+    """A neuron's error envelope with its message and ``details`` redacted
+    (:mod:`cortex.gateway.redact`); anything else as it came."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return raw
+    message = public_message(error["message"])
+    details = public_details(error["details"]) if "details" in error else None
+    if message == error["message"] and details == error.get("details"):
+        return raw
+    error["message"] = message
+    if details is not None:
+        error["details"] = details
+    return json.dumps(body).encode()
 
 
 def elapsed_since(started: float) -> float:

@@ -12,7 +12,7 @@ from cortex.config import ModelProfile, ModelsConfig
 from cortex.eviction import EvictionCandidate, EvictionStrategy
 from cortex.gateway.nodes import LOADING, READY, NodeDevice, NodeModel, NodeState
 from cortex.gateway.usage import Usage
-from cortex.source import ModelIdError, ModelSourceId
+from cortex.source import MissingSlashError, ModelIdError, ModelSourceId
 from cortex.wire.errors import ApiError, model_not_found
 
 
@@ -45,12 +45,21 @@ def find_profile(models: ModelsConfig, canonical: str, default_source: str) -> M
 
 
 def resolve(requested: str, models: ModelsConfig, default_source: str) -> Resolved:
-    """Alias (one level) -> canonical id -> profile. An unparseable name is an unknown model."""
+    """Alias (one level) -> canonical id -> profile.
+
+    A name without a '/' (``gpt-4``) that is no alias is an unknown model: 404, as the OpenAI
+    API answers. A name that is meant as an id but breaks the id grammar (``acme/x{}``,
+    ``acme/a/b``, ``../x``) is a 400 with the parse error's code: no registry could serve it, and
+    the neuron would refuse it the same way.
+    """
     target = models.aliases.get(requested)
     name = target if target is not None else requested
-    canonical = canonical_or_none(name, default_source)
-    if canonical is None:
-        raise model_not_found(requested, "not an alias and not a model id ('org/name')")
+    try:
+        canonical = str(ModelSourceId.parse(name).with_default_scheme(default_source))
+    except MissingSlashError:
+        raise model_not_found(requested, "not an alias and not a model id ('org/name')") from None
+    except ModelIdError as exc:
+        raise ApiError(400, exc.code, str(exc), param="model") from None
     return Resolved(
         requested=requested,
         canonical=canonical,
@@ -106,12 +115,20 @@ def replicas(
 def least_busy(
     candidates: list[tuple[NodeState, NodeModel]], canonical: str, usage: Usage
 ) -> tuple[NodeState, NodeModel] | None:
-    """Fewest requests in flight (the gateway's live count first, the neuron's as tie-break)."""
+    """The replica with the most room: the fewest requests in flight for the generations it
+    can run at once (the gateway's live count over the neuron's ``max_batch``: a replica that
+    batches 64 takes more than one that batches 8), then the fewest waiting on the neuron, then
+    the fewest in flight there."""
     if not candidates:
         return None
     return min(
         candidates,
-        key=lambda nm: (usage.busy(nm[0].name, canonical), nm[1].in_flight, nm[0].name),
+        key=lambda nm: (
+            usage.busy(nm[0].name, canonical) / nm[1].max_batch,
+            nm[1].waiting,
+            nm[1].in_flight,
+            nm[0].name,
+        ),
     )
 
 

@@ -33,11 +33,13 @@ from cortex.gateway.metrics import (
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import NodeState
 from cortex.gateway.proxy import ModelRewriter, StreamObserver, UpstreamUnreachable, forward
+from cortex.gateway.redact import public
 from cortex.gateway.router import Resolved, Resolver, least_busy, replicas
 from cortex.gateway.usage import Usage
 from cortex.logging import request_logger
 from cortex.wire.errors import ApiError, model_not_found
 from cortex.wire.keepalive import GATEWAY_UPSTREAM_KEEPALIVE_S
+from cortex.wire.tls import client_context
 
 log = logging.getLogger(__name__)
 request_log = request_logger()
@@ -105,6 +107,7 @@ class Gateway:
             ttl_dns_cache=300,
             enable_cleanup_closed=True,
             keepalive_timeout=GATEWAY_UPSTREAM_KEEPALIVE_S,  # below the neuron's: it lets go first
+            ssl=client_context(self.config.neuron_tls, self.config.base_dir) or True,
         )
         headers = {NEURON_TOKEN_HEADER: self.neuron_token} if self.neuron_token else None
         # Neurons set no cookies: a dummy jar skips cookie filtering on every request/answer.
@@ -232,12 +235,13 @@ class Gateway:
         """Count and log a request that failed before a neuron answered it."""
         if getattr(error, "recorded", False):
             return
+        path = route[:200]  # the log line names the path asked for; metrics a bounded label
         route, model = route_label(route), self.model_label(requested)
         self.metrics.requests.labels(route, model, NO_NODE, "error").inc()
         self.metrics.errors.labels(route, code_label(error.code)).inc()
         shown = requested[:200] if isinstance(requested, str) else None
         request_log.info(
-            route,
+            path,
             extra={
                 "fields": {
                     "model": shown,
@@ -417,7 +421,7 @@ class Gateway:
         except ApiError as exc:
             self.metrics.errors.labels(COUNT_TOKENS_ROUTE, code_label(exc.code)).inc()
             exc.recorded = True  # type: ignore[attr-defined]  # counted here, with its node
-            raise
+            raise public(exc) from None  # no paths or addresses to clients (docs/security.md)
         finally:
             self.usage.end(node.name, resolved.canonical)
             labels = (COUNT_TOKENS_ROUTE, resolved.canonical, node.name)

@@ -58,6 +58,21 @@ def _node_view(node: NodeState) -> dict[str, Any]:
     }
 
 
+PUBLIC_HEALTH_FIELDS = ("status", "nodes_up", "nodes_total", "models_ready")
+
+
+def public_health(gateway: Gateway) -> dict[str, Any]:
+    """``GET /health`` (no key needed): whether the fleet serves, in counts.
+
+    Why not the node list: the route is open to anyone who can reach the port (load balancers
+    and probes need no key), and each node's endpoint and last connection error are a map of the
+    private network. Operators get them, with an admin key, from ``/admin/status`` (and
+    ``cortex status``) and ``/admin/models`` (docs/security.md).
+    """
+    full = gateway.health()
+    return {key: full[key] for key in PUBLIC_HEALTH_FIELDS}
+
+
 def fleet_status(gateway: Gateway) -> dict[str, Any]:
     now = time.time()
     nodes = gateway.nodes()
@@ -68,7 +83,9 @@ def fleet_status(gateway: Gateway) -> dict[str, Any]:
         "models": [_model_view(gateway, n, m, now) for n in nodes if n.up for m in n.models],
         "loads_in_progress": sorted(loader.loads) if loader is not None else [],
         "failed_loads": (
-            {k: f.to_json() for k, f in loader.failures.items()} if loader is not None else {}
+            {k: f.to_json(public=False) for k, f in loader.failures.items()}
+            if loader is not None
+            else {}
         ),
         "events": loader.events.latest(RECENT_EVENTS) if loader is not None else [],
     }

@@ -42,6 +42,7 @@ from cortex.neuron.output import (
 from cortex.neuron.requests import (
     ChatRequest,
     CompletionRequest,
+    check_content_parts,
     parse_chat_request,
     parse_completion_request,
 )
@@ -130,6 +131,7 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         entry = ready_entry(node, model)
         if "messages" in body:
             chat = parse_chat_request(body)
+            check_content_parts(chat.messages, accepted_parts(entry))
             ids = await _render(entry, chat)
         elif isinstance(body.get("prompt"), str):
             text = body["prompt"]
@@ -145,6 +147,7 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         started = time.monotonic()
         chat = parse_chat_request(await read_json_object(request, MAX_BODY_BYTES))
         entry = ready_entry(node, chat.options.model)
+        check_content_parts(chat.messages, accepted_parts(entry))
         entry.begin_request()
         node.metrics.series(node.metrics.in_flight, entry.id).inc()
         try:
@@ -153,7 +156,6 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
             _end(node, entry)
             raise
         parser = output_parser(bool(chat.tools), starts_in_reasoning=opens_reasoning)
-        stream.prefill_ahead()
         if chat.options.stream:
             return _sse(
                 _chat_stream(node, entry, stream, chat, request, parser), node, entry, stream
@@ -175,7 +177,6 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         except BaseException:
             _end(node, entry)
             raise
-        stream.prefill_ahead()
         if req.options.stream:
             return _sse(_completion_stream(node, entry, stream, req, request), node, entry, stream)
         try:
@@ -224,6 +225,14 @@ class RequestCounter:
             metrics = self.node.metrics
             metrics.series(metrics.requests, path, str(status)).inc()
             metrics.series(metrics.duration, path).observe(time.monotonic() - started)
+
+
+def accepted_parts(entry: Any) -> frozenset[str]:
+    """The non-text content part types the loaded model takes: a harness's loaded model may
+    declare ``accepted_content_parts`` (e.g. ``frozenset({"image_url"})`` for a vision model);
+    none does today, so every image, audio or file part is refused with a typed 400."""
+    declared = getattr(entry.handle, "accepted_content_parts", None)
+    return frozenset(declared) if declared else frozenset()
 
 
 def _end(node: Node, entry: Any) -> None:
@@ -352,10 +361,9 @@ def _sse(
 async def _batches_until_disconnect(
     stream: GenerationStream, request: Request
 ) -> AsyncIterator[list[str]]:
-    """The stream's deltas, one list per decode job; stops (and closes the generation) as soon
-    as the client is gone. The disconnect check runs once per job, not per token: a job's
-    tokens are already generated, and the next job is only submitted once this one's deltas
-    were consumed."""
+    """The stream's deltas, one list per hand-off; stops (and closes the generation at the
+    scheduler's next iteration) as soon as the client is gone. The disconnect check runs once
+    per hand-off, not per token: its tokens are already generated."""
     iterator = stream.delta_batches()
     try:
         async for texts in iterator:
@@ -420,6 +428,10 @@ def text_frame_encoder(
     return encode
 
 
+def _role_choice() -> dict[str, Any]:
+    return {"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
+
+
 def _event_delta(event: OutputEvent) -> dict[str, Any]:
     if isinstance(event, ContentDelta):
         return {"content": event.text}
@@ -442,6 +454,7 @@ async def _chat_whole(
     message: dict[str, Any] = {
         "role": "assistant",
         "content": content if content or not calls else None,
+        "refusal": None,  # required by the spec (strict clients reject a message without it)
     }
     if reasoning:
         message["reasoning_content"] = reasoning
@@ -487,19 +500,29 @@ async def _chat_stream(
         return sse.encode_data({**base, "choices": [choice]})
 
     content_chunk = text_frame_encoder(lambda text: chunk({"content": text}))
-    saw_call = False
+    saw_call = saw_content = False
     feed = parser.feed
-    # One SSE frame per delta as before, but all frames of one decode job leave in one send
+    # One SSE frame per delta as before, but all frames of one hand-off leave in one send
     # (one socket write): the per-send cost was most of a fast model's per-token overhead.
     frames: list[bytes] = []
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        # The role alone (an empty content here would make a tool-call-only answer assemble
+        # to "" where the whole answer says null); with the report_prompt_tokens extension
+        # (translated routes) it also carries the prompt's length.
+        if chat.options.report_prompt_tokens:
+            prompt = stream.prompt_tokens
+            usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+            first = {**base, "choices": [_role_choice()], "usage": usage}
+            yield sse.encode_data(first)
+        else:
+            yield chunk({"role": "assistant"})
         try:
             async for texts in _batches_until_disconnect(stream, request):
                 for text in texts:
                     for event in feed(text):
                         if type(event) is ContentDelta:
                             frames.append(content_chunk(event.text))
+                            saw_content = True
                             continue
                         saw_call = saw_call or not isinstance(event, ContentDelta | ReasoningDelta)
                         frames.append(chunk(_event_delta(event)))
@@ -509,6 +532,7 @@ async def _chat_stream(
                 # else the generation is over: this job's frames leave with the end's frames
             for event in parser.finish():
                 saw_call = saw_call or not isinstance(event, ContentDelta | ReasoningDelta)
+                saw_content = saw_content or isinstance(event, ContentDelta)
                 frames.append(chunk(_event_delta(event)))
         except ApiError as exc:
             frames += (sse.encode_data(exc.openai_body()), sse.DONE)
@@ -521,7 +545,9 @@ async def _chat_stream(
         if saw_call:
             frames.append(chunk({}, "tool_calls", stop_sequence=None))
         else:
-            frames.append(chunk({}, stream.finish_reason, stop_sequence=stream.stop_sequence))
+            # An empty answer still assembles to "" (as the whole answer's content says)
+            delta = {} if saw_content else {"content": ""}
+            frames.append(chunk(delta, stream.finish_reason, stop_sequence=stream.stop_sequence))
         if chat.options.include_usage:
             frames.append(sse.encode_data({**base, "choices": [], "usage": stream.usage()}))
         frames.append(sse.DONE)
@@ -559,7 +585,7 @@ async def _completion_stream(
     frames: list[bytes] = []
     try:
         try:
-            # one frame per delta, one send per decode job (as in _chat_stream)
+            # one frame per delta, one send per hand-off from the scheduler (as in _chat_stream)
             async for texts in _batches_until_disconnect(stream, request):
                 frames = [text_chunk(text) for text in texts]
                 if stream.finish_reason is None:
@@ -588,6 +614,9 @@ def _refresh_gauges(node: Node) -> None:
         metrics.device_memory.labels(key, "total").set(node.budget(key))
         metrics.device_memory.labels(key, "used").set(node.used(key))
         metrics.device_memory.labels(key, "free").set(max(0, node.budget(key) - node.used(key)))
+    metrics.refresh_schedulers(
+        {entry.id: load for entry in node.models.all() if (load := entry.load()) is not None}
+    )
     counts: dict[str, int] = {"loading": 0, "ready": 0, "failed": 0, "unloading": 0}
     for entry in node.models.all():
         counts[entry.state] = counts.get(entry.state, 0) + 1

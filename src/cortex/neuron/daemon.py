@@ -33,6 +33,7 @@ from cortex.source_resolver import SourceResolver
 from cortex.wire.errors import ApiError
 from cortex.wire.keepalive import NEURON_KEEPALIVE_S
 from cortex.wire.limits import BodyLimitMiddleware
+from cortex.wire.server import listener_options, scheme
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ def make_app(node: Node, drain_seconds: float = DRAIN_SECONDS) -> FastAPI:
     loader = Loader(node)
     node.default_models.total = len(node.config.default_models)
 
+    node.drain_seconds = drain_seconds
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        node.loop = asyncio.get_running_loop()  # a device fault restarts from here
         task = asyncio.create_task(load_default_models(node, loader))
         node.started = True
         try:
@@ -140,12 +144,21 @@ def serve(config: NeuronConfig, listen: str | None, drain_seconds: float = DRAIN
         lifespan="on",
         access_log=False,
         log_config=None,  # keep the handlers `neuron run` configured (text or JSON)
+        # header limits and TLS (docs/security.md)
+        **listener_options(
+            header_timeout=config.header_timeout.seconds or 10.0,
+            max_header_bytes=config.max_header_bytes,
+            tls=config.tls,
+            base_dir=config.base_dir,
+        ),
     )
     server = DrainingServer(uv_config, node)
+    # A device fault with on_device_fault = "exit": stop like SIGTERM, exit non-zero.
+    node.request_exit = lambda: server.handle_exit(signal.SIGTERM, None)
     devices = ", ".join(node.devices)
     harnesses = ", ".join(node.harnesses) or "none"
     print(f"neuron {node.name}: devices {devices}; harnesses {harnesses}", flush=True)
-    print(f"listening on http://{shown}:{bound_port}", flush=True)
+    print(f"listening on {scheme(config.tls)}://{shown}:{bound_port}", flush=True)
     server.run(sockets=[sock])
     sys.stdout.flush()
-    return 0
+    return node.exit_code or 0

@@ -1,46 +1,39 @@
-"""The step loop: decode jobs on the device worker, text deltas out, limits and finish reasons.
+"""The event-loop side of a generation: a stream of text deltas, limits and finish reasons.
 
-A decode job runs steps (step + incremental decode) on the device worker and hands the tokens
-back in one future. One token per job costs two cross-thread hand-offs per token (event loop ->
-worker -> event loop), which dominated a fast model's step; so a job keeps stepping while it is
-alone on the device: it stops after ``MAX_STEPS_PER_JOB`` tokens, after ``JOB_TIME_BUDGET_S``
-of stepping, at EOS, at ``max_tokens``, or as soon as another job is waiting on the worker (so
-two streams on one device still take turns: a turn is one token once both have a job queued,
-at most ``MAX_STEPS_PER_JOB`` tokens / ``JOB_TIME_BUDGET_S`` otherwise). The first job of a
-generation runs one step (the prefill), so time to first token is never delayed by batching.
+A request's first worker job renders its prompt and adds its generation to the device's
+scheduler (``cortex.neuron.scheduler``), which steps it together with every other running
+generation of the model and hands its tokens back, already detokenised, through the worker's
+outbox (one hand-off per scheduler iteration for all streams). :class:`GenerationStream`
+receives them here: :meth:`GenerationStream.delta_batches` yields one list of text deltas per
+hand-off, which a streaming response writes in one send (one frame per token, one socket write
+per batch). The first list is the first token alone whenever the event loop keeps up, so time to
+first token is never delayed by batching.
 
-The next job is queued as soon as a job's tokens arrive on the event loop, before they are
-handed out (one job ahead, never past ``max_tokens``, EOS or a stop string): the device steps on
-while the event loop turns the tokens into frames and writes them, instead of idling for that
-time on every job. :meth:`GenerationStream.delta_batches` hands out one list of text deltas per
-job, which a streaming response writes in one send (one frame per token, one socket write per
-job). A request whose client left stops: the job queued ahead is dropped if it has not started,
-otherwise generation ends with it (at most ``MAX_STEPS_PER_JOB`` tokens, or one step past
-``JOB_TIME_BUDGET_S``, none of them counted or sent), and the KV cache is released on the
-worker.
+Stop strings are matched here (never emitted, held back across deltas); the scheduler enforces
+``max_tokens`` and EOS. A stream that stops (a stop string, a client that left) sets its
+sequence's ``cancelled`` flag: the next iteration closes the generation, freeing its KV cache,
+and tokens it made after the stop are neither sent nor counted.
 
-Everything above token ids lives here, identical for every harness: detokenisation that never
-emits half a character, stop strings (never emitted, held back across deltas), ``max_tokens``,
-finish reasons ``stop``/``length``, usage and timing metrics.
+Everything above token ids lives here and in the scheduler, identical for every harness:
+detokenisation that never emits half a character, stop strings, ``max_tokens``, finish reasons
+``stop``/``length``, usage and timing metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import attrs
-
-from cortex.harness import DeviceFault, DeviceOutOfMemory, Generation, HarnessError, PromptError
+from cortex.harness import DeviceFault, DeviceOutOfMemory, HarnessError, PromptError
 from cortex.logging import NEURON_REQUEST_LOGGER
 from cortex.neuron.models import READY, ModelEntry
 from cortex.neuron.node import Node
 from cortex.neuron.requests import GenerationOptions
+from cortex.neuron.scheduler import LENGTH, STOP, Output, Sequence
 from cortex.neuron.textstream import IncrementalDecoder, StopMatcher
 from cortex.neuron.workers import Admission, DevicePoisonedError, WorkerError
 from cortex.wire.errors import ApiError, model_not_found
@@ -48,14 +41,7 @@ from cortex.wire.errors import ApiError, model_not_found
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(NEURON_REQUEST_LOGGER)
 
-STOP = "stop"
-LENGTH = "length"
-
-# A decode job stops after this many tokens ... (the time budget below is the bound that
-# matters; 64 rather than 16 made a 0.1 ms-a-token model stream 9-13% faster: docs/neuron.md)
-MAX_STEPS_PER_JOB = 64
-# ... or once it has stepped this long (a slow model runs one step per job, as before).
-JOB_TIME_BUDGET_S = 0.004
+__all__ = ["LENGTH", "STOP", "GenerationStream", "check_context", "ready_entry", "start_admitted"]
 
 
 def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
@@ -78,13 +64,6 @@ def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
         return ApiError(500, "generation_failed", f"{entry.id}: {exc}")
     log.error("generation on %s failed", entry.id, exc_info=exc)
     return ApiError(500, "generation_failed", f"{entry.id}: {type(exc).__name__}: {exc}")
-
-
-def _drop_job(future: asyncio.Future[Any]) -> None:
-    """Forget a queued job: it does not run if it has not started (the worker skips cancelled
-    futures); a result or error that already arrived is discarded."""
-    if not future.cancel() and not future.cancelled():
-        future.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 def ready_entry(node: Node, raw_model: str) -> ModelEntry:
@@ -122,18 +101,20 @@ async def start_admitted(
 ) -> GenerationStream:
     """Admit one generation request on the model's device (503 ``queue_full`` at
     ``max_queue`` requests in progress) and run ``build`` as its first worker job: it creates
-    the stream and starts it there (:meth:`GenerationStream.start_on_worker`). The stream
-    holds the admission until it is closed, and its later jobs are never refused, so an
-    answer that started is never cut because other requests filled the device."""
+    the stream and its generation there (:meth:`GenerationStream.start_on_worker`), and the
+    same job queues the generation on the device's scheduler. The stream holds the admission
+    until it is closed, and its generation, once queued, is never refused, so an answer that
+    started is never cut because other requests filled the device."""
     try:
         admission = entry.worker.admit()
     except Exception as exc:
         raise worker_api_error(exc, entry) from None
     built: list[GenerationStream] = []
+    loop = asyncio.get_running_loop()
 
     def job() -> GenerationStream:
         stream = build()
-        stream.hold(admission)
+        stream.admitted(admission, loop)
         built.append(stream)
         return stream
 
@@ -157,17 +138,19 @@ def check_context(
     context: Claude Code asks for 32000 tokens whatever the model, and Anthropic's API treats
     max_tokens as a ceiling. OpenAI chat keeps the 400 the OpenAI spec requires."""
     context = entry.context_length or 0
-    if clamp and max_tokens is not None and prompt_tokens < context:
+    if prompt_tokens >= context:
+        # the prompt alone does not fit: say so, whatever max_tokens asked for (a client that
+        # sent a 56k-token prompt to a 4k model needs to hear about the prompt, not max_tokens)
+        raise ApiError(
+            400,
+            "context_length_exceeded",
+            f"the prompt has {prompt_tokens} tokens but the model's context is {context} "
+            "tokens; shorten the prompt or use a model with a longer context",
+            param="messages",
+        )
+    if clamp and max_tokens is not None:
         max_tokens = min(max_tokens, context - prompt_tokens)
     if max_tokens is None:
-        if prompt_tokens >= context:
-            raise ApiError(
-                400,
-                "context_length_exceeded",
-                f"the prompt has {prompt_tokens} tokens but the model's context is {context} "
-                "tokens; shorten the prompt",
-                param="messages",
-            )
         return context - prompt_tokens
     if prompt_tokens + max_tokens > context:
         raise ApiError(
@@ -180,27 +163,11 @@ def check_context(
     return max_tokens
 
 
-@attrs.define
-class StepResult:
-    token_id: int
-    is_eos: bool
-    text: str
-
-
-@attrs.define
-class StepBatch:
-    """What one decode job produced. ``error`` is what a later step of the job raised after
-    earlier steps succeeded: those tokens are still delivered, then the error, as if each step
-    had been its own job."""
-
-    results: list[StepResult]
-    error: Exception | None = None
-
-
 class GenerationStream:
     """One generation of one request: ``await start()``, iterate ``deltas()`` (or
-    ``delta_batches()``, one list per decode job), then read ``finish_reason`` and usage.
-    ``close()`` is idempotent and always releases the KV cache."""
+    ``delta_batches()``, one list per hand-off from the scheduler), then read ``finish_reason``
+    and usage. ``close()`` is idempotent and always releases the KV cache (at the scheduler's
+    next iteration) and the request's place on the device."""
 
     def __init__(
         self,
@@ -222,12 +189,15 @@ class GenerationStream:
         self.stop_sequence: str | None = None
         self.completion_tokens = 0
         self.first_token_at: float | None = None
-        self._generation: Generation | None = None
-        self._decoder: IncrementalDecoder | None = None
         self._closed = False
         self.cancelled = False
-        # The prefill, queued by prefill_ahead() before the response starts (see there).
-        self._first_job: asyncio.Future[StepBatch] | None = None
+        # The scheduler's record of this generation (set on the worker by start_on_worker).
+        self._sequence: Sequence | None = None
+        # OutputSink: the event loop this stream lives on (set by admitted()), and what the
+        # scheduler handed out that the stream has not consumed yet.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: collections.deque[Output] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         # This request's place on the device (start_admitted), given back by close().
         self._admission: Admission | None = None
 
@@ -254,57 +224,52 @@ class GenerationStream:
 
         await start_admitted(self.entry, build)
 
-    def hold(self, admission: Admission) -> None:
-        """Keep the request's admission until :meth:`close`."""
+    def admitted(self, admission: Admission, loop: asyncio.AbstractEventLoop) -> None:
+        """On the worker, right after :meth:`start_on_worker`: keep the request's admission
+        until :meth:`close`, and queue the generation on the device's scheduler, whose outputs
+        come back on ``loop``."""
         self._admission = admission
-
-    def prefill_ahead(self) -> None:
-        """Queue the first job (the prefill) now, before the caller writes the response head
-        and the role frame, so the device prefills while the event loop writes instead of
-        idling for those writes (one or two socket writes: ~0.2 ms each on a loopback VM).
-        Its tokens and errors reach the client exactly as before: through
-        :meth:`delta_batches`, which takes this job as its first. A refused submit (queue full,
-        unloaded) is left for :meth:`delta_batches` to raise at the same point as before."""
-        if (
-            self._first_job is None
-            and self._generation is not None
-            and not self._closed
-            and self.max_tokens > 0
-        ):
-            with contextlib.suppress(ApiError):
-                self._first_job = self._submit_steps()
+        self.loop = loop
+        if self._sequence is not None:
+            self.entry.worker.scheduler.add(self._sequence)
 
     def start_on_worker(self, handle: Any) -> None:
-        """:meth:`start`'s work, on the device worker thread: a request that has more to do
-        there first (render the chat template, tokenise) runs it in the same job (one
-        hand-off instead of two)."""
-        self._decoder = IncrementalDecoder(handle.decode)
-        self._generation = handle.start(self.prompt_ids, self.options.sampling)
+        """:meth:`start`'s work, on the device worker thread (a request that has more to do
+        there first, such as rendering the chat template, runs it in the same job): create the
+        generation (:meth:`admitted` queues it)."""
+        generation = handle.start(self.prompt_ids, self.options.sampling)
+        self._sequence = Sequence(
+            model=handle,
+            generation=generation,
+            decoder=IncrementalDecoder(handle.decode),
+            prompt_tokens=len(self.prompt_ids),
+            max_tokens=self.max_tokens,
+            sink=self,
+            max_batch=self.entry.max_batch,
+        )
 
-    def _steps_job(self, limit: int) -> StepBatch:
-        """Up to ``limit`` steps on the worker thread (see the module docstring for when it
-        stops early). A device fault propagates at once: the worker must poison the device."""
-        generation, decoder, worker = self._generation, self._decoder, self.entry.worker
-        if generation is None or decoder is None:  # closed while this job was queued ahead
-            return StepBatch([])
-        results: list[StepResult] = []
-        deadline = time.perf_counter() + JOB_TIME_BUDGET_S
-        while True:
+    def deliver(self, output: Output) -> None:
+        """OutputSink: the scheduler's next output (on the event loop, from the outbox). Outputs
+        the stream has not taken yet merge, so it writes all of them in one send."""
+        inbox = self._inbox
+        if inbox and not inbox[-1].ended:
+            last = inbox[-1]
+            last.results.extend(output.results)
+            last.finish, last.tail, last.error = output.finish, output.tail, output.error
+        else:
+            inbox.append(output)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next_output(self) -> Output:
+        while not self._inbox:
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                step = generation.step()
-                if step.is_eos:
-                    results.append(StepResult(step.token_id, True, decoder.flush()))
-                    break
-                results.append(StepResult(step.token_id, False, decoder.push(step.token_id)))
-            except DeviceFault:
-                raise
-            except Exception as exc:
-                if not results:
-                    raise
-                return StepBatch(results, exc)
-            if len(results) >= limit or worker.has_waiting_jobs or time.perf_counter() >= deadline:
-                break
-        return StepBatch(results)
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._inbox.popleft()
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas until EOS, a stop string or max_tokens, one at a time (the non-streaming
@@ -318,39 +283,26 @@ class GenerationStream:
             await batches.aclose()
 
     async def delta_batches(self) -> AsyncIterator[list[str]]:
-        """The text deltas of each decode job, as one list per job (never empty): one delta
-        per token that produced text, in order, exactly what :meth:`deltas` yields one by one.
-        The first list is the prefill's token alone, so time to first token is unchanged; the
-        last one (with ``finish_reason`` already set) also holds the tail the stop matcher or
-        decoder held back. A streaming response writes one list in one send. Cancelling the
-        consumer stops it before the next job."""
+        """The text deltas of each hand-off from the scheduler, as one list (never empty): one
+        delta per token that produced text, in order, exactly what :meth:`deltas` yields one by
+        one. The last one (with ``finish_reason`` already set) also holds the tail the stop
+        matcher or decoder held back. A streaming response writes one list in one send.
+        Cancelling the consumer ends the generation at the next iteration."""
         stops = StopMatcher(self.options.stop)
         matching = bool(stops.stops)
         model = self.entry.id
         metrics = self.node.metrics
-        pending: list[str] = []
-        # The next decode job, queued as soon as this one's tokens arrived (before they are
-        # handed out and written), so the device steps on while the event loop writes.
-        ahead, self._first_job = self._first_job, None
+        tail = ""
         try:
-            while self.completion_tokens < self.max_tokens:
-                job = ahead if ahead is not None else self._submit_steps()
-                ahead = None
-                try:
-                    batch: StepBatch = await job
-                except Exception as exc:
-                    raise worker_api_error(exc, self.entry) from None
-                if self.first_token_at is None:
-                    prefill = True
+            while self.finish_reason is None:
+                output = await self._next_output()
+                if self.first_token_at is None and output.results:
                     self.first_token_at = time.monotonic()
                     metrics.series(metrics.ttft, model).observe(
                         self.first_token_at - self.started_at
                     )
-                else:
-                    prefill = False
                 texts: list[str] = []
-                finished = False
-                for result in batch.results:
+                for result in output.results:
                     self.completion_tokens += 1
                     text = result.text
                     if text and matching:
@@ -360,86 +312,43 @@ class GenerationStream:
                     if result.is_eos or stops.stopped:
                         self.finish_reason = STOP
                         self.stop_sequence = stops.matched
-                        finished = True
                         break
-                if finished:
-                    pending = texts  # the end's tail joins this job's deltas
-                    break
-                if batch.error is not None:
+                if self.finish_reason is None:
+                    if output.error is not None:
+                        if texts:
+                            yield texts
+                        raise worker_api_error(output.error, self.entry)
+                    if output.finish is not None:
+                        self.finish_reason = output.finish
+                        tail = output.tail
+                if self.finish_reason is not None:
+                    if not stops.stopped:
+                        end = (stops.feed(tail) if tail else "") + stops.flush()
+                        if end:
+                            texts.append(end)
                     if texts:
+                        # finish_reason is set: the consumer knows this list is the last one
                         yield texts
-                    raise worker_api_error(batch.error, self.entry)
-                if self.completion_tokens >= self.max_tokens:
-                    if not prefill:
-                        pending = texts  # the last job: the held tail (one flush) joins it
-                        continue
-                else:
-                    # a refused submit (queue full, unloaded) is raised by the next turn,
-                    # after these tokens went out
-                    with contextlib.suppress(ApiError):
-                        ahead = self._submit_steps()
+                    break
                 if texts:
                     yield texts
-            else:
-                self.finish_reason = LENGTH
-            if not stops.stopped:
-                held = ""
-                if self.finish_reason == LENGTH and self._decoder is not None:
-                    held = await run_on_worker(self.entry, self._decoder.flush, internal=True)
-                tail = (stops.feed(held) if held else "") + stops.flush()
-                if tail:
-                    pending.append(tail)
-            if pending:
-                # finish_reason is set: the consumer knows this list is the last one
-                yield pending
         except BaseException:
             if self.finish_reason is None:
                 self.cancelled = True
             raise
         finally:
-            if ahead is not None:
-                _drop_job(ahead)
             self.close()
 
-    def _submit_steps(self) -> asyncio.Future[StepBatch]:
-        """Queue the next decode job: the prefill alone first (so batching never delays the
-        first token), then up to ``MAX_STEPS_PER_JOB`` steps within ``max_tokens``."""
-        # an unload lets running requests finish (up to its bound); once it took the model
-        # away, the generation cannot go on
-        if self.entry.handle is None:
-            raise ApiError(
-                503,
-                "model_unloading",
-                f"{self.entry.id} was unloaded during the generation",
-                retry_after=5,
-            )
-        limit = (
-            1
-            if self.first_token_at is None
-            else min(MAX_STEPS_PER_JOB, self.max_tokens - self.completion_tokens)
-        )
-        try:
-            # internal: the request was admitted at its start; its next job is never refused
-            return self.entry.worker.submit(
-                functools.partial(self._steps_job, limit), internal=True
-            )
-        except Exception as exc:
-            raise worker_api_error(exc, self.entry) from None
-
     def close(self) -> None:
-        """Release the generation on its worker (without waiting: this also runs when the
-        request task is being cancelled) and record metrics. Safe to call twice."""
+        """Let the generation go (without waiting: this also runs when the request task is
+        being cancelled): the scheduler closes it at its next iteration if it still runs,
+        which frees its KV cache. Records metrics. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        if self._first_job is not None:  # delta_batches never ran
-            _drop_job(self._first_job)
-            self._first_job = None
-        generation, self._generation = self._generation, None
-        if generation is not None:
-            # poisoned or stopped: nothing left to release
-            with contextlib.suppress(WorkerError):
-                self.entry.worker.submit(generation.close, internal=True)
+        sequence = self._sequence
+        if sequence is not None:
+            sequence.cancelled = True
         if self._admission is not None:
             self._admission.release()
         model = self.entry.id

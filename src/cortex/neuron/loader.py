@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import attrs
 
 from cortex.harness import (
+    DEFAULT_MAX_BATCH,
     DeviceFault,
     DeviceOutOfMemory,
     Harness,
@@ -48,6 +50,9 @@ class LoadRequest:
     quant: str | None = None
     device: str | None = None
     context_length: int | None = None
+    # continuous batching capacity (docs/neuron.md#the-scheduler); None: the device's default
+    max_batch: int | None = None
+    kv_tokens: int | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LoadRequest:
@@ -60,12 +65,13 @@ class LoadRequest:
             if value is not None and not isinstance(value, str):
                 raise bad_request(f"'{key}' must be a string", param=key)
             values[key] = value or None
-        context = body.get("context_length")
-        if context is not None and (
-            isinstance(context, bool) or not isinstance(context, int) or context < 1
-        ):
-            raise bad_request("'context_length' must be a positive integer", param="context_length")
-        values["context_length"] = context
+        for key in ("context_length", "max_batch", "kv_tokens"):
+            value = body.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise bad_request(f"'{key}' must be a positive integer", param=key)
+            values[key] = value
         return cls(**values)
 
 
@@ -179,6 +185,29 @@ def pick_device(node: Node, requested: str | None, needed_by_kind: dict[str, int
     raise ApiError(503, "no_device", "every device of this node is poisoned", retry_after=60)
 
 
+def load_options(
+    node: Node,
+    request: LoadRequest,
+    kind: str,
+    device_key: str | None,
+    extra: dict[str, Any] | None = None,
+) -> LoadOptions:
+    """What the harness gets for a load onto a device of ``kind``: the request's choices, and
+    for batching its ``max_batch`` or the device's (``[devices."<key>"] max_batch``)."""
+    max_batch = request.max_batch
+    if max_batch is None:
+        settings = node.config.devices.get(device_key or "") if device_key else None
+        max_batch = settings.max_batch if settings is not None else DEFAULT_MAX_BATCH
+    return LoadOptions(
+        quant=request.quant,
+        context_length=request.context_length,
+        device_kind=kind,
+        extra=extra or {},
+        max_batch=max_batch,
+        kv_tokens=request.kv_tokens,
+    )
+
+
 def _worker_error(exc: WorkerError, device: str) -> ApiError:
     if isinstance(exc, DevicePoisonedError):
         return ApiError(503, "device_poisoned", str(exc), retry_after=60)
@@ -267,13 +296,8 @@ class Loader:
         config = await prefetch_config(source, model_id, result)
         extra = {"config": config} if config is not None else {}
 
-        def options_for(kind: str) -> LoadOptions:
-            return LoadOptions(
-                quant=request.quant,
-                context_length=request.context_length,
-                device_kind=kind,
-                extra=extra,
-            )
+        def options_for(kind: str, device_key: str | None = None) -> LoadOptions:
+            return load_options(node, request, kind, device_key, extra)
 
         kinds = {d.kind for d in node.devices.values()}
         needed = {kind: harness.estimate_memory(result, options_for(kind)) for kind in kinds}
@@ -281,7 +305,8 @@ class Loader:
         device = node.devices[device_key]
         worker = node.workers.get(device_key)
         assert worker is not None
-        required = needed[device.kind]
+        options = options_for(device.kind, device_key)
+        required = harness.estimate_memory(result, options)
         free = node.free(device_key)
         if required > free:
             raise ApiError(
@@ -301,7 +326,6 @@ class Loader:
             snapshot = await asyncio.to_thread(source.fetch, model_id, files)
         except SourceError as exc:
             raise source_error(exc, "fetch") from None
-        options = options_for(device.kind)
         try:
             handle = await worker.run(lambda: harness.load(Path(snapshot), device, options))
             memory = await worker.run(handle.memory_bytes, internal=True)
@@ -317,6 +341,7 @@ class Loader:
         entry.memory_bytes = int(memory)
         entry.reserved_bytes = max(int(memory), 0)
         entry.context_length = int(handle.context_length)
+        entry.max_batch = options.max_batch
         entry.loaded_at = time.time()
         entry.last_used = entry.loaded_at
         entry.state = READY
@@ -331,9 +356,7 @@ class Loader:
         kind = "cuda" if any(d.kind == "cuda" for d in self.node.devices.values()) else "cpu"
         if request.device is not None:
             kind = self.node.devices[pick_device(self.node, request.device, {})].kind
-        options = LoadOptions(
-            quant=request.quant, context_length=request.context_length, device_kind=kind
-        )
+        options = load_options(self.node, request, kind, request.device)
         return {
             "model_id": str(model_id),
             "harness": harness.name,
@@ -400,7 +423,8 @@ async def release(worker: DeviceWorker, handle: Any) -> None:
     if handle is None:
         return
     try:
-        await worker.run(handle.unload, internal=True)
+        # retire: generations still running on the model end first (model_unloading)
+        await worker.run(functools.partial(worker.retire, handle), internal=True)
     except WorkerError as exc:
         log.warning("could not unload on %s: %s", worker.device.key, exc)
     except Exception:

@@ -7,11 +7,14 @@ that fails can name anything."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cortex.metric_buckets import LATENCY_BUCKETS, LOAD_BUCKETS, RATE_BUCKETS
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class NeuronMetrics:
@@ -84,6 +87,50 @@ class NeuronMetrics:
         )
         self.unloads = Counter("neuron_model_unloads", "Model unloads", registry=r)
         self.models = Gauge("neuron_models", "Models on this node by state", ["state"], registry=r)
+        # the device schedulers (docs/neuron.md#the-scheduler)
+        self.running = Gauge(
+            "neuron_running_generations",
+            "Generations in a model's running batch",
+            ["model"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "neuron_waiting_generations",
+            "Generations waiting for a place in a model's batch (max_batch or KV cache full)",
+            ["model"],
+            registry=r,
+        )
+        self.kv_tokens = Gauge(
+            "neuron_kv_tokens",
+            "A batched model's KV cache: capacity (tokens) and reserved by running generations",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "neuron_batch_rows",
+            "Generations stepped together in one scheduler step of a model",
+            ["device"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self._scheduled_models: set[str] = set()
+
+    def refresh_schedulers(self, loads: dict[str, Any]) -> None:
+        """Set the scheduler gauges of the models loaded now (``model id -> ModelLoad``) and
+        drop the series of models that are gone."""
+        for model, load in loads.items():
+            self.running.labels(model).set(load.running)
+            self.waiting.labels(model).set(load.waiting)
+            if load.kv_tokens is not None:
+                self.kv_tokens.labels(model, "capacity").set(load.kv_tokens)
+                self.kv_tokens.labels(model, "reserved").set(load.kv_tokens_reserved)
+        for model in self._scheduled_models - set(loads):
+            for gauge in (self.running, self.waiting):
+                gauge.remove(model)
+            for kind in ("capacity", "reserved"):
+                with contextlib.suppress(KeyError):  # a model that never batched has none
+                    self.kv_tokens.remove(model, kind)
+        self._scheduled_models = set(loads)
 
     def series(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised per label set (``labels()`` validates and

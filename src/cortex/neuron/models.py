@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from cortex.harness import LoadedModel
+from cortex.neuron.scheduler import ModelLoad
 from cortex.neuron.workers import DeviceWorker
 
 LOADING = "loading"
@@ -39,6 +40,8 @@ class ModelEntry:
     last_used: float | None = None
     in_flight: int = 0
     context_length: int | None = None
+    # the load's max_batch (for a harness that does not batch itself, the scheduler's bound)
+    max_batch: int | None = None
     error: dict[str, Any] | None = None
     handle: LoadedModel | None = attrs.field(default=None, repr=False)
     load_task: asyncio.Task[ModelEntry] | None = attrs.field(default=None, repr=False)
@@ -64,8 +67,17 @@ class ModelEntry:
         if details:
             self.error["details"] = details
 
+    def load(self) -> ModelLoad | None:
+        """The model's share of its device's scheduler, once it is loaded."""
+        if self.handle is None:
+            return None
+        return self.worker.scheduler.load_of(self.handle, self.max_batch)
+
     def to_json(self) -> dict[str, Any]:
-        """The ``ModelEntry`` of the neuron HTTP API contract."""
+        """The ``ModelEntry`` of the neuron HTTP API contract, with the model's share of its
+        device's scheduler (``running``, ``waiting``, ``max_batch``, ``kv_tokens``,
+        ``kv_tokens_reserved``) once it is ready."""
+        load = self.load()
         return {
             "id": self.id,
             "harness": self.harness,
@@ -78,6 +90,7 @@ class ModelEntry:
             "in_flight": self.in_flight,
             "context_length": self.context_length,
             "error": self.error,
+            **(load.to_json() if load is not None else ModelLoad().to_json()),
         }
 
 

@@ -3,9 +3,11 @@ the model table and the metrics. Built once at start; the routes and the loader 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -21,6 +23,9 @@ from cortex.source_resolver import SourceResolver
 log = logging.getLogger(__name__)
 
 MIB = 2**20
+# The exit status after a device fault (EX_TEMPFAIL: "try again"): not 0, so a supervisor with
+# ``Restart=on-failure`` starts the neuron again.
+EXIT_DEVICE_FAULT = 75
 
 
 @attrs.define
@@ -59,6 +64,14 @@ class Node:
     started: bool = False
     started_at: float = attrs.field(factory=time.time)
     unload_wait_seconds: float = 30.0
+    # Recovery from a device fault (``on_device_fault``): the loop the node lives on (set at
+    # start), how long other requests may take to finish, how to stop the server (set by
+    # ``neuron run``), and the exit status the process ends with (None: a normal stop).
+    loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, repr=False)
+    drain_seconds: float = 30.0
+    request_exit: Callable[[], None] | None = attrs.field(default=None, repr=False)
+    exit_code: int | None = None
+    restart_reason: str | None = None
 
     @classmethod
     def build(
@@ -86,17 +99,80 @@ class Node:
         workers = []
         for key, device in by_key.items():
             settings = config.devices.get(key, DeviceSettings())
-            workers.append(DeviceWorker(device, settings.max_queue, on_poison=node._poisoned))
+            workers.append(
+                DeviceWorker(
+                    device,
+                    settings.max_queue,
+                    on_poison=node._poisoned,
+                    max_batch_tokens=settings.max_batch_tokens,
+                    max_batch=settings.max_batch,
+                )
+            )
         node.workers = WorkerPool(workers)
+        for worker in workers:
+            rows = node.metrics.series(node.metrics.batch_rows, worker.device.key)
+            worker.scheduler.on_batch = rows.observe
         return node
 
     def _poisoned(self, worker: DeviceWorker) -> None:
-        """Called on the worker thread: mark its models failed (a plain attribute write)."""
+        """Called on the worker thread: mark its models failed (a plain attribute write), and
+        with ``on_device_fault = "exit"`` start the restart on the event loop."""
         for entry in self.models.on_device(worker.device.key):
             entry.fail(
                 "device_poisoned",
                 f"device {worker.device.key} is poisoned: {worker.poison_reason}",
             )
+        if self.config.on_device_fault != "exit":
+            log.error(
+                "device %s is poisoned; serving the other devices until the neuron is restarted "
+                'by hand (on_device_fault = "stay")',
+                worker.device.key,
+            )
+            return
+        reason = f"device {worker.device.key} faulted: {worker.poison_reason}"
+        if self.loop is None or self.loop.is_closed():
+            log.critical("%s; cannot restart from here (no event loop)", reason)
+            return
+        self.loop.call_soon_threadsafe(self.begin_restart, reason)
+
+    # ---- recovery: exit for the service manager to start a fresh process -------------------
+
+    def begin_restart(self, reason: str) -> asyncio.Task[None] | None:
+        """On the event loop: stop taking work, let what runs on the other devices finish
+        (at most ``drain_seconds``), then stop the server with :data:`EXIT_DEVICE_FAULT`.
+
+        Why exit: a CUDA context that faulted cannot be trusted or reset from inside the
+        process; a fresh process gets a fresh context, reloads ``[[default_models]]``, and the
+        gateway reloads other models where it needs them. systemd (``Restart=on-failure``,
+        deploy/neuron.service) or any supervisor restarts it. Until then ``/health`` says
+        ``draining``, loads are refused and every model is ``failed`` with the reason, so
+        gateways send new requests elsewhere; requests already running are not cut.
+        """
+        if self.exit_code is not None:
+            return None  # a second device faulting: one restart is enough
+        self.exit_code = EXIT_DEVICE_FAULT
+        self.restart_reason = reason
+        self.draining = True
+        log.critical("%s; the neuron restarts once its other requests end", reason)
+        for entry in self.models.all():
+            if entry.state != FAILED:
+                entry.fail("neuron_restarting", f"the neuron restarts: {reason}")
+        return asyncio.get_running_loop().create_task(self._drain_then_exit(), name="restart")
+
+    async def _drain_then_exit(self) -> None:
+        deadline = time.monotonic() + self.drain_seconds
+        while time.monotonic() < deadline and any(e.in_flight for e in self.models.all()):
+            await asyncio.sleep(0.05)
+        busy = sum(e.in_flight for e in self.models.all())
+        log.critical(
+            "exiting with status %d for a restart (%s)",
+            EXIT_DEVICE_FAULT,
+            f"{busy} request(s) still running are cut" if busy else "no request was cut",
+        )
+        if self.request_exit is not None:
+            self.request_exit()
+        else:
+            log.error("no server to stop: restart this neuron by hand")
 
     # ---- memory ledger -------------------------------------------------------------------
 

@@ -1,9 +1,16 @@
 """OpenAI ``/v1/chat/completions`` and ``/v1/completions`` bodies -> attrs types, or a clear 400.
 
 Parsed by hand from the raw JSON (no pydantic on the hot path): each wrong type or value gets a
-400 naming the parameter, and parameters we do not implement (``n > 1``, ``logprobs``, ``echo``)
-are refused loudly instead of being silently ignored. Unknown keys are ignored, as the OpenAI API
-does, because SDKs send fields (``user``, ``metadata``) that do not change generation.
+400 naming the parameter, and parameters we do not implement (``n > 1``, ``logprobs``, ``echo``,
+``functions``, ``audio``, ...) are refused loudly instead of being silently ignored. Every field
+of the OpenAI spec is either handled, refused when set, or in :data:`IGNORED_FIELDS` with the
+reason docs/clients.md gives (tests/wire/test_request_fields.py walks the spec). Keys outside the
+spec are ignored, as most OpenAI-compatible servers do.
+
+Content parts other than text (``image_url``, ``input_audio``, ``file``) are refused with a
+typed 400 ``unsupported_content`` naming the part unless the loaded model says it takes them
+(:func:`check_content_parts`): a model that cannot see an image must not answer as if there
+were none.
 """
 
 from __future__ import annotations
@@ -16,6 +23,56 @@ from cortex.harness import SamplingParams
 from cortex.wire.errors import ApiError, bad_request
 
 MAX_STOPS = 16
+
+# Spec fields accepted and not acted on, on purpose; the reason is what docs/clients.md says.
+IGNORED_FIELDS = {
+    "user": "an end-user id for the provider's abuse monitoring; cortex keeps none",
+    "safety_identifier": "an end-user id for the provider's abuse monitoring",
+    "metadata": "tags for stored completions; cortex stores none",
+    "prompt_cache_key": "a hint for the provider's prompt cache",
+    "prompt_cache_retention": "the provider's prompt cache lifetime",
+    "service_tier": "the provider's processing tier; every cortex request is served alike",
+    "reasoning_effort": "open models reason as their chat template makes them",
+    "verbosity": "a hint for OpenAI's models; open models answer as they do",
+    "prediction": "predicted output only speeds up OpenAI's decoding; the answer is the same",
+    "parallel_tool_calls": "the model may call several tools; false is a hint it may not follow",
+    "tool_choice": "'auto' and 'none' are honoured; 'required' or a named function offer the "
+    "tools but cannot force a call without constrained decoding",
+}
+# Spec fields cortex reads: honoured, or refused when set to what it cannot do (n > 1,
+# logprobs, response_format other than text, functions, web_search_options, audio, ...).
+HANDLED_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "prompt",
+        "temperature",
+        "top_p",
+        "n",
+        "best_of",
+        "stream",
+        "stream_options",
+        "stop",
+        "max_tokens",
+        "max_completion_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "tools",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "response_format",
+        "store",
+        "echo",
+        "suffix",
+        "functions",
+        "function_call",
+        "web_search_options",
+        "audio",
+        "modalities",
+    }
+)
 
 
 @attrs.frozen
@@ -31,6 +88,9 @@ class GenerationOptions:
     # ``"cortex": {"clamp_max_tokens": true}``: a max_tokens over the context left is a ceiling
     # (clamped), not a 400. The gateway sets it on translated Anthropic / Responses requests.
     clamp_max_tokens: bool = False
+    # ``"cortex": {"report_prompt_tokens": true}``: the first chunk of a stream carries
+    # ``usage`` with the prompt's length (the gateway's Anthropic message_start needs it).
+    report_prompt_tokens: bool = False
 
 
 @attrs.frozen
@@ -107,8 +167,12 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
         raise _unsupported(f"best_of is not supported (got {best_of})", "best_of")
     if body.get("logprobs") not in (None, False):
         raise _unsupported("logprobs are not supported by this server", "logprobs")
-    if body.get("top_logprobs") is not None:
+    if body.get("top_logprobs") not in (None, 0):
         raise _unsupported("top_logprobs are not supported by this server", "top_logprobs")
+    if body.get("logit_bias") not in (None, {}):
+        raise _unsupported("logit_bias is not supported by this server", "logit_bias")
+    if body.get("store") not in (None, False):
+        raise _unsupported("store: cortex does not store completions", "store")
     response_format = body.get("response_format")
     if response_format is not None:
         kind = response_format.get("type") if isinstance(response_format, dict) else None
@@ -139,6 +203,7 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
         if not isinstance(stream_options, dict):
             raise bad_request("'stream_options' must be an object", param="stream_options")
         include_usage = _bool(stream_options, "include_usage")
+    extension = _extension(body)
     return GenerationOptions(
         model=model,
         sampling=sampling,
@@ -146,11 +211,12 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
         stop=_stops(body),
         stream=stream,
         include_usage=include_usage,
-        clamp_max_tokens=_extension(body).get("clamp_max_tokens", False),
+        clamp_max_tokens=extension.get("clamp_max_tokens", False),
+        report_prompt_tokens=extension.get("report_prompt_tokens", False),
     )
 
 
-EXTENSION_FLAGS = ("clamp_max_tokens",)
+EXTENSION_FLAGS = ("clamp_max_tokens", "report_prompt_tokens")
 
 
 def _extension(body: dict[str, Any]) -> dict[str, bool]:
@@ -184,13 +250,80 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 param=f"messages[{i}].role",
             )
         content = message.get("content")
+        if content is None and role != "assistant":
+            # OpenAI answers 400 too; only an assistant turn may leave it out (tool calls)
+            raise bad_request(
+                f"messages[{i}].content is required for a {role} message",
+                param=f"messages[{i}].content",
+            )
         if content is not None and not isinstance(content, str | list):
             raise bad_request(
                 f"messages[{i}].content must be a string or a list of parts",
                 param=f"messages[{i}].content",
             )
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise bad_request(
+                        f"messages[{i}].content[{j}] must be an object with a 'type'",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+        if role == "assistant" and message.get("function_call") is not None:
+            raise _unsupported(
+                f"messages[{i}].function_call: the legacy function-call shape is not "
+                "supported; send tool_calls",
+                f"messages[{i}].function_call",
+            )
     # ``developer`` is the newer name of ``system``; templates only know ``system``
     return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+
+
+# Content part types every model takes; anything else needs the model to say it accepts it.
+TEXT_PARTS = frozenset({"text", "refusal"})
+
+
+def check_content_parts(messages: list[dict[str, Any]], accepted: frozenset[str]) -> None:
+    """400 ``unsupported_content`` naming the first part the model cannot take. ``accepted``:
+    the non-text part types the loaded model declares (``image_url`` for a vision model)."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type")
+            if kind in TEXT_PARTS or kind in accepted:
+                continue
+            raise ApiError(
+                400,
+                "unsupported_content",
+                f"messages[{i}].content[{j}]: this model takes text only; a {kind!r} part "
+                "cannot be given to it (it would be dropped and answered as if absent)",
+                param=f"messages[{i}].content[{j}]",
+            )
+
+
+def _refuse_unsupported_chat_fields(body: dict[str, Any]) -> None:
+    """Chat fields cortex cannot honour, refused when set (see the module docstring)."""
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        param = "functions" if body.get("functions") is not None else "function_call"
+        raise _unsupported(
+            f"{param}: the legacy functions API is not supported; send 'tools' (and "
+            "'tool_choice') instead",
+            param,
+        )
+    if body.get("web_search_options") is not None:
+        raise _unsupported(
+            "web_search_options: web search runs on OpenAI's servers; cortex models cannot "
+            "search the web",
+            "web_search_options",
+        )
+    if body.get("audio") is not None:
+        raise _unsupported("audio output is not supported by cortex models", "audio")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _unsupported(
+            f"modalities: cortex models answer text only (got {modalities!r})", "modalities"
+        )
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -209,6 +342,7 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    _refuse_unsupported_chat_fields(body)
     return ChatRequest(options=_options(body), messages=_messages(body), tools=_tools(body))
 
 

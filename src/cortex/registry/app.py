@@ -32,6 +32,7 @@ from urllib.parse import unquote
 import attrs
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from cortex.registry.requestlog import LoggedRequest, RequestLog
 from cortex.registry.store import MAIN, RepoStore, Revision, StoredFile, is_valid_segment
@@ -55,12 +56,23 @@ class RegistryHttpError(Exception):
         self.commit = commit
 
     def response(self) -> Response:
-        headers = {"X-Error-Message": self.message}
+        headers = {"X-Error-Message": header_safe(self.message)}
         if self.code:
             headers["X-Error-Code"] = self.code
         if self.commit:
             headers["X-Repo-Commit"] = self.commit
         return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_safe(text: str) -> str:
+    """``text`` as a header value: ASCII, control characters escaped. Messages quote the path a
+    client asked for, and a header is Latin-1 without CR/LF/NUL: a non-Latin-1 character made the
+    answer a 500, a NUL dropped the connection, a CR/LF could have split the header."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", escaped)
 
 
 @attrs.define
@@ -93,31 +105,54 @@ class RegistryState:
         return None
 
 
+class RegistryApp(FastAPI):
+    """Every HTTP request goes to :func:`dispatch`, without the framework's router.
+
+    Why: the router matches the *decoded* path against ``.*``, which stops at a newline, so a
+    path holding ``%0A`` got the framework's bare 404 (no ``X-Error-Code``, no JSON). The
+    registry routes on the raw path anyway, so no path can miss it.
+    """
+
+    state_registry: RegistryState
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        response = await run_in_threadpool(dispatch, self.state_registry, request)
+        await response(scope, receive, send)
+
+
+def dispatch(state: RegistryState, request: Request) -> Response:
+    """One request: route it, answer errors in the registry's shape, log it."""
+    raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+    try:
+        response = _route(state, request, raw_path)
+    except RegistryHttpError as exc:
+        response = exc.response()
+    except Exception:
+        log.exception("registry: unexpected error on %s %r", request.method, raw_path)
+        response = RegistryHttpError(500, "internal error; see the registry log").response()
+    state.request_log.append(
+        LoggedRequest(
+            method=request.method,
+            path=raw_path,
+            query=request.url.query,
+            authorization=request.headers.get("authorization"),
+            range=request.headers.get("range"),
+            status=response.status_code,
+        )
+    )
+    return response
+
+
 def create_app(root: Path, token: str | None = None) -> FastAPI:
     """A registry serving ``root``; ``app.state.registry`` is its :class:`RegistryState`."""
     state = RegistryState(store=RepoStore(Path(root)), token=token or None)
-    app = FastAPI(title="cortex registry", docs_url=None, redoc_url=None, openapi_url=None)
+    app = RegistryApp(title="cortex registry", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = state
-
-    @app.api_route("/{_path:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
-    def dispatch(request: Request, _path: str) -> Response:
-        raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-        try:
-            response = _route(state, request, raw_path)
-        except RegistryHttpError as exc:
-            response = exc.response()
-        state.request_log.append(
-            LoggedRequest(
-                method=request.method,
-                path=raw_path,
-                query=request.url.query,
-                authorization=request.headers.get("authorization"),
-                range=request.headers.get("range"),
-                status=response.status_code,
-            )
-        )
-        return response
-
+    app.state_registry = state
     return app
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -75,9 +76,18 @@ def revision_dir_name(name: str, revision: str) -> str:
     return f"{name}{REVISION_SEPARATOR}{quote(revision, safe='')}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def is_valid_segment(segment: str) -> bool:
-    """A path segment a client may ask for: not empty, not ``.``/``..``, no separators."""
-    return segment not in ("", ".", "..") and "/" not in segment and "\\" not in segment
+    """A path segment a client may ask for: not empty, not ``.``/``..``, no separators, no
+    control characters (a NUL reached ``open()``; a CR/LF is never part of a file name here)."""
+    return (
+        segment not in ("", ".", "..")
+        and "/" not in segment
+        and "\\" not in segment
+        and _CONTROL.search(segment) is None
+    )
 
 
 def is_valid_repo_segment(segment: str) -> bool:
@@ -174,10 +184,27 @@ class RepoStore:
         return Revision(repo_id=f"{org}/{name}", name=revision, sha=commit_sha(files), files=files)
 
     def _scan(self, folder: Path) -> list[StoredFile]:
-        """Every file below ``folder`` (symlinks followed, hidden directories skipped)."""
+        """Every file below ``folder`` (symlinks followed, hidden directories skipped).
+
+        A linked directory that leads back to itself or to a directory above it (a loop) is
+        skipped: ``os.walk(followlinks=True)`` descended into it until the path was too long,
+        seconds of CPU per request and then an error.
+        """
         found = []
+        # The real directories on the way down to each directory: a child already on that
+        # chain is a loop (however many links it takes to get there).
+        chains: dict[str, frozenset[str]] = {str(folder): frozenset({os.path.realpath(folder)})}
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            chain = chains.pop(dirpath, frozenset())
+            kept = []
+            for d in sorted(dirnames):
+                child = os.path.join(dirpath, d)
+                real = os.path.realpath(child)
+                if d.startswith(".") or real in chain:
+                    continue
+                chains[child] = chain | {real}
+                kept.append(d)
+            dirnames[:] = kept
             for filename in filenames:
                 local = Path(dirpath) / filename
                 try:

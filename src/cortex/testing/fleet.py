@@ -37,6 +37,8 @@ def model(
     device: str = "cpu",
     last_used: float = 0.0,
     in_flight: int = 0,
+    max_batch: int = 1,
+    waiting: int = 0,
 ) -> NodeModel:
     return NodeModel(
         id=model_id if ":" in model_id else f"huggingface:{model_id}",
@@ -45,4 +47,6 @@ def model(
         memory_bytes=mb * MIB,
         last_used=last_used,
         in_flight=in_flight,
+        max_batch=max_batch,
+        waiting=waiting,
     )

@@ -29,6 +29,7 @@ class UvicornThread:
     def __init__(self, app: Any, host: str = "127.0.0.1", **config: Any) -> None:
         self.app = app
         self.host = host
+        self.scheme = "https" if config.get("ssl_certfile") else "http"
         self._config = uvicorn.Config(
             app, host=host, port=0, log_level="warning", lifespan="on", **config
         )
@@ -54,7 +55,7 @@ class UvicornThread:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
@@ -67,7 +68,7 @@ class UvicornThread:
         self.stop()
 
 
-_LISTENING = re.compile(rb"listening on (http://\S+)")
+_LISTENING = re.compile(rb"listening on (https?://\S+)")
 
 
 class ProcessServer:

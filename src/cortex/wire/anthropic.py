@@ -9,11 +9,17 @@ The gateway speaks Anthropic on ``/v1/messages`` but the neurons speak OpenAI. T
 - turns the neuron's chunk stream into Anthropic's SSE event sequence
   (:class:`AnthropicStreamTranslator`, a state machine fed chunks, ticks and errors).
 
-Mapping rules are listed in docs/clients.md.
+Mapping rules are listed in docs/clients.md. Every request field of the API is handled
+(:data:`HANDLED_FIELDS`), accepted and ignored on purpose with a documented reason
+(:data:`IGNORED_FIELDS`), or refused with a 400 when set to something cortex cannot honour;
+tests/wire/test_request_fields.py walks the official spec and the SDK's types against this.
+Server tools (``web_search_...``, ``code_execution_...``) follow the gateway's ``hosted_tools``
+policy, as on ``/v1/responses``: dropped and named, or refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
@@ -46,6 +52,53 @@ _UNSUPPORTED_BLOCKS = {
 # Blocks accepted in history and not forwarded (the model cannot use them).
 _DROPPED_BLOCKS = {"thinking", "redacted_thinking"}
 
+# What a server tool becomes (``[gateway] hosted_tools``), as in cortex.wire.responses.
+DROP = "drop"
+REFUSE = "refuse"
+
+HANDLED_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "output_format",
+        "container",
+        "mcp_servers",
+        "compaction",
+        "fallbacks",
+        "thread",
+    }
+)
+# Accepted and not acted on, on purpose; the reason is what docs/clients.md says.
+IGNORED_FIELDS = {
+    "metadata": "user_id for the provider's abuse monitoring; cortex keeps none",
+    "cache_control": "a prompt-caching hint; cortex has no cross-request cache",
+    "service_tier": "the provider's capacity tier; every cortex request is served alike",
+    "inference_geo": "where the provider runs inference; the fleet is where it is",
+    "speed": "the provider's fast mode",
+    "context_management": "server-side clearing of old thinking / tool results; thinking blocks "
+    "in history are dropped anyway, and the prompt is sent whole",
+    "betas": "beta feature names (a header in the API); features are handled field by field",
+    "diagnostics": "the provider's request diagnostics",
+    "user_profile_id": "a provider account setting",
+    "workspace_id": "a provider account setting",
+    "billing_policy": "a provider account setting",
+    "fallback_credit_token": "a provider account setting",
+}
+# ``output_config`` keys: ``effort`` is a hint open models cannot take; ``format`` (structured
+# output) needs constrained decoding cortex does not have yet, so it is refused.
+_OUTPUT_CONFIG_IGNORED = {"effort"}
+
 
 @attrs.frozen
 class MessagesRequest:
@@ -55,6 +108,7 @@ class MessagesRequest:
     stream: bool
     chat: dict[str, Any]  # the OpenAI chat.completions request body for the neuron
     thinking: bool = False  # the client enabled extended thinking: return reasoning as thinking
+    dropped_tools: tuple[str, ...] = ()  # server tools dropped under the "drop" policy
 
 
 def anthropic_error_type(error: ApiError) -> str:
@@ -65,8 +119,9 @@ def anthropic_error_type(error: ApiError) -> str:
 # --- request ---------------------------------------------------------------------------------
 
 
-def parse_messages_request(body: Any) -> MessagesRequest:
-    """Validate an Anthropic Messages request and build the OpenAI chat request from it."""
+def parse_messages_request(body: Any, *, hosted_tools: str = DROP) -> MessagesRequest:
+    """Validate an Anthropic Messages request and build the OpenAI chat request from it.
+    ``hosted_tools``: what a server tool becomes (:data:`DROP` or :data:`REFUSE`)."""
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     model = body.get("model")
@@ -113,16 +168,62 @@ def parse_messages_request(body: Any) -> MessagesRequest:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata: must be an object", param="metadata")
+    _check_output_config(body)
+    for name, what in (
+        ("container", "code execution containers run on Anthropic's servers"),
+        ("mcp_servers", "remote MCP servers are called by Anthropic's servers"),
+        ("compaction", "server-side compaction of the conversation"),
+        ("fallbacks", "fallback models chosen by Anthropic's servers"),
+        ("thread", "server-side threads"),
+    ):
+        if body.get(name) not in (None, [], {}):
+            raise bad_request(
+                f"{name}: {what}; cortex does not support them",
+                param=name,
+                code="unsupported_parameter",
+            )
 
-    tools = _tools(body.get("tools"))
+    dropped: list[str] = []
+    tools = _tools(body.get("tools"), hosted_tools, dropped)
     if tools:
         chat["tools"] = tools
     tool_choice = body.get("tool_choice")
     if tool_choice is not None:
         _apply_tool_choice(tool_choice, tools, chat)
     return MessagesRequest(
-        model=model, stream=stream, chat=chat, thinking=_thinking_enabled(body.get("thinking"))
+        model=model,
+        stream=stream,
+        chat=chat,
+        thinking=_thinking_enabled(body.get("thinking")),
+        dropped_tools=tuple(dropped),
     )
+
+
+def _check_output_config(body: dict[str, Any]) -> None:
+    """Structured output (``output_config.format``, the older ``output_format``) is refused:
+    answering unconstrained text to a client that asked for a schema would be silent."""
+    config = body.get("output_config")
+    if config is not None:
+        if not isinstance(config, dict):
+            raise bad_request("output_config: must be an object", param="output_config")
+        for key, value in config.items():
+            if key in _OUTPUT_CONFIG_IGNORED or value is None:
+                continue
+            raise bad_request(
+                f"output_config.{key}: structured output is not supported by cortex yet "
+                "(the model would answer unconstrained text)"
+                if key == "format"
+                else f"output_config.{key}: not supported by cortex",
+                param=f"output_config.{key}",
+                code="unsupported_parameter",
+            )
+    if body.get("output_format") is not None:
+        raise bad_request(
+            "output_format: structured output is not supported by cortex yet "
+            "(the model would answer unconstrained text)",
+            param="output_format",
+            code="unsupported_parameter",
+        )
 
 
 @attrs.frozen
@@ -314,7 +415,7 @@ def _tool_result_text(content: Any, param: str) -> str:
     return "\n".join(texts)
 
 
-def _tools(raw: Any) -> list[dict[str, Any]]:
+def _tools(raw: Any, hosted_tools: str = DROP, dropped: list[str] | None = None) -> list[Any]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -327,10 +428,14 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
             raise bad_request(f"{param}: must be an object", param=param)
         kind = tool.get("type")
         if kind not in (None, "custom"):
+            if hosted_tools == DROP and isinstance(kind, str) and dropped is not None:
+                dropped.append(kind)  # named in x-cortex-dropped-tools and the log
+                continue
             raise bad_request(
                 f"{param}: tool type {kind!r} is a server tool Anthropic runs itself; cortex "
                 "supports client tools only (name, description, input_schema)",
                 param=param,
+                code="unsupported_tool",
             )
         name = tool.get("name")
         if not isinstance(name, str) or not name:
@@ -390,6 +495,13 @@ def _is_number(value: Any) -> bool:
 # --- non-streaming response ------------------------------------------------------------------
 
 
+def thinking_signature(thinking: str) -> str:
+    """A ``thinking`` block's ``signature``: Anthropic's is an opaque token clients send back
+    unchanged (and some refuse an empty one). cortex signs nothing -- thinking blocks sent back
+    are dropped -- so this is a digest of the text, non-empty and stable."""
+    return "cortex-" + hashlib.sha256(thinking.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def message_id_from(completion_id: Any) -> str:
     """An Anthropic-style ``msg_`` id (derived from the upstream id so logs can be matched)."""
     if isinstance(completion_id, str) and completion_id:
@@ -434,7 +546,9 @@ def message_from_chat_completion(
     content: list[dict[str, Any]] = []
     reasoning = text(message.get("reasoning_content")) or text(message.get("reasoning"))
     if thinking and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+        content.append(
+            {"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)}
+        )
     answer = text(message.get("content"))
     if answer:
         content.append({"type": "text", "text": answer})
@@ -512,6 +626,7 @@ class AnthropicStreamTranslator:
         self._has_tool_use = False
         self._finish_reason: str | None = None
         self._stop_sequence: str | None = None
+        self._thinking_text: list[str] = []  # the open thinking block's text (its signature)
 
     def start(self) -> list[bytes]:
         if self.started or self.closed:
@@ -543,19 +658,24 @@ class AnthropicStreamTranslator:
         error = stream_error(chunk)
         if error is not None:  # the upstream reported a failure mid-stream
             return self.fail(error)
-        frames = self.start()
+        # Usage first: the neuron reports the prompt's length on its first chunk (the
+        # report_prompt_tokens extension), which message_start carries (Claude Code shows
+        # context use from it).
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             if isinstance(usage.get("prompt_tokens"), int):
                 self._input_tokens = count(usage["prompt_tokens"])
-            if isinstance(usage.get("completion_tokens"), int):
-                self._output_tokens = count(usage["completion_tokens"])
+            done = usage.get("completion_tokens")
+            if isinstance(done, int) and (done > 0 or not chunk.get("choices")):
+                self._output_tokens = count(done)
+        frames = self.start()
         for choice in items(chunk.get("choices")):
             choice = obj(choice)
             delta = obj(choice.get("delta"))
             reasoning = text(delta.get("reasoning_content")) or text(delta.get("reasoning"))
             if reasoning and self.thinking:
                 frames += self._delta("thinking", {"type": "thinking_delta", "thinking": reasoning})
+                self._thinking_text.append(reasoning)
             answer = text(delta.get("content"))
             if answer:
                 self._content_chunks += 1
@@ -614,10 +734,15 @@ class AnthropicStreamTranslator:
             return []
         frames = []
         if self._open == "thinking":
+            signature = thinking_signature("".join(self._thinking_text))
+            self._thinking_text = []
             frames.append(
                 _frame(
                     "content_block_delta",
-                    {"index": self._index, "delta": {"type": "signature_delta", "signature": ""}},
+                    {
+                        "index": self._index,
+                        "delta": {"type": "signature_delta", "signature": signature},
+                    },
                 )
             )
         frames.append(_frame("content_block_stop", {"index": self._index}))

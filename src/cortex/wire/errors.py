@@ -4,6 +4,12 @@ Every error a client can see is an :class:`ApiError`: a status, a stable ``code`
 says what to do, and ``Retry-After`` when trying again later can work. The same error renders as
 the OpenAI envelope ``{"error": {"message", "type", "param", "code"}}`` on OpenAI routes and as the
 Anthropic envelope ``{"type": "error", "error": {"type", "message"}}`` on ``/v1/messages``.
+
+Every rendered error also says whether retrying can help, in the headers the official SDKs and
+Claude Code read before their own status rules: ``Retry-After`` (and ``x-should-retry: true``)
+when it can, ``x-should-retry: false`` when the same request will fail the same way (a wrong
+key, a bad body, an unknown model). Without the header the SDKs retry 408/409/429/5xx with
+backoff, and Claude Code retried a wrong key for three minutes.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
+# The header the official SDKs (and Claude Code) obey before their own retry rules.
+SHOULD_RETRY = "x-should-retry"
 
 # OpenAI error ``type`` for a status (what the official API sends).
 _OPENAI_TYPES = {
@@ -20,6 +28,7 @@ _OPENAI_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     408: "timeout_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -39,6 +48,7 @@ _ANTHROPIC_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "request_too_large",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -97,10 +107,26 @@ class ApiError(Exception):
     def body(self, dialect: str = OPENAI) -> dict[str, Any]:
         return self.anthropic_body() if dialect == ANTHROPIC else self.openai_body()
 
+    @property
+    def retryable(self) -> bool | None:
+        """True when the same request may succeed later (it carries ``Retry-After``), False
+        when it cannot (a 4xx other than 408/409/429: the request itself is wrong), None when
+        cortex cannot tell (a 5xx without ``Retry-After``: the client's own policy decides)."""
+        if self.retry_after is not None:
+            return True
+        if 400 <= self.status < 500 and self.status not in (408, 409, 429):
+            return False
+        return None
+
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
+        """``Retry-After`` / ``x-should-retry`` (see the module docstring)."""
+        retryable = self.retryable
+        if retryable is None:
             return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        if not retryable:
+            return {SHOULD_RETRY: "false"}
+        assert self.retry_after is not None
+        return {"Retry-After": str(max(1, round(self.retry_after))), SHOULD_RETRY: "true"}
 
     def to_bytes(self, dialect: str = OPENAI) -> bytes:
         return json.dumps(self.body(dialect)).encode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,11 @@ from cortex.wire.errors import ANTHROPIC, OPENAI, ApiError
 log = logging.getLogger(__name__)
 
 DialectForPath = Callable[[str], str]
+
+# A JSON ``\\uD800``-``\\uDFFF`` escape: the only way a lone surrogate gets into a parsed body
+# (raw UTF-8 cannot encode one, and the decoder is strict). Bodies without it skip the walk.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def default_dialect(path: str) -> str:
@@ -54,7 +60,45 @@ def parse_json_object(body: bytes, max_bytes: int | None = None) -> dict[str, An
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body) is not None:
+        _refuse_lone_surrogates(data)
     return data
+
+
+def _refuse_lone_surrogates(data: dict[str, Any]) -> None:
+    """A typed 400 for a string (or key) holding half a surrogate pair.
+
+    Why refuse rather than repair: ``"a\\ud800b"`` is valid JSON but not valid Unicode, so no
+    tokenizer, log line or response body can encode it (it was a ``UnicodeEncodeError`` and a
+    500 deep inside the neuron). The OpenAI and Anthropic APIs answer 400 for it too ("no low
+    surrogate in string"), and quietly replacing it would change the prompt behind the client's
+    back. A correctly paired escape (``\\ud83d\\ude00``, how ``json.dumps`` writes an emoji)
+    decodes to one character and passes. Checked here, where every JSON body of the gateway and
+    the neuron is parsed, so no route can forget it.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            match = _SURROGATE.search(value)
+            if match is not None:
+                raise ApiError(
+                    400,
+                    "invalid_json",
+                    f"request body is not valid Unicode: a lone surrogate "
+                    f"(\\u{ord(match.group()):04x}) in {where or 'the body'}; escape a character "
+                    "outside the BMP as a surrogate pair or send it as UTF-8",
+                    param=where or None,
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if _SURROGATE.search(key) is not None:
+                    stack.append((where or "a key", key))
+                else:
+                    stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
 
 
 def install_error_handlers(
@@ -64,7 +108,12 @@ def install_error_handlers(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc, dialect_for_path(request.url.path))
+        response = error_response(exc, dialect_for_path(request.url.path))
+        if exc.status == 413:
+            # The rest of the body is still on the wire (a chunked body is cut at the first
+            # byte over the limit): this connection cannot carry another request.
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

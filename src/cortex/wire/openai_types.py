@@ -53,6 +53,7 @@ def assistant_message(
     message: dict[str, Any] = {
         "role": "assistant",
         "content": content if (content or not tool_calls) else None,
+        "refusal": None,  # required by the OpenAI spec
     }
     if reasoning_content:
         message["reasoning_content"] = reasoning_content

@@ -6,6 +6,17 @@ neuron's answer back into a ``response`` object (:func:`response_from_chat_compl
 Responses event stream (:class:`ResponsesStreamTranslator`). cortex keeps no conversation state,
 so ``previous_response_id``, ``store: true`` and other server-side features are refused with a
 clear 400 rather than silently ignored. Mapping rules are listed in docs/clients.md.
+
+Every request field of the spec is in exactly one of :data:`HANDLED_FIELDS`, :data:`IGNORED_FIELDS`
+(accepted and not acted on, each with the reason docs/clients.md gives) or refused with a 400 when
+set to something cortex cannot honour (tests/wire/test_request_fields.py walks the official spec).
+
+Tools: ``function`` tools go to the model; a ``namespace`` (a client-side group of function
+tools, Codex sends one on every request) is flattened into its functions, and a call to one of
+them comes back as a ``function_call`` with its ``namespace``. Tools only OpenAI's servers can
+run (``web_search``, ``file_search``, ...) follow the gateway's ``hosted_tools`` policy: dropped
+and named in :attr:`ResponsesRequest.dropped_tools` (the gateway logs them and answers with an
+``x-cortex-dropped-tools`` header), or refused with a 400 in strict mode.
 """
 
 from __future__ import annotations
@@ -24,6 +35,61 @@ log = logging.getLogger(__name__)
 
 # Input item types that carry nothing a chat model can use; accepted and skipped quietly.
 _SKIPPED_ITEMS = {"reasoning"}
+
+# What a tool that only the API provider's servers can run becomes (``[gateway] hosted_tools``).
+DROP = "drop"
+REFUSE = "refuse"
+HOSTED_TOOL_POLICIES = (DROP, REFUSE)
+
+# Request fields cortex acts on (docs/clients.md, "Responses -> chat completions").
+HANDLED_FIELDS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "stream",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "metadata",
+        "text",
+        "store",
+        "background",
+        "previous_response_id",
+        "conversation",
+        "prompt",
+        "top_logprobs",
+        "include",
+        "truncation",
+    }
+)
+# Accepted and not acted on, on purpose; the reason is what docs/clients.md says.
+IGNORED_FIELDS = {
+    "user": "an end-user id for the provider's abuse monitoring; cortex keeps none",
+    "safety_identifier": "an end-user id for the provider's abuse monitoring",
+    "prompt_cache_key": "a hint for the provider's prompt cache; cortex has no cross-request cache",
+    "prompt_cache_retention": "the provider's prompt cache lifetime",
+    "service_tier": "the provider's processing tier; every cortex request is served alike",
+    "reasoning": "effort and summary settings: open models reason as their template makes "
+    "them; echoed in the response",
+    "stream_options": "include_obfuscation: cortex does not pad stream events",
+    "max_tool_calls": "a limit on calls to hosted tools, which cortex never runs",
+    "context_management": "server-side compaction of stored conversations; cortex stores none",
+    "client_metadata": "Codex's request metadata (not in the spec)",
+}
+# ``include`` values cortex satisfies as is (nothing to add) or cannot produce on purpose.
+_INCLUDE_IGNORED = {
+    "reasoning.encrypted_content",  # reasoning comes back as plain reasoning_text instead
+    "web_search_call.action.sources",  # hosted tools never run
+    "web_search_call.results",
+    "file_search_call.results",
+    "code_interpreter_call.outputs",
+    "computer_call_output.output.image_url",
+    "message.input_image.image_url",  # image input is refused anyway
+}
 # Parameters that need server-side state or features cortex does not have.
 _REFUSED_IF_SET = {
     "previous_response_id": "cortex keeps no conversation state: send the whole conversation "
@@ -42,13 +108,19 @@ class ResponsesRequest:
     chat: dict[str, Any]  # the OpenAI chat.completions request body for the neuron
     echo: dict[str, Any]  # request parameters a response object repeats back
     ignored_items: tuple[str, ...] = ()  # input item types that were skipped (logged)
+    # Hosted tools dropped under the "drop" policy (their types, in request order).
+    dropped_tools: tuple[str, ...] = ()
+    # Flattened function name -> (namespace, name inside it), for calls to namespaced tools.
+    namespaced: dict[str, tuple[str, str]] = attrs.field(factory=dict)
 
 
 # --- request ---------------------------------------------------------------------------------
 
 
-def parse_responses_request(body: Any) -> ResponsesRequest:
-    """Validate a Responses request and build the OpenAI chat request from it."""
+def parse_responses_request(body: Any, *, hosted_tools: str = DROP) -> ResponsesRequest:
+    """Validate a Responses request and build the OpenAI chat request from it.
+    ``hosted_tools``: what a tool only the provider can run becomes (:data:`DROP` or
+    :data:`REFUSE`)."""
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     model = body.get("model")
@@ -78,7 +150,10 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         raise bad_request("instructions: must be a string", param="instructions")
     system_parts = [instructions] if instructions else []
     ignored: list[str] = []
-    messages = _input_messages(body.get("input"), system_parts, ignored)
+    dropped: list[str] = []
+    tools, namespaced = _tools(body.get("tools"), hosted_tools, dropped)
+    flat_names = {(ns, name): flat for flat, (ns, name) in namespaced.items()}
+    messages = _input_messages(body.get("input"), system_parts, ignored, flat_names)
     if system_parts:
         messages.insert(0, {"role": "system", "content": "\n\n".join(system_parts)})
     if ignored:
@@ -105,18 +180,28 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad_request("parallel_tool_calls: must be a boolean", param="parallel_tool_calls")
-    tools = _tools(body.get("tools"))
     if tools:
         chat["tools"] = tools
         if parallel is not None:
             chat["parallel_tool_calls"] = parallel
     tool_choice = body.get("tool_choice")
     if tool_choice is not None:
-        chat["tool_choice"] = _tool_choice(tool_choice, tools)
+        chat["tool_choice"] = _tool_choice(tool_choice, tools, flat_names)
     _check_text_format(body.get("text"))
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata: must be an object", param="metadata")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs not in (None, 0):
+        raise bad_request(
+            "top_logprobs: log probabilities are not supported by cortex",
+            param="top_logprobs",
+            code="unsupported_parameter",
+        )
+    _check_include(body.get("include"))
+    truncation = body.get("truncation")
+    if truncation not in (None, "auto", "disabled"):
+        raise bad_request("truncation: must be 'auto' or 'disabled'", param="truncation")
 
     echo = {
         "instructions": instructions,
@@ -129,10 +214,25 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         "tool_choice": tool_choice if tool_choice is not None else "auto",
         "tools": body.get("tools") or [],
         "top_p": chat.get("top_p"),
-        "truncation": body.get("truncation") if body.get("truncation") == "auto" else "disabled",
-        "user": body.get("user") if isinstance(body.get("user"), str) else None,
+        "truncation": truncation or "disabled",
     }
-    return ResponsesRequest(model, stream, chat, echo, tuple(ignored))
+    if isinstance(body.get("user"), str):  # the schema allows it absent, not null
+        echo["user"] = body["user"]
+    return ResponsesRequest(model, stream, chat, echo, tuple(ignored), tuple(dropped), namespaced)
+
+
+def _check_include(include: Any) -> None:
+    if include is None:
+        return
+    if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+        raise bad_request("include: must be a list of strings", param="include")
+    for value in include:
+        if value not in _INCLUDE_IGNORED:
+            raise bad_request(
+                f"include: {value!r} is not supported by cortex",
+                param="include",
+                code="unsupported_parameter",
+            )
 
 
 _EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
@@ -151,7 +251,12 @@ def _reasoning_echo(reasoning: Any) -> dict[str, Any] | None:
     }
 
 
-def _input_messages(raw: Any, system_parts: list[str], ignored: list[str]) -> list[dict[str, Any]]:
+def _input_messages(
+    raw: Any,
+    system_parts: list[str],
+    ignored: list[str],
+    flat_names: dict[tuple[str, str], str] | None = None,
+) -> list[dict[str, Any]]:
     if isinstance(raw, str):
         return [{"role": "user", "content": raw}]
     if not isinstance(raw, list) or not raw:
@@ -167,7 +272,7 @@ def _input_messages(raw: Any, system_parts: list[str], ignored: list[str]) -> li
         if kind == "message":
             _message_item(item, param, out, system_parts)
         elif kind == "function_call":
-            _function_call_item(item, param, out)
+            _function_call_item(item, param, out, flat_names or {})
         elif kind == "function_call_output":
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
@@ -210,12 +315,20 @@ def _message_item(
     )
 
 
-def _function_call_item(item: dict[str, Any], param: str, out: list[dict[str, Any]]) -> None:
+def _function_call_item(
+    item: dict[str, Any],
+    param: str,
+    out: list[dict[str, Any]],
+    flat_names: dict[tuple[str, str], str],
+) -> None:
     call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "")
     if not isinstance(call_id, str) or not call_id:
         raise bad_request(f"{param}.call_id: must be a non-empty string", param=param)
     if not isinstance(name, str) or not name:
         raise bad_request(f"{param}.name: must be a non-empty string", param=param)
+    namespace = item.get("namespace")
+    if isinstance(namespace, str) and namespace:  # the name the model saw for it
+        name = flat_names.get((namespace, name), name)
     if not isinstance(arguments, str):
         raise bad_request(f"{param}.arguments: must be a JSON string", param=param)
     call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
@@ -253,49 +366,106 @@ def _parts_text(content: Any, param: str, allowed: tuple[str, ...]) -> str:
     return "".join(texts)
 
 
-def _tools(raw: Any) -> list[dict[str, Any]]:
+def _tools(
+    raw: Any, hosted_tools: str, dropped: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+    """The chat function tools, and which flattened names came from a namespace."""
     if raw is None:
-        return []
+        return [], {}
     if not isinstance(raw, list):
         raise bad_request("tools: must be a list", param="tools")
-    tools = []
+    tools: list[dict[str, Any]] = []
+    namespaced: dict[str, tuple[str, str]] = {}
+    members: list[tuple[str, str, dict[str, Any], str]] = []  # (ns, name, tool, param)
     for index, tool in enumerate(raw):
         param = f"tools[{index}]"
         if not isinstance(tool, dict):
             raise bad_request(f"{param}: must be an object", param=param)
         kind = tool.get("type")
-        if kind != "function":
-            raise bad_request(
-                f"{param}.type: hosted tool {kind!r} is not supported; cortex runs function "
-                "tools only ({'type': 'function', 'name', 'parameters'})",
-                param=f"{param}.type",
-                code="unsupported_tool",
-            )
-        name = tool.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{param}.name: must be a non-empty string", param=param)
-        parameters = tool.get("parameters")
-        if parameters is None:
-            parameters = {"type": "object", "properties": {}}
-        if not isinstance(parameters, dict):
-            raise bad_request(f"{param}.parameters: must be a JSON schema object", param=param)
-        function: dict[str, Any] = {"name": name, "parameters": parameters}
-        description = tool.get("description")
-        if description is not None:
-            if not isinstance(description, str):
-                raise bad_request(f"{param}.description: must be a string", param=param)
-            function["description"] = description
-        tools.append({"type": "function", "function": function})
-    return tools
+        if kind == "function":
+            tools.append(_function_tool(tool, param))
+        elif kind == "namespace":
+            namespace = tool.get("name")
+            if not isinstance(namespace, str) or not namespace:
+                raise bad_request(f"{param}.name: must be a non-empty string", param=param)
+            inner = tool.get("tools")
+            if not isinstance(inner, list):
+                raise bad_request(f"{param}.tools: must be a list of tools", param=param)
+            for position, member in enumerate(inner):
+                where = f"{param}.tools[{position}]"
+                if not isinstance(member, dict):
+                    raise bad_request(f"{where}: must be an object", param=where)
+                if member.get("type") != "function":
+                    _hosted_tool(member.get("type"), where, hosted_tools, dropped)
+                    continue
+                function = _function_tool(member, where)
+                members.append((namespace, function["function"]["name"], function, where))
+        else:
+            _hosted_tool(kind, f"{param}.type", hosted_tools, dropped)
+    # Namespaced functions keep their own name unless it collides, then "namespace__name".
+    taken = [tool["function"]["name"] for tool in tools]
+    counts: dict[str, int] = {}
+    for _ns, name, _tool, _where in members:
+        counts[name] = counts.get(name, 0) + 1
+    for namespace, name, function, where in members:
+        flat = name
+        if name in taken or counts[name] > 1:
+            flat = f"{namespace}__{name}"
+        if flat in taken:
+            raise bad_request(f"{where}.name: duplicate tool name {flat!r}", param=where)
+        function["function"]["name"] = flat
+        taken.append(flat)
+        namespaced[flat] = (namespace, name)
+        tools.append(function)
+    return tools, namespaced
 
 
-def _tool_choice(choice: Any, tools: list[dict[str, Any]]) -> Any:
+def _function_tool(tool: dict[str, Any], param: str) -> dict[str, Any]:
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{param}.name: must be a non-empty string", param=param)
+    parameters = tool.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise bad_request(f"{param}.parameters: must be a JSON schema object", param=param)
+    function: dict[str, Any] = {"name": name, "parameters": parameters}
+    description = tool.get("description")
+    if description is not None:
+        if not isinstance(description, str):
+            raise bad_request(f"{param}.description: must be a string", param=param)
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
+def _hosted_tool(kind: Any, param: str, policy: str, dropped: list[str]) -> None:
+    """A tool cortex cannot offer the model: dropped (and named) or refused, per policy."""
+    if policy == DROP and isinstance(kind, str) and kind:
+        dropped.append(kind)
+        return
+    raise bad_request(
+        f"{param}: hosted tool {kind!r} is not supported; cortex runs function tools only "
+        "({'type': 'function', 'name', 'parameters'}); the gateway refuses hosted tools "
+        "because [gateway] hosted_tools = 'refuse'"
+        if policy == REFUSE
+        else f"{param}: a tool needs a 'type'",
+        param=param,
+        code="unsupported_tool",
+    )
+
+
+def _tool_choice(
+    choice: Any, tools: list[dict[str, Any]], flat_names: dict[tuple[str, str], str]
+) -> Any:
     if choice in ("auto", "none", "required"):
         if choice == "required" and not tools:
             raise bad_request("tool_choice: 'required' needs tools", param="tool_choice")
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
         name = choice.get("name")
+        namespace = choice.get("namespace")
+        if isinstance(namespace, str):
+            name = flat_names.get((namespace, name), name)  # type: ignore[arg-type]
         if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
             raise bad_request(
                 f"tool_choice.name: {name!r} is not one of the tools", param="tool_choice"
@@ -371,11 +541,13 @@ def response_object(
     incomplete_details: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A ``response`` object (the non-streaming answer and every snapshot in a stream)."""
-    return {
+    """A ``response`` object (the non-streaming answer and every snapshot in a stream).
+    ``created_at`` is whole seconds (the spec's integer); ``usage`` is left out until known
+    (the schema allows it absent, not null)."""
+    response = {
         "id": id,
         "object": "response",
-        "created_at": created_at,
+        "created_at": int(created_at),
         "status": status,
         "error": error,
         "incomplete_details": incomplete_details,
@@ -383,9 +555,11 @@ def response_object(
         "output": output,
         "previous_response_id": None,
         "store": False,
-        "usage": usage,
         **request.echo,
     }
+    if usage is not None:
+        response["usage"] = usage
+    return response
 
 
 def _message_item_object(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -413,9 +587,16 @@ def _reasoning_item_object(item_id: str, text: str, status: str) -> dict[str, An
 
 
 def _function_call_object(
-    item_id: str, call_id: str, name: str, arguments: str, status: str
+    item_id: str,
+    call_id: str,
+    name: str,
+    arguments: str,
+    status: str,
+    namespaced: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """A ``function_call`` item; a call to a flattened namespace tool names its namespace and
+    its own name again, as the client declared them."""
+    item = {
         "type": "function_call",
         "id": item_id,
         "call_id": call_id,
@@ -423,6 +604,10 @@ def _function_call_object(
         "arguments": arguments,
         "status": status,
     }
+    origin = (namespaced or {}).get(name)
+    if origin is not None:
+        item["namespace"], item["name"] = origin
+    return item
 
 
 def response_from_chat_completion(
@@ -456,6 +641,7 @@ def response_from_chat_completion(
                 text(function.get("name")),
                 text(function.get("arguments"), "{}"),
                 "completed",
+                request.namespaced,
             )
         )
     usage = obj(obj(completion).get("usage"))
@@ -508,7 +694,7 @@ class ResponsesStreamTranslator:
     ) -> None:
         self.request = request
         self.id = response_id_ or response_id()
-        self.created_at = time.time() if created_at is None else created_at
+        self.created_at = int(time.time() if created_at is None else created_at)
         self.started = False
         self.closed = False
         self._sequence = 0
@@ -592,6 +778,9 @@ class ResponsesStreamTranslator:
         if self.closed:
             return []
         frames = self.start()
+        # The item being streamed ends too (as incomplete) and stays in the failed response's
+        # output: a client that assembled the deltas sees every item it was shown closed.
+        frames += self._close_item(failed=True)
         self.closed = True
         frames.append(
             self._event("error", code=error.code, message=error.message, param=error.param)
@@ -665,9 +854,11 @@ class ResponsesStreamTranslator:
             if status == "in_progress":
                 obj["content"] = []
             return obj
-        return _function_call_object(item.id, item.call_id, item.name, item.text, status)
+        return _function_call_object(
+            item.id, item.call_id, item.name, item.text, status, self.request.namespaced
+        )
 
-    def _close_item(self) -> list[bytes]:
+    def _close_item(self, *, failed: bool = False) -> list[bytes]:
         item = self._open
         if item is None:
             return []
@@ -711,7 +902,9 @@ class ResponsesStreamTranslator:
             )
             item.text = item.text or "{}"
         status = "completed"
-        if item.kind == "message" and _status_for(self._finish_reason)[0] == "incomplete":
+        if failed or (
+            item.kind == "message" and _status_for(self._finish_reason)[0] == "incomplete"
+        ):
             status = "incomplete"
         done = self._item_object(item, status)
         self._output.append(done)

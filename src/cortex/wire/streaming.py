@@ -46,8 +46,9 @@ async def translate_sse(
     ``on_chunk`` sees every decoded upstream chunk (usage for metrics, first-token timing).
     The upstream read is never cancelled by a ping: one pending read is awaited across pings.
     """
-    for frame in translator.start():
-        yield frame
+    # No eager translator.start(): the first upstream chunk (the neuron sends it with the
+    # answer's headers) carries the prompt's length, which Anthropic's message_start reports.
+    # A quiet upstream still starts the stream at once: ping() starts it first.
     decoder = SseDecoder()
     iterator = upstream.__aiter__()
     pending: asyncio.Future[bytes] | None = None

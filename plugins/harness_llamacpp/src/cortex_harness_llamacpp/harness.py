@@ -16,7 +16,13 @@ from typing import Any
 import attrs
 
 from cortex.devices import Device
-from cortex.harness import DeviceOutOfMemory, HarnessError, LoadedModel, LoadOptions
+from cortex.harness import (
+    DeviceOutOfMemory,
+    HarnessError,
+    LoadedModel,
+    LoadOptions,
+    capacity_of,
+)
 from cortex.source import Preflight, WeightFormat
 from cortex_harness_llamacpp import gguf_files
 from cortex_harness_llamacpp.settings import LlamaCppSettings, resolve_settings
@@ -60,18 +66,26 @@ class LlamaCppHarness:
         return gguf_files.shard_group(preflight.gguf_file, preflight.file_names())
 
     def estimate_memory(self, preflight: Preflight, options: LoadOptions) -> int:
-        """Weights (the file size) + the KV cache for the context the load will use + overhead.
-        Without a local file the KV size per token is estimated from the file size."""
+        """Weights (the file size) + the KV cache of the load's batching capacity
+        (``kv_tokens`` cells, at least one context) + overhead. Without a local file the KV
+        size per token is estimated from the file size."""
         settings = resolve_settings(options)
         weights = sum(preflight.size_of(name) for name in self.files_needed(preflight))
         context = options.context_length or settings.max_context
-        kv = context * estimated_kv_bytes_per_token(weights)
+        kv = kv_cells_for(context, options) * estimated_kv_bytes_per_token(weights)
         return int(weights + kv + _OVERHEAD_FIXED + weights * _OVERHEAD_FRACTION)
 
     def load(self, snapshot: Path, device: Device, options: LoadOptions) -> LoadedModel:
         settings = resolve_settings(options)
         path = choose_local_gguf(snapshot, options.quant)
-        return load_gguf(path, device, settings, options.context_length)
+        return load_gguf(path, device, settings, options.context_length, options)
+
+
+def kv_cells_for(context: int, options: LoadOptions) -> int:
+    """KV cells of a load: its ``kv_tokens`` capacity (:func:`cortex.harness.capacity_of`),
+    rounded up to llama.cpp's multiple of 256."""
+    _, kv_tokens = capacity_of(context, options)
+    return -(-kv_tokens // 256) * 256
 
 
 def choose_local_gguf(snapshot: Path, quant: str | None) -> Path:
@@ -99,6 +113,7 @@ def load_gguf(
     device: Device,
     settings: LlamaCppSettings,
     context_length: int | None = None,
+    options: LoadOptions | None = None,
 ) -> LoadedModel:
     """Open ``path`` on ``device``: all layers on the GPU for a CUDA device (which needs a
     llama.cpp built with CUDA), else on the CPU with the configured threads. Runs on the
@@ -133,11 +148,15 @@ def load_gguf(
         context = resolve_context_length(
             int(lib.llama_model_n_ctx_train(model)), context_length, settings
         )
-        _check_fits(lib, model, metadata, device, context, path.name)
-        ctx = lib.llama_init_from_model(model, _context_params(lib, device, settings, context))
+        options = options or LoadOptions()
+        max_batch, _ = capacity_of(context, options)
+        cells = kv_cells_for(context, options)
+        _check_fits(lib, model, metadata, device, cells, path.name)
+        params = _context_params(lib, device, settings, cells, max_batch)
+        ctx = lib.llama_init_from_model(model, params)
         if ctx is None:
             raise _load_failure(
-                f"llama.cpp could not create a context of {context} tokens for {path.name} "
+                f"llama.cpp could not create a KV cache of {cells} cells for {path.name} "
                 f"on {device.key}"
             )
     except BaseException:
@@ -152,35 +171,37 @@ def load_gguf(
         settings=settings,
         context_length=context,
         metadata=metadata,
+        max_batch=max_batch,
     )
     log.info(
-        "loaded %s on %s in %.2fs: context %d, %d slots, %.1f MiB",
+        "loaded %s on %s in %.2fs: context %d, %d KV cells, max_batch %d, %.1f MiB",
         path.name,
         device.key,
         time.monotonic() - started,
         context,
-        len(loaded._slots),
+        loaded.kv_cells,
+        loaded.max_batch,
         loaded.memory_bytes() / MIB,
     )
     return loaded
 
 
 def _check_fits(
-    lib: Any, model: Any, metadata: dict[str, str], device: Device, context: int, name: str
+    lib: Any, model: Any, metadata: dict[str, str], device: Device, cells: int, name: str
 ) -> None:
-    """Refuse a context whose KV cache cannot fit the device at all, before llama.cpp allocates
-    (and, on the CPU, zeroes) it. The neuron's placement check uses an estimate made before the
-    file was downloaded; here the real layer and head counts are known."""
+    """Refuse a KV cache that cannot fit the device at all, before llama.cpp allocates (and, on
+    the CPU, zeroes) it. The neuron's placement check uses an estimate made before the file was
+    downloaded; here the real layer and head counts are known."""
     from cortex_harness_llamacpp.model import kv_bytes_per_token
 
-    cells = -(-context // 256) * 256  # llama.cpp rounds the cache up to a multiple of 256
     kv = cells * kv_bytes_per_token(lib, model, metadata)
     weights = int(lib.llama_model_size(model))
     if weights + kv > device.total_memory:
         raise DeviceOutOfMemory(
-            f"{name} with a context of {context} tokens needs {(weights + kv) / MIB:.0f} MiB "
+            f"{name} with a KV cache of {cells} tokens needs {(weights + kv) / MIB:.0f} MiB "
             f"({kv / MIB:.0f} MiB of KV cache), more than {device.key} has "
-            f"({device.total_memory / MIB:.0f} MiB); ask for a smaller context_length"
+            f"({device.total_memory / MIB:.0f} MiB); ask for a smaller context_length, "
+            "kv_tokens or max_batch"
         )
 
 
@@ -211,13 +232,16 @@ def resolve_context_length(trained: int, requested: int | None, settings: LlamaC
     return min(trained, settings.max_context)
 
 
-def _context_params(lib: Any, device: Device, settings: LlamaCppSettings, context: int) -> Any:
-    """One unified KV cache of ``context`` cells shared by ``parallel`` sequences."""
+def _context_params(
+    lib: Any, device: Device, settings: LlamaCppSettings, cells: int, max_batch: int
+) -> Any:
+    """One unified KV cache of ``cells`` cells shared by up to ``2 x max_batch`` sequences: the
+    running ones, and as many idle ones keeping a finished generation's prefix."""
     params = lib.llama_context_default_params()
-    params.n_ctx = context
-    params.n_batch = min(settings.n_batch, context)
+    params.n_ctx = cells
+    params.n_batch = min(settings.n_batch, cells)
     params.n_ubatch = params.n_batch
-    params.n_seq_max = max(1, min(settings.parallel, lib.llama_max_parallel_sequences()))
+    params.n_seq_max = max(1, min(2 * max_batch, lib.llama_max_parallel_sequences()))
     params.kv_unified = True
     params.n_threads = settings.threads
     params.n_threads_batch = settings.threads_batch

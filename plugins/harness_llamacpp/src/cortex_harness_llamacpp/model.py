@@ -1,16 +1,23 @@
-"""A GGUF model resident on one device, and its step-wise generations.
+"""A GGUF model resident on one device, and its generations, batched.
 
-One llama.cpp context holds a *unified* KV cache of ``kv_cells`` tokens shared by up to
-``parallel`` sequences (llama-server's ``-np N -kvu``). Each sequence id is a *slot*; a generation
-borrows a slot while it runs. Slots are a cache, not a reservation:
+One llama.cpp context holds a *unified* KV cache of ``kv_cells`` cells (the model's ``kv_tokens``
+capacity) shared by its sequences. Each sequence id is a *slot*. A running generation owns a
+slot; a slot whose generation ended keeps its tokens (a prefix cache) until its cells are needed.
 
-* a generation that starts looks for the free slot whose cached tokens share the longest prefix
-  with its prompt and evaluates only the rest (prefix reuse: a chat that grows by one turn
-  re-evaluates one turn, not the whole conversation);
-* with more live generations than slots, a generation takes the most recently used slot (streams
-  step in turn, so that one is needed last); the one that lost it re-evaluates its tokens on its
-  next step (correct, just slower);
-* when the shared cache is full, idle slots and then other generations' slots are evicted.
+* **Batched steps.** The neuron's scheduler calls :meth:`LlamaCppModel.step_batch` once per
+  iteration with every running generation: one ``llama_batch`` holds each generation's pending
+  tokens (a chunk of its prompt, or its one sampled token), each at its own position of its own
+  sequence, logits only where a row's next token is sampled (llama.cpp server's slots do the
+  same). A batch larger than ``n_batch`` is decoded in parts.
+* **Admission** (:meth:`LlamaCppModel.admit`): a new generation takes the free slot whose cached
+  tokens share the longest prefix with its prompt and keeps that prefix (a chat that grows by one
+  turn re-evaluates one turn, not the whole conversation); or, when a running generation shares
+  more, a copy of that sequence's cells (``llama_memory_seq_cp``: the cells are shared, not
+  duplicated), so parallel requests with one long system prompt evaluate it once.
+* **Never thrash.** The scheduler admits a generation only while the KV reservations of the
+  running ones (prompt + ``max_tokens``) fit the cache, so a running sequence is never evicted:
+  when a decode finds no free cells, only the cells of idle slots (the prefix cache) are
+  dropped, least recently used first.
 
 Every method runs on the device's worker thread (the neuron guarantees it), so nothing here locks.
 """
@@ -26,7 +33,14 @@ from typing import Any
 import attrs
 
 from cortex.devices import Device
-from cortex.harness import HarnessError, PromptError, SamplingParams, Step
+from cortex.harness import (
+    BatchRow,
+    HarnessError,
+    PromptError,
+    SamplingParams,
+    Step,
+    common_prefix,
+)
 from cortex_harness_llamacpp import native
 from cortex_harness_llamacpp.sampling import build_sampler
 from cortex_harness_llamacpp.settings import LlamaCppSettings
@@ -46,27 +60,14 @@ class Slot:
 
 @attrs.define
 class PrefillStats:
-    """Counters that make prefix reuse measurable (tests and ``/metrics`` read them)."""
+    """Counters that make prefix reuse and batching measurable (tests and benchmarks read
+    them)."""
 
     prompt_tokens: int = 0
     prompt_tokens_reused: int = 0
     tokens_evaluated: int = 0
     evictions: int = 0
     batched_decodes: int = 0
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _chunks(tokens: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for i in range(0, len(tokens), size):
-        yield tokens[i : i + size]
 
 
 def _message_text(content: Any) -> Any:
@@ -79,11 +80,11 @@ def _message_text(content: Any) -> Any:
 
 
 class KvCacheExhausted(HarnessError):
-    """Even after evicting every other sequence the batch does not fit in the KV cache."""
+    """Even after dropping every idle slot the batch does not fit in the KV cache."""
 
 
 class LlamaCppModel:
-    """A loaded GGUF model (implements :class:`cortex.harness.LoadedModel`)."""
+    """A loaded GGUF model (implements :class:`cortex.harness.BatchedModel`)."""
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class LlamaCppModel:
         settings: LlamaCppSettings,
         context_length: int,
         metadata: dict[str, str],
+        max_batch: int,
     ) -> None:
         self._lib = lib
         self._model = model
@@ -108,10 +110,12 @@ class LlamaCppModel:
         self.context_length = context_length
         self.metadata = metadata
         self.kv_cells = int(lib.llama_n_ctx(ctx))
+        self.kv_tokens = self.kv_cells
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self._n_batch = int(lib.llama_n_batch(ctx))
         self._batch = native.Batch(lib, self._n_batch)
         n_slots = int(lib.llama_n_seq_max(ctx))
+        self.max_batch = max(1, min(max_batch, n_slots))
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
         self._clock = itertools.count(1)
         self._generations: set[LlamaCppGeneration] = set()
@@ -204,118 +208,95 @@ class LlamaCppModel:
         self._generations.add(generation)
         return generation
 
-    def _advance(self, generation: LlamaCppGeneration) -> Step:
-        """One step of ``generation``: make the KV cache hold all its tokens, then sample.
-
-        A generation whose only missing token is its last one is decoded together with every
-        other live generation in the same state (one llama.cpp batch, one row each), and the
-        others' next tokens are kept for their own next ``step`` — continuous batching without a
-        scheduler: while streams take turns token by token, each turn costs one decode for all.
-        """
+    def admit(self, generation: LlamaCppGeneration) -> None:  # type: ignore[override]
+        """Give ``generation`` a slot, keeping (or copying) the longest cached prefix of its
+        prompt; at least its last prompt token stays pending, for the logits of its first
+        token."""
         self._check_loaded()
-        if generation.ready is not None:
-            token, generation.ready = generation.ready, None
-            return self._emit(generation, token)
-        tokens = generation.tokens
-        if len(tokens) >= self.context_length:
-            raise HarnessError(f"the context of {self.context_length} tokens is full")
-        slot = generation.slot
-        if slot is None or slot.owner is not generation:
-            slot = self._claim_slot(generation)
-        first = generation.generated == 0
-        companions = (
-            self._companions(generation)
-            if self.settings.batch_streams and not first and len(slot.tokens) == len(tokens) - 1
-            else []
-        )
-        token = self._decode_together(generation, companions) if companions else None
-        if token is None:
-            reused = self._evaluate(slot, tokens)
-            if first:
-                self.stats.prompt_tokens += len(tokens)
-                self.stats.prompt_tokens_reused += reused
-            token = int(self._lib.llama_sampler_sample(generation.sampler, self._ctx, -1))
-        slot.last_used = next(self._clock)
-        return self._emit(generation, token)
-
-    def _emit(self, generation: LlamaCppGeneration, token: int) -> Step:
-        generation.tokens.append(token)
-        generation.generated += 1
-        return Step(token_id=token, is_eos=bool(self._lib.llama_vocab_is_eog(self._vocab, token)))
-
-    def _companions(self, generation: LlamaCppGeneration) -> list[LlamaCppGeneration]:
-        """Other live generations that need exactly one token evaluated (their last sampled one)
-        and will step again: they can share this step's batch."""
-        out = []
-        for other in sorted(self._generations, key=lambda g: g.slot.seq_id if g.slot else -1):
-            slot = other.slot
-            if (
-                other is generation
-                or other.ready is not None
-                or other.generated == 0
-                or slot is None
-                or slot.owner is not other
-                or len(slot.tokens) != len(other.tokens) - 1
-                or len(other.tokens) >= self.context_length
-                or self._lib.llama_vocab_is_eog(self._vocab, other.tokens[-1])
-            ):
-                continue
-            out.append(other)
-            if len(out) + 1 >= self._n_batch:
-                break
-        return out
-
-    def _decode_together(
-        self, generation: LlamaCppGeneration, companions: list[LlamaCppGeneration]
-    ) -> int | None:
-        """One decode for ``generation`` and ``companions`` (one pending token each); returns
-        ``generation``'s next token and leaves each companion's in its ``ready``. Returns None
-        (nothing changed) when the shared KV cache has no room for all of them at once: the
-        caller then decodes ``generation`` alone, evicting as usual."""
-        members: list[tuple[LlamaCppGeneration, Slot]] = []
-        for member in (generation, *companions):
-            assert member.slot is not None
-            members.append((member, member.slot))
-        self._batch.fill_rows([(m.tokens[-1], len(s.tokens), s.seq_id) for m, s in members])
-        try:
-            self._decode_evicting({s for _, s in members})
-        except KvCacheExhausted:
-            return None  # llama.cpp left the cache as it was
-        except BaseException:
-            for _, slot in members:
-                self._drop(slot)
-            raise
-        for member, slot in members:
-            slot.tokens.append(member.tokens[-1])
-        self.stats.tokens_evaluated += len(members)
-        self.stats.batched_decodes += 1
-        sample = self._lib.llama_sampler_sample
-        token = int(sample(generation.sampler, self._ctx, 0))
-        for row, (companion, slot) in enumerate(members[1:], start=1):
-            companion.ready = int(sample(companion.sampler, self._ctx, row))
-            slot.last_used = next(self._clock)
-        return token
-
-    def _claim_slot(self, generation: LlamaCppGeneration) -> Slot:
+        if generation.slot is not None:
+            return
+        prompt = generation.tokens
+        limit = len(prompt) - 1
         free = [s for s in self._slots if s.owner is None]
-        if free:
-            slot = max(
-                free, key=lambda s: (common_prefix(s.tokens, generation.tokens), -s.last_used)
-            )
+        if not free or len(self._slots) - len(free) >= self.max_batch:
+            raise HarnessError(f"{self.max_batch} generations already run (max_batch)")
+        best_free = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -len(s.tokens)))
+        from_free = min(common_prefix(best_free.tokens, prompt), limit)
+        source, from_running = None, 0
+        if self.settings.prefix_cache:
+            for slot in self._slots:
+                if slot.owner is not None:
+                    shared = min(common_prefix(slot.tokens, prompt), limit)
+                    if shared > from_running:
+                        source, from_running = slot, shared
+        if source is not None and from_running > from_free:
+            # a running sequence holds more of the prompt: share its cells
+            slot = min(free, key=lambda s: (len(s.tokens), s.last_used))
+            self._drop(slot)
+            self._lib.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, 0, from_running)
+            slot.tokens = source.tokens[:from_running]
+        elif from_free > 0:
+            slot = best_free
+            self._trim(slot, from_free)
         else:
-            # Streams step in turn, so the least recently used slot belongs to the stream whose
-            # turn is next: stealing it would make every stream re-evaluate every round. The most
-            # recently used one costs a single re-evaluation per round.
-            slot = max(self._slots, key=lambda s: s.last_used)
-            assert slot.owner is not None
-            slot.owner.slot = None
-            self.stats.evictions += 1
+            slot = min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))
+            self._drop(slot)
         slot.owner = generation
+        slot.last_used = next(self._clock)
         generation.slot = slot
-        # Keep only what this generation shares with the slot's previous tokens, so an owned slot
-        # always caches a prefix of its owner's tokens (what batching relies on).
-        self._trim(slot, common_prefix(slot.tokens, generation.tokens))
-        return slot
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.prompt_tokens_reused += len(slot.tokens)
+
+    def step_batch(self, rows: Sequence[BatchRow]) -> list[Step | None]:
+        """One ``llama_batch`` with every row's next ``n`` pending tokens (in parts of
+        ``n_batch`` when larger); rows whose tokens are then all evaluated sample their next
+        one."""
+        self._check_loaded()
+        entries: list[tuple[int, int, int, bool, int]] = []
+        slots: set[Slot] = set()
+        for index, (generation, count) in enumerate(rows):
+            slot = generation.slot  # type: ignore[attr-defined]
+            if slot is None or slot.owner is not generation or generation.closed:  # type: ignore[attr-defined]
+                raise HarnessError("step_batch() with a generation that is not running")
+            tokens = generation.tokens  # type: ignore[attr-defined]
+            start = len(slot.tokens)
+            if not 1 <= count <= len(tokens) - start:
+                raise HarnessError(
+                    f"step_batch() asked for {count} tokens of a generation with "
+                    f"{len(tokens) - start} pending"
+                )
+            completes = start + count == len(tokens)
+            if completes and len(tokens) >= self.context_length:
+                raise HarnessError(f"the context of {self.context_length} tokens is full")
+            for k in range(count):
+                last = k == count - 1
+                entries.append(
+                    (tokens[start + k], start + k, slot.seq_id, completes and last, index)
+                )
+            slots.add(slot)
+            slot.last_used = next(self._clock)
+        results: list[Step | None] = [None] * len(rows)
+        for part in _parts(entries, self._n_batch):
+            self._batch.fill_entries(part)
+            try:
+                self._decode_evicting(slots)
+            except BaseException:
+                for slot in slots:  # a failed decode leaves what those sequences hold unknown
+                    self._drop(slot)
+                raise
+            for token, _, _, _, index in part:
+                rows[index][0].slot.tokens.append(token)  # type: ignore[attr-defined]
+            self.stats.tokens_evaluated += len(part)
+            self.stats.batched_decodes += 1
+            sample = self._lib.llama_sampler_sample
+            for position, (_, _, _, wants_logits, index) in enumerate(part):
+                if wants_logits:
+                    generation = rows[index][0]
+                    token = int(sample(generation.sampler, self._ctx, position))  # type: ignore[attr-defined]
+                    generation.tokens.append(token)  # type: ignore[attr-defined]
+                    is_eos = bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+                    results[index] = Step(token_id=token, is_eos=is_eos)
+        return results
 
     def _trim(self, slot: Slot, keep: int) -> None:
         """Drop the cached tokens of ``slot`` from position ``keep`` on (all of them when
@@ -327,37 +308,22 @@ class LlamaCppModel:
         else:
             del slot.tokens[keep:]
 
-    def _evaluate(self, slot: Slot, target: list[int]) -> int:
-        """Bring ``slot`` to ``target`` (minus nothing: the last token's logits are needed, so at
-        least one token is always evaluated). Returns how many cached tokens were kept."""
-        self._trim(slot, min(common_prefix(slot.tokens, target), len(target) - 1))
-        keep = len(slot.tokens)
-        try:
-            for chunk in _chunks(target[keep:], self._n_batch):
-                self._batch.fill(chunk, len(slot.tokens), slot.seq_id)
-                self._decode_evicting({slot})
-                slot.tokens.extend(chunk)
-                self.stats.tokens_evaluated += len(chunk)
-        except BaseException:
-            self._drop(slot)
-            raise
-        return keep
-
     def _decode_evicting(self, batch_slots: set[Slot]) -> None:
-        """Decode the filled batch; when the shared cache is full, evict the least recently used
-        sequence outside the batch (idle ones first) and retry."""
+        """Decode the filled batch; when the cache is full, drop the least recently used idle
+        slot (a saved prefix; running sequences are never evicted) and retry."""
         while True:
             try:
                 native.decode(self._lib, self._ctx, self._batch)
                 return
             except native.KvCacheFull:
-                victims = [s for s in self._slots if s not in batch_slots and s.tokens]
+                victims = [
+                    s for s in self._slots if s.owner is None and s not in batch_slots and s.tokens
+                ]
                 if not victims:
                     raise KvCacheExhausted(
-                        f"the KV cache ({self.kv_cells} tokens) cannot hold this sequence"
+                        f"the KV cache ({self.kv_cells} tokens) cannot hold this batch"
                     ) from None
-                victim = min(victims, key=lambda s: (s.owner is not None, s.last_used))
-                self._drop(victim)
+                self._drop(min(victims, key=lambda s: s.last_used))
                 self.stats.evictions += 1
 
     def _drop(self, slot: Slot) -> None:
@@ -368,14 +334,14 @@ class LlamaCppModel:
         slot = generation.slot
         if slot is not None and slot.owner is generation:
             slot.owner = None
+            slot.last_used = next(self._clock)
             if not self.settings.prefix_cache:
                 self._drop(slot)
         generation.slot = None
-        generation.ready = None
         self._generations.discard(generation)
 
     def reset(self) -> None:
-        """Forget the KV cache kept for prefix reuse (live generations keep theirs)."""
+        """Forget the KV cache kept for prefix reuse (running generations keep theirs)."""
         self._check_loaded()
         for slot in self._slots:
             if slot.owner is None and slot.tokens:
@@ -405,22 +371,35 @@ class LlamaCppModel:
             raise HarnessError(f"{self.path.name} has been unloaded")
 
 
+def _parts(entries: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(entries), size):
+        yield entries[i : i + size]
+
+
 class LlamaCppGeneration:
-    """One generation (implements :class:`cortex.harness.Generation`)."""
+    """One generation (implements :class:`cortex.harness.BatchedGeneration`)."""
 
     def __init__(self, model: LlamaCppModel, tokens: list[int], sampler: Any) -> None:
         self.model = model
         self.tokens = tokens
         self.sampler = sampler
         self.slot: Slot | None = None
-        self.ready: int | None = None  # next token, sampled early in another stream's batch
-        self.generated = 0
         self.closed = False
 
+    @property
+    def pending_tokens(self) -> int:
+        return len(self.tokens) - (len(self.slot.tokens) if self.slot is not None else 0)
+
     def step(self) -> Step:
+        """One token, this generation alone (the scheduler uses ``step_batch`` instead)."""
         if self.closed:
             raise HarnessError("this generation is closed")
-        return self.model._advance(self)
+        if self.slot is None:
+            self.model.admit(self)
+        while True:
+            step = self.model.step_batch([(self, min(self.pending_tokens, 1 << 30))])[0]
+            if step is not None:
+                return step
 
     def close(self) -> None:
         if self.closed:

@@ -1,9 +1,11 @@
 """The knobs of a llama.cpp load, resolved once from the load request, the environment and defaults.
 
 A model profile or load request passes harness options through ``LoadOptions.extra`` (for example
-``{"n_threads": 8, "parallel": 2}``); a node-wide default can come from an environment variable
-(``CORTEX_LLAMACPP_THREADS``, ...), so an operator can size llama.cpp to a machine without
-touching every profile. Anything else takes the default below.
+``{"n_threads": 8}``); a node-wide default can come from an environment variable
+(``CORTEX_LLAMACPP_N_THREADS``, ...), so an operator can size llama.cpp to a machine without
+touching every profile. Anything else takes the default below. How many generations run at once
+and how many KV cells they share is not a llama.cpp setting any more but the load's batching
+capacity (``max_batch``, ``kv_tokens``), the same for every harness.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from cortex.harness import HarnessError, LoadOptions
 
 ENV_PREFIX = "CORTEX_LLAMACPP_"
 DEFAULT_MAX_CONTEXT = 8192
-DEFAULT_PARALLEL = 4
 DEFAULT_BATCH = 512
+# Settings of earlier versions, now the load's batching capacity: naming one is an error that
+# says what replaced it, never silently ignored.
+RETIRED = {
+    "parallel": 'max_batch ([devices."<key>"] max_batch in neuron.toml, max_batch in models.toml)',
+    "batch_streams": "nothing: every running generation is decoded in one batch",
+}
 
 
 def available_cpus() -> int:
@@ -54,21 +61,18 @@ class LlamaCppSettings:
     """Resolved settings of one load.
 
     ``max_context`` caps the context taken from the GGUF metadata when the request names none
-    (GGUF files often declare 128k contexts whose KV cache would not fit); ``parallel`` is how many
-    generations keep their KV cache resident at once (more streams still work, they take turns and
-    re-evaluate what they lost); ``prefix_cache`` keeps a finished generation's KV cache so a
-    request sharing its prefix skips that part of the prefill; ``batch_streams`` decodes the
-    next token of every running stream in one llama.cpp batch; ``flash_attn`` is llama.cpp's
-    choice by default (``auto``: on where the backend supports it), ``on`` or ``off`` to force it.
+    (GGUF files often declare 128k contexts whose KV cache would not fit); ``n_batch`` is the
+    most tokens one ``llama_decode`` takes (a larger scheduler step is decoded in parts);
+    ``prefix_cache`` keeps a finished generation's KV cache so a request sharing its prefix
+    skips that part of the prefill; ``flash_attn`` is llama.cpp's choice by default (``auto``:
+    on where the backend supports it), ``on`` or ``off`` to force it.
     """
 
     n_threads: int | None = attrs.field(default=None, validator=_positive)
     n_threads_batch: int | None = attrs.field(default=None, validator=_positive)
     max_context: int = attrs.field(default=DEFAULT_MAX_CONTEXT, validator=_positive)
-    parallel: int = attrs.field(default=DEFAULT_PARALLEL, validator=_positive)
     n_batch: int = attrs.field(default=DEFAULT_BATCH, validator=_positive)
     prefix_cache: bool = True
-    batch_streams: bool = True
     flash_attn: str = attrs.field(default="auto", validator=_one_of(FLASH_ATTN_MODES))
 
     @property
@@ -78,8 +82,11 @@ class LlamaCppSettings:
 
     @property
     def threads_batch(self) -> int:
-        """Threads for prompt evaluation (batched): all CPUs unless told otherwise."""
-        return self.n_threads_batch or self.n_threads or available_cpus()
+        """Threads for batches (prompt chunks, and the decode step of several streams): one less
+        than the CPUs unless told otherwise. The neuron's event loop needs a core while
+        streams run: with every core taken, each batched step waits for the busy one (the
+        torch harness's CPU threads follow the same rule, docs/harnesses.md)."""
+        return self.n_threads_batch or self.n_threads or max(1, available_cpus() - 1)
 
 
 _FIELDS = {f.name: f for f in attrs.fields(LlamaCppSettings)}
@@ -111,6 +118,12 @@ def resolve_settings(
     which win over the defaults. Keys of ``extra`` this harness does not know are left alone: the
     same profile may carry options for another harness."""
     env = os.environ if environ is None else environ
+    for name, replacement in RETIRED.items():
+        if (options.extra or {}).get(name) is not None or env.get(ENV_PREFIX + name.upper()):
+            raise HarnessError(
+                f"llama.cpp option {name} (or {ENV_PREFIX}{name.upper()}) is replaced by "
+                f"{replacement}"
+            )
     values: dict[str, Any] = {}
     for name in _FIELDS:
         raw = env.get(ENV_PREFIX + name.upper())

@@ -21,6 +21,7 @@ import attrs
 from cortex.devices import Device
 from cortex.harness import DeviceOutOfMemory, HarnessError, LoadedModel, LoadOptions
 from cortex.source import Preflight, WeightFormat
+from cortex_harness_torch.batched import serve_model
 from cortex_harness_torch.loading import place_weights, stored_dtype
 from cortex_harness_torch.memory import estimate_bytes
 from cortex_harness_torch.model import TorchModel, classify_torch_error, release_device_cache
@@ -104,7 +105,8 @@ class TorchHarness:
         return [f for f in preflight.file_names() if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
 
     def estimate_memory(self, preflight: Preflight, options: LoadOptions) -> int:
-        """Weights at the dtype of the target device, a KV cache for one sequence, and headroom.
+        """Weights at the dtype of the target device, the KV cache of the load's batching
+        capacity and saved prefixes, and headroom.
         Reads the repo's ``config.json`` from ``options.extra["config"]`` when the neuron
         fetched it first (it does when the repo has one); without it, assumes 16-bit weights."""
         weights = sum(
@@ -116,6 +118,8 @@ class TorchHarness:
             config if isinstance(config, dict) else None,
             options.device_kind or "cpu",
             options.context_length,
+            max_batch=options.max_batch,
+            kv_tokens=options.kv_tokens,
         )
 
     def load(self, snapshot: Path, device: Device, options: LoadOptions) -> LoadedModel:
@@ -184,4 +188,4 @@ class TorchHarness:
         model.eval()
         context = context_length_of(config, options.context_length)
         log.info("loaded %s on %s as %s (context %d)", snapshot.name, torch_device, dtype, context)
-        return TorchModel(model, tokenizer, torch_device, context)
+        return serve_model(model, tokenizer, torch_device, context, options)

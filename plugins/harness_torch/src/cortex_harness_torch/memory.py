@@ -2,7 +2,9 @@
 
 An estimate that is too low gets a model OOM-killed mid-load; one that is too high refuses loads
 that would fit. So it follows what the harness really allocates: weights converted to the dtype
-of the target device, one sequence's KV cache, and headroom for activations and the allocator.
+of the target device, the KV cache of its batching capacity (``kv_tokens``, see
+:func:`cortex.harness.capacity_of`) plus the saved prefixes, and headroom for activations and
+the allocator.
 """
 
 from __future__ import annotations
@@ -12,10 +14,6 @@ from typing import Any
 MIB = 2**20
 
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
-
-KV_RESERVE_TOKENS = 8192
-"""The KV cache is reserved for one sequence of at most this many tokens: enough for typical
-requests, without refusing a 128k-context model for a context nobody uses at once."""
 
 
 def target_dtype_bytes(device_kind: str) -> int:
@@ -45,12 +43,21 @@ def estimate_bytes(
     config: dict[str, Any] | None,
     device_kind: str,
     context_length: int | None,
+    max_batch: int | None = None,
+    kv_tokens: int | None = None,
 ) -> int:
+    """Weights at the target dtype, the KV cache of the load's capacity and of its saved
+    prefixes, and headroom."""
+    from cortex.harness import LoadOptions, capacity_of
+    from cortex_harness_torch.batched import prefix_cache_tokens
+
     target = target_dtype_bytes(device_kind)
     weights = weight_file_bytes * target // stored_dtype_bytes(config)
     kv = 0
     if config:
         context = context_length or int(config.get("max_position_embeddings") or 2048)
-        kv = kv_cache_bytes(config, min(context, KV_RESERVE_TOKENS), target)
+        _, capacity = capacity_of(context, LoadOptions(max_batch=max_batch, kv_tokens=kv_tokens))
+        positions = capacity + prefix_cache_tokens(context, capacity)
+        kv = kv_cache_bytes(config, positions, target)
     headroom = weights // 10 + (64 * MIB if device_kind != "cpu" else 16 * MIB)
     return int(weights + kv + headroom)

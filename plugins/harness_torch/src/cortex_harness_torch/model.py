@@ -1,8 +1,11 @@
-"""A transformers model resident on one device, and its step-sized generations.
+"""A transformers model resident on one device, and its one-sequence generations.
 
-Generation is our own prefill/decode loop over a ``DynamicCache`` rather than ``generate()``: the
-neuron's device worker asks for one token per job, so two streams interleave on one device and a
-cancelled stream stops within one step. Each generation owns its KV cache; ``close`` drops it.
+:class:`TorchModel` holds what every transformers model shares (tokenizer, chat template, EOS
+ids, memory); its generations are our own prefill/decode loop over a ``DynamicCache``, one
+sequence at a time. The harness serves models through its batched subclass
+(``cortex_harness_torch.batched``); this one-sequence path remains for architectures the
+batched KV cache cannot drive (the load-time check decides), and as the reference the batched
+path is tested against.
 
 Errors are sorted here, where the torch types are known: an out-of-memory is
 :class:`DeviceOutOfMemory` (the device is fine, try later), any other CUDA/accelerator error is
@@ -163,7 +166,8 @@ class TorchModel:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> TorchGeneration:
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """A :class:`PromptError` (the client's 400) for an empty prompt or unknown token ids."""
         if not prompt_ids:
             raise PromptError("the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
@@ -171,6 +175,9 @@ class TorchModel:
             raise PromptError(
                 f"token ids out of this model's vocabulary (0..{self.vocab_size - 1}): {bad[:5]}"
             )
+
+    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> TorchGeneration:
+        self.check_prompt(prompt_ids)
         return TorchGeneration(self, prompt_ids, sampling)
 
     def reset(self) -> None:

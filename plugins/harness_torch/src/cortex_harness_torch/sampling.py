@@ -40,6 +40,8 @@ class TokenSampler:
                 self._generator.seed()
         self._uses_repetition = params.repetition_penalty != 1.0
         self._uses_counts = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        # no penalty changes the logits: greedy is a plain argmax (rows of a batch share one)
+        self.penalised = self._uses_repetition or self._uses_counts
         self._seen: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
         if self._uses_repetition:

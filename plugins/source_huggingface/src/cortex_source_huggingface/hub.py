@@ -29,6 +29,7 @@ from typing import Any
 
 from cortex.source import (
     FetchError,
+    InvalidRepoIdError,
     ModelSourceId,
     NoLoadableWeightsError,
     Preflight,
@@ -260,6 +261,8 @@ class HubSource:
 
         if isinstance(exc, SourceError):
             return exc
+        if isinstance(exc, hf.HFValidationError):  # an id or revision the hub cannot express
+            return InvalidRepoIdError(qid, f"{qid} is not a valid repo: {_first_line(exc)}")
         endpoint = self.settings.endpoint
         if isinstance(exc, TransferError):
             return self._transfer_error(exc, qid)
