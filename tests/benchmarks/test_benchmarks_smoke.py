@@ -98,9 +98,22 @@ def test_concurrency_quick(tmp_path: Path) -> None:
 
 
 def test_cold_start_quick(tmp_path: Path) -> None:
-    report = run_benchmark(tmp_path, "cold_start")
+    report = run_benchmark(tmp_path, "cold_start", timeout=400)
     echo = report["results"]["bench/echo"]
     assert positive(echo["direct_s"]) and positive(echo["gateway_s"])
+    if "fetch" not in report:  # no torch harness installed: the echo rows only
+        return
+    for repo in ("bench/sharded", "bench/single"):
+        fetched = report["fetch"][repo]
+        assert fetched["bytes"] > 16 * 2**20
+        for variant, row in fetched["variants"].items():
+            assert positive(row["mb_per_s"]), (repo, variant)
+        assert positive(fetched["pull_vs_curl"])
+    harness = report["load"]["bench/sharded"]["modes"]["harness"]
+    assert positive(harness["load_s"]) and positive(harness["peak_over_kept"])
+    split = report["cold_split"]
+    for key in ("empty_cache_s", "cached_s", "loaded_s"):
+        assert positive(split[key]), key
 
 
 def test_scale_quick(tmp_path: Path) -> None:

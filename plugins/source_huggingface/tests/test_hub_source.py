@@ -197,39 +197,6 @@ def test_fetch_picks_up_a_new_commit_after_preflight(
     assert (first / "config.json").read_bytes() == CONFIG
 
 
-def test_interrupted_download_is_resumed(repos: Path, hf_registry, tmp_path: Path) -> None:
-    big = bytes(range(256)) * (44 * 1024)  # 11 MiB: over huggingface_hub's 10 MiB read chunk
-    publish_repo(repos, "acme/big", {"config.json": CONFIG, "model.safetensors": big})
-    registry = hf_registry(repos)
-    registry.truncate_next_download("acme/big", "model.safetensors", after_bytes=10_485_760)
-    source = make_source(tmp_path, registry.url)
-    snapshot = source.fetch(mid("mirror:acme/big"), ["config.json", "model.safetensors"])
-    assert (snapshot / "model.safetensors").read_bytes() == big
-    gets = [e for e in registry.request_log.entries() if e.method == "GET" and "safet" in e.path]
-    assert [e.range for e in gets] == [None, "bytes=10485760-"]
-    assert [e.status for e in gets] == [200, 206]
-    assert not list((tmp_path / "cache").rglob("*.incomplete"))
-
-
-@pytest.mark.slow  # huggingface_hub sleeps 1 s between its resume attempts
-def test_a_failed_download_leaves_nothing_a_load_would_trust(
-    repos: Path, hf_registry, tmp_path: Path
-) -> None:
-    registry = hf_registry(repos)
-    for _ in range(7):  # more than huggingface_hub's resume attempts
-        registry.truncate_next_download("acme/dense", "model.safetensors", after_bytes=0)
-    source = make_source(tmp_path, registry.url)
-    model = mid("mirror:acme/dense")
-    with pytest.raises((FetchError, RegistryUnreachableError)) as caught:
-        source.fetch(model, ["config.json", "model.safetensors"])
-    assert caught.value.model_id == "mirror:acme/dense"
-    assert not list((tmp_path / "cache").rglob("model.safetensors"))
-    assert not list((tmp_path / "cache").rglob("*.incomplete"))
-    registry.state.truncations.clear()
-    snapshot = source.fetch(model, ["config.json", "model.safetensors"])
-    assert (snapshot / "model.safetensors").read_bytes() == WEIGHTS
-
-
 def test_progress_callback_and_log_lines(
     repos: Path, hf_registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ def pull_model(
     files = harness.files_needed(preflight)
     if not files:
         raise PullError(f"harness {harness.name!r} needs no files of {preflight.model_id}")
+    started = time.monotonic()
     snapshot = source.fetch(model_id, files, revision=preflight.revision)
+    fetch_seconds = time.monotonic() - started
     local = [
         p
         for p in sorted(snapshot.rglob("*"))
@@ -89,6 +92,8 @@ def pull_model(
         "gguf_file": preflight.gguf_file,
         "download_bytes": preflight.download_bytes,
         "snapshot": str(snapshot),
+        # the fetch alone (no preflight, no start-up): benchmarks/cold_start.py reads it
+        "fetch_seconds": round(fetch_seconds, 4),
         "files": [
             {
                 "path": p.relative_to(snapshot).as_posix(),
@@ -176,7 +181,8 @@ def pull(
         return
     click.echo(
         f"pulled {result['model_id']} for harness {result['harness']} "
-        f"(commit {result['revision'][:12]}, {_human(result['download_bytes'])})"
+        f"(commit {result['revision'][:12]}, {_human(result['download_bytes'])}, "
+        f"fetched in {result['fetch_seconds']:.2f} s)"
     )
     click.echo(f"snapshot: {result['snapshot']}")
     for entry in result["files"]:
