@@ -47,7 +47,9 @@ class LoadOptions:
 
 @attrs.frozen
 class SamplingParams:
-    """Sampling for one generation; ``temperature == 0`` means greedy."""
+    """Sampling for one generation; ``temperature == 0`` means greedy. ``logprobs`` asks each
+    :class:`Step` for the log-probability of its token and of the ``logprobs`` most likely
+    tokens (0 to 20); None asks for none (the harness may skip the work)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -56,14 +58,28 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logprobs: int | None = None
 
 
 @attrs.frozen
 class Step:
-    """One decode step: the token produced and whether it ends the generation (EOS)."""
+    """One decode step: the token produced and whether it ends the generation (EOS).
+
+    With ``SamplingParams.logprobs`` set, ``logprob`` is the token's log-probability and
+    ``top_logprobs`` the most likely tokens with theirs, most likely first, both from the
+    model's distribution at that step *before* sampling changed it (temperature, top-k/p,
+    penalties), as vLLM reports by default."""
 
     token_id: int
     is_eos: bool = False
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+# What a loaded model can do beyond plain generation, declared as its optional attribute
+# ``capabilities`` (a frozenset of these names): the neuron refuses a request that needs one the
+# model lacks (a 400 naming the parameter, never silently ignored) and reports them in /models.
+LOGPROBS = "logprobs"
 
 
 class HarnessError(Exception):
@@ -249,6 +265,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return low
 
 
+def capabilities_of(model: LoadedModel | None) -> frozenset[str]:
+    """The capabilities a loaded model declares (none when it declares nothing)."""
+    declared = getattr(model, "capabilities", None)
+    return frozenset(declared) if declared else frozenset()
+
+
 def is_batched(model: LoadedModel) -> bool:
     """Whether the scheduler can step this model's generations together."""
     return callable(getattr(model, "step_batch", None)) and callable(getattr(model, "admit", None))
@@ -261,6 +283,7 @@ def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
+    "LOGPROBS",
     "BatchRow",
     "BatchedGeneration",
     "BatchedModel",
@@ -275,6 +298,7 @@ __all__ = [
     "SamplingParams",
     "Step",
     "accepting_harnesses",
+    "capabilities_of",
     "capacity_of",
     "common_prefix",
     "default_kv_tokens",

@@ -201,10 +201,43 @@ def test_hosted_tools_are_refused_in_strict_mode() -> None:
     assert (caught.value.code, caught.value.param) == ("unsupported_tool", "tools[1].type")
 
 
-def test_top_logprobs_is_refused_on_responses_too() -> None:
-    with pytest.raises(ApiError) as caught:
-        parse_responses_request({"model": "m", "input": "x", "top_logprobs": 2})
-    assert caught.value.param == "top_logprobs"
+def test_responses_logprobs_ask_the_chat_request_and_come_back_in_the_output_text() -> None:
+    request = parse_responses_request(
+        {"model": "m", "input": "x", "include": ["message.output_text.logprobs"]}
+    )
+    assert (request.chat["logprobs"], request.chat["top_logprobs"]) == (True, 0)
+    asked = parse_responses_request({"model": "m", "input": "x", "top_logprobs": 2})
+    assert (asked.chat["logprobs"], asked.chat["top_logprobs"]) == (True, 2)
+    plain = parse_responses_request({"model": "m", "input": "x"})
+    assert "logprobs" not in plain.chat
+    entry = {"token": "hi", "logprob": -0.5, "bytes": [104, 105], "top_logprobs": []}
+    completion = {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": "hi"},
+                "finish_reason": "stop",
+                "logprobs": {"content": [entry], "refusal": None},
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+    }
+    whole = response_from_chat_completion(completion, request)
+    assert whole["output"][0]["content"][0]["logprobs"] == [entry]
+    translator = ResponsesStreamTranslator(request, created_at=1700000000)
+    chunk = {
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"content": "hi"},
+                "logprobs": {"content": [entry], "refusal": None},
+                "finish_reason": "stop",
+            }
+        ]
+    }
+    kinds = events([*translator.start(), *translator.feed(chunk), *translator.finish()])
+    delta = next(e for name, e in kinds if name == "response.output_text.delta")
+    done = next(e for name, e in kinds if name == "response.output_text.done")
+    assert delta["logprobs"] == [entry] and done["logprobs"] == [entry]
 
 
 def test_response_objects_match_the_schema_types() -> None:

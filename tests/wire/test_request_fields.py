@@ -79,8 +79,8 @@ def test_every_spec_field_is_classified(dialect: str) -> None:
 REFUSED: dict[str, dict[str, Any]] = {
     "chat": {
         "n": 2,
-        "logprobs": True,
-        "top_logprobs": 2,
+        "logprobs": "yes",  # a boolean
+        "top_logprobs": 21,  # at most 20 (and it needs logprobs: true)
         "logit_bias": {"1": 5},
         "response_format": {"type": "json_object"},
         "store": True,
@@ -95,7 +95,7 @@ REFUSED: dict[str, dict[str, Any]] = {
         "best_of": 2,
         "echo": True,
         "suffix": "end",
-        "logprobs": 2,
+        "logprobs": 6,  # at most 5
         "logit_bias": {"1": 5},
     },
     "responses": {
@@ -104,8 +104,8 @@ REFUSED: dict[str, dict[str, Any]] = {
         "prompt": {"id": "pmpt_1"},
         "store": True,
         "background": True,
-        "top_logprobs": 3,
-        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 21,  # at most 20
+        "include": "message.output_text.logprobs",  # a list
         "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}},
     },
     "messages": {

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from cortex.neuron.generation import GenerationStream
 from cortex.neuron.output import ContentDelta, OutputEvent, OutputParser, ReasoningDelta
 from cortex.neuron.requests import GenerationOptions
+from cortex.neuron.scheduler import TokenLogprob
 from cortex.wire import openai_types as oai
 from cortex.wire import sse
 from cortex.wire.errors import ApiError
@@ -95,6 +96,18 @@ def text_frame_encoder(frame: Callable[[str], bytes]) -> Callable[[str], bytes]:
     return encode
 
 
+def _entry(logprob: TokenLogprob) -> dict[str, Any]:
+    return oai.token_logprob(logprob.token, logprob.logprob, logprob.top)
+
+
+def _with_logprobs(stream: GenerationStream, texts: list[str]) -> list[tuple[str, list[Any]]]:
+    """Each text of a hand-off with the log-probabilities of the tokens behind it (none when
+    the request did not ask for them)."""
+    if not stream.wants_logprobs:
+        return [(text, []) for text in texts]
+    return list(zip(texts, stream.batch_logprobs, strict=True))
+
+
 def _event_delta(event: OutputEvent) -> dict[str, Any]:
     if isinstance(event, ContentDelta):
         return {"content": event.text}
@@ -115,9 +128,11 @@ async def chat_whole(
 ) -> dict[str, Any]:
     """The whole ``chat.completion``: content, reasoning and tool calls split by ``parser``."""
     events: list[OutputEvent] = []
+    entries: list[dict[str, Any]] = []
     async for texts in batches_until_disconnect(stream, request):
-        for text in texts:
+        for text, logprobs in _with_logprobs(stream, texts):
             events.extend(parser.feed(text))
+            entries.extend(_entry(lp) for lp in logprobs)
     events.extend(parser.finish())
     calls = [e.openai() for e in events if _is_call(e)]  # type: ignore[union-attr]
     message = oai.assistant_message(
@@ -133,6 +148,7 @@ async def chat_whole(
         stop_sequence=None if calls else stream.stop_sequence,
         prompt_tokens=stream.prompt_tokens,
         completion_tokens=stream.completion_tokens,
+        logprobs=oai.chat_logprobs(entries) if stream.wants_logprobs else None,
     )
 
 
@@ -145,12 +161,25 @@ async def chat_frames(
     """The ``chat.completion.chunk`` frames of a streamed answer, one send per hand-off."""
     ids = {"id": oai.completion_id(), "model": stream.entry.id, "created": int(time.time())}
 
+    # log-probabilities of tokens whose text made no frame yet (they go with the next frame)
+    pending: list[dict[str, Any]] = []
+
     def chunk(delta: dict[str, Any], finish: str | None = None, stop: str | None = None) -> bytes:
+        logprobs = None
+        if stream.wants_logprobs:
+            logprobs = oai.chat_logprobs(pending[:])
+            pending.clear()
         return sse.encode_data(
-            oai.chat_chunk(**ids, delta=delta, finish_reason=finish, stop_sequence=stop)
+            oai.chat_chunk(
+                **ids, delta=delta, finish_reason=finish, stop_sequence=stop, logprobs=logprobs
+            )
         )
 
-    content_chunk = text_frame_encoder(lambda text: chunk({"content": text}))
+    content_chunk = (
+        (lambda text: chunk({"content": text}))
+        if stream.wants_logprobs  # each frame its own tokens' logprobs: no shared template
+        else text_frame_encoder(lambda text: chunk({"content": text}))
+    )
     saw_call = saw_content = False
     feed = parser.feed
     frames: list[bytes] = []
@@ -163,7 +192,8 @@ async def chat_frames(
     yield sse.encode_data(first)
     try:
         async for texts in batches_until_disconnect(stream, request):
-            for text in texts:
+            for text, logprobs in _with_logprobs(stream, texts):
+                pending.extend(_entry(lp) for lp in logprobs)
                 for event in feed(text):
                     if type(event) is ContentDelta:
                         frames.append(content_chunk(event.text))
@@ -205,8 +235,17 @@ async def chat_frames(
 # ---- completions -------------------------------------------------------------------------------
 
 
+def _completion_tokens(logprobs: list[TokenLogprob]) -> list[tuple[str, float, Any]]:
+    return [(lp.token, lp.logprob, lp.top) for lp in logprobs]
+
+
 async def completion_whole(stream: GenerationStream, request: Request) -> dict[str, Any]:
-    texts = [t async for batch in batches_until_disconnect(stream, request) for t in batch]
+    texts: list[str] = []
+    tokens: list[tuple[str, float, Any]] = []
+    async for batch in batches_until_disconnect(stream, request):
+        for text, logprobs in _with_logprobs(stream, batch):
+            texts.append(text)
+            tokens.extend(_completion_tokens(logprobs))
     return oai.text_completion(
         id=oai.random_id("cmpl-"),
         model=stream.entry.id,
@@ -214,6 +253,7 @@ async def completion_whole(stream: GenerationStream, request: Request) -> dict[s
         finish_reason=stream.finish_reason or "stop",
         prompt_tokens=stream.prompt_tokens,
         completion_tokens=stream.completion_tokens,
+        logprobs=oai.completion_logprobs(tokens) if stream.wants_logprobs else None,
     )
 
 
@@ -223,14 +263,29 @@ async def completion_frames(
     """The ``text_completion`` frames of a streamed completion, one send per hand-off."""
     ids = {"id": oai.random_id("cmpl-"), "model": stream.entry.id, "created": int(time.time())}
 
-    def chunk(text: str, finish: str | None = None) -> bytes:
-        return sse.encode_data(oai.completion_chunk(**ids, text=text, finish_reason=finish))
+    offset = 0  # where the next token starts in the completion text (logprobs' text_offset)
+
+    def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> bytes:
+        return sse.encode_data(
+            oai.completion_chunk(**ids, text=text, finish_reason=finish, logprobs=logprobs)
+        )
+
+    def logprobs_chunk(text: str, logprobs: list[TokenLogprob]) -> bytes:
+        nonlocal offset
+        tokens = _completion_tokens(logprobs)
+        frame = chunk(text, logprobs=oai.completion_logprobs(tokens, offset))
+        offset += sum(len(token) for token, _, _ in tokens)
+        return frame
 
     text_chunk = text_frame_encoder(chunk)
     frames: list[bytes] = []
     try:
         async for texts in batches_until_disconnect(stream, request):
-            frames = [text_chunk(text) for text in texts]
+            if stream.wants_logprobs:
+                pairs = _with_logprobs(stream, texts)
+                frames = [logprobs_chunk(text, logprobs) for text, logprobs in pairs]
+            else:
+                frames = [text_chunk(text) for text in texts]
             if stream.finish_reason is None:
                 yield b"".join(frames)
                 frames = []

@@ -33,7 +33,7 @@ from cortex.logging import NEURON_REQUEST_LOGGER
 from cortex.neuron.models import ModelEntry
 from cortex.neuron.node import Node
 from cortex.neuron.requests import GenerationOptions
-from cortex.neuron.scheduler import LENGTH, STOP, Output, Sequence
+from cortex.neuron.scheduler import LENGTH, STOP, Output, Sequence, TokenLogprob
 from cortex.neuron.textstream import IncrementalDecoder, StopMatcher
 from cortex.neuron.workers import Admission, DevicePoisonedError, WorkerError
 from cortex.wire.errors import ApiError
@@ -103,6 +103,12 @@ class GenerationStream:
         self.first_token_at: float | None = None
         self._closed = False
         self.cancelled = False
+        # With logprobs asked for: the log-probabilities of the tokens behind each text of the
+        # last list delta_batches yielded (aligned with it), and those of tokens whose text is
+        # still held back (they go with the next text).
+        self.wants_logprobs = options.sampling.logprobs is not None
+        self.batch_logprobs: list[list[TokenLogprob]] = []
+        self._held_logprobs: list[TokenLogprob] = []
         # The scheduler's record of this generation (set on the worker by start_on_worker).
         self._sequence: Sequence | None = None
         # OutputSink: the event loop this stream lives on (set by admitted()), and what the
@@ -198,17 +204,24 @@ class GenerationStream:
                         self.first_token_at - self.started_at
                     )
                 texts: list[str] = []
+                logprobs: list[list[TokenLogprob]] = []
                 for result in output.results:
                     self.completion_tokens += 1
+                    if result.logprob is not None:
+                        self._held_logprobs.append(result.logprob)
                     text = result.text
                     if text and matching:
                         text = stops.feed(text)
                     if text:
                         texts.append(text)
+                        if self.wants_logprobs:
+                            logprobs.append(self._held_logprobs)
+                            self._held_logprobs = []
                     if result.is_eos or stops.stopped:
                         self.finish_reason = STOP
                         self.stop_sequence = stops.matched
                         break
+                self.batch_logprobs = logprobs
                 if self.finish_reason is None:
                     if output.error is not None:
                         if texts:
@@ -222,6 +235,9 @@ class GenerationStream:
                         end = (stops.feed(tail) if tail else "") + stops.flush()
                         if end:
                             texts.append(end)
+                            if self.wants_logprobs:
+                                logprobs.append(self._held_logprobs)
+                                self._held_logprobs = []
                     if texts:
                         # finish_reason is set: the consumer knows this list is the last one
                         yield texts

@@ -1,7 +1,7 @@
 """OpenAI ``/v1/chat/completions`` and ``/v1/completions`` bodies -> attrs types, or a clear 400.
 
 Parsed by hand from the raw JSON (no pydantic on the hot path): each wrong type or value gets a
-400 naming the parameter, and parameters we do not implement (``n > 1``, ``logprobs``, ``echo``,
+400 naming the parameter, and parameters we do not implement (``n > 1``, ``echo``,
 ``functions``, ``audio``, ...) are refused loudly instead of being silently ignored. Every field
 of the OpenAI spec is either handled, refused when set, or in :data:`IGNORED_FIELDS` with the
 reason docs/clients.md gives (tests/wire/test_request_fields.py walks the spec). Keys outside the
@@ -40,7 +40,7 @@ IGNORED_FIELDS = {
     "tools but cannot force a call without constrained decoding",
 }
 # Spec fields cortex reads: honoured, or refused when set to what it cannot do (n > 1,
-# logprobs, response_format other than text, functions, web_search_options, audio, ...).
+# response_format other than text, functions, web_search_options, audio, ...).
 HANDLED_FIELDS = frozenset(
     {
         "model",
@@ -155,7 +155,42 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
     raise bad_request("'stop' must be a string or a list of strings", param="stop")
 
 
-def _options(body: dict[str, Any]) -> GenerationOptions:
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound)
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' integer logprobs (OpenAI's bound)
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat: ``logprobs: true`` asks for the tokens' log-probabilities, ``top_logprobs: k``
+    (0-20, needs ``logprobs``) for the k most likely alternatives too."""
+    wanted = _bool(body, "logprobs")
+    top = _integer(body, "top_logprobs", low=0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise bad_request(
+            f"'top_logprobs' must be at most {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs"
+        )
+    if top and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    """Completions: ``logprobs: k`` (0-5) asks for the tokens' log-probabilities and the k most
+    likely alternatives of each."""
+    value = _integer(body, "logprobs", low=0)
+    if value is not None and value > MAX_COMPLETION_LOGPROBS:
+        raise bad_request(
+            f"'logprobs' must be at most {MAX_COMPLETION_LOGPROBS}, got {value}",
+            param="logprobs",
+        )
+    if body.get("top_logprobs") is not None:
+        raise bad_request(
+            "'top_logprobs' is a chat parameter; /v1/completions takes 'logprobs': <k>",
+            param="top_logprobs",
+        )
+    return value
+
+
+def _options(body: dict[str, Any], completion: bool = False) -> GenerationOptions:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string", param="model")
@@ -165,10 +200,7 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
     best_of = _integer(body, "best_of")
     if best_of is not None and best_of != 1:
         raise _unsupported(f"best_of is not supported (got {best_of})", "best_of")
-    if body.get("logprobs") not in (None, False):
-        raise _unsupported("logprobs are not supported by this server", "logprobs")
-    if body.get("top_logprobs") not in (None, 0):
-        raise _unsupported("top_logprobs are not supported by this server", "top_logprobs")
+    logprobs = _completion_logprobs(body) if completion else _chat_logprobs(body)
     if body.get("logit_bias") not in (None, {}):
         raise _unsupported("logit_bias is not supported by this server", "logit_bias")
     if body.get("store") not in (None, False):
@@ -193,6 +225,7 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
         repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, 1.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        logprobs=logprobs,
     )
     if sampling.top_p == 0.0:
         raise bad_request("'top_p' must be greater than 0", param="top_p")
@@ -347,7 +380,7 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
 
 
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    options = _options(body)
+    options = _options(body, completion=True)
     if body.get("echo"):
         raise _unsupported("echo is not supported by this server", "echo")
     if body.get("suffix"):

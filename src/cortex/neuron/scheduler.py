@@ -58,12 +58,24 @@ MIN_PREFILL_CHUNK = 16
 
 
 @attrs.define(slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives', with each
+    token's text (decoded alone, here on the worker where the tokenizer lives)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@attrs.define(slots=True)
 class StepResult:
-    """One generated token: its id, whether it is EOS, and the text it completes."""
+    """One generated token: its id, whether it is EOS, the text it completes, and (when the
+    request asked for them) its log-probabilities."""
 
     token_id: int
     is_eos: bool
     text: str
+    logprob: TokenLogprob | None = None
 
 
 @attrs.define(slots=True)
@@ -352,6 +364,13 @@ class Scheduler:
             self._end(lane, sequence, Output([result], finish=STOP), out)
             return True
         result = StepResult(step.token_id, False, sequence.decoder.push(step.token_id))
+        if step.logprob is not None:  # the end token is not part of the answer: none for it
+            decode = sequence.model.decode
+            result.logprob = TokenLogprob(
+                decode([step.token_id]),
+                step.logprob,
+                [(decode([token]), value) for token, value in step.top_logprobs],
+            )
         if sequence.produced >= sequence.max_tokens:
             output = Output([result], finish=LENGTH, tail=sequence.decoder.flush())
             self._end(lane, sequence, output, out)

@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from cortex.harness import LOGPROBS, capabilities_of
 from cortex.neuron.generation import GenerationStream, run_on_worker, worker_api_error
 from cortex.neuron.models import READY, ModelEntry
 from cortex.neuron.node import Node
@@ -160,6 +161,14 @@ async def _start(
     context, create the generation and queue it on the scheduler. From then on the stream owns
     the request: its ``close()`` gives back the admission and the in-flight count."""
     handle = _handle(entry)
+    if options.sampling.logprobs is not None and LOGPROBS not in capabilities_of(handle):
+        raise ApiError(
+            400,
+            "unsupported_parameter",
+            f"{entry.id} is served by a harness ({entry.harness}) that does not report "
+            "log probabilities",
+            param="logprobs",
+        )
     entry.begin_request()
     node.metrics.series(node.metrics.in_flight, entry.id).inc()
     try:

@@ -73,6 +73,7 @@ def chat_completion(
     completion_tokens: int,
     created: int | None = None,
     stop_sequence: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A whole ``chat.completion`` with one choice and usage."""
     return {
@@ -85,7 +86,7 @@ def chat_completion(
                 "index": 0,
                 "message": message,
                 "finish_reason": finish_reason,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "stop_sequence": stop_sequence,
             }
         ],
@@ -101,13 +102,14 @@ def chat_chunk(
     finish_reason: str | None = None,
     created: int | None = None,
     stop_sequence: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` with one choice (role, content, reasoning or tool deltas)."""
     choice: dict[str, Any] = {
         "index": 0,
         "delta": delta,
         "finish_reason": finish_reason,
-        "logprobs": None,
+        "logprobs": logprobs,
     }
     if finish_reason is not None:
         choice["stop_sequence"] = stop_sequence
@@ -150,6 +152,7 @@ def text_completion(
     prompt_tokens: int,
     completion_tokens: int,
     created: int | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A whole ``text_completion`` (``/v1/completions``) with one choice and usage."""
     return {
@@ -157,7 +160,9 @@ def text_completion(
         "object": "text_completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [
+            {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -169,6 +174,7 @@ def completion_chunk(
     text: str,
     finish_reason: str | None = None,
     created: int | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` chunk."""
     return {
@@ -176,7 +182,45 @@ def completion_chunk(
         "object": "text_completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [
+            {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
+    }
+
+
+def token_logprob(token: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:
+    """One entry of a chat choice's ``logprobs.content`` (and of a Responses output_text's
+    ``logprobs``): the token, its log-probability, its UTF-8 bytes, and the alternatives."""
+    return {
+        "token": token,
+        "logprob": logprob,
+        "bytes": list(token.encode("utf-8")),
+        "top_logprobs": [
+            {"token": t, "logprob": value, "bytes": list(t.encode("utf-8"))} for t, value in top
+        ],
+    }
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chat choice's ``logprobs`` object over ``entries`` (:func:`token_logprob`)."""
+    return {"content": entries, "refusal": None}
+
+
+def completion_logprobs(
+    tokens: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0
+) -> dict[str, Any]:
+    """The legacy ``/v1/completions`` logprobs object: parallel lists of the tokens, their
+    log-probabilities, a {token: logprob} map of the alternatives each, and each token's
+    character offset in the completion text (from ``offset``, where the last part ended)."""
+    offsets = []
+    for token, _, _ in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": [token for token, _, _ in tokens],
+        "token_logprobs": [value for _, value, _ in tokens],
+        "top_logprobs": [dict(top) for _, _, top in tokens],
+        "text_offset": offsets,
     }
 
 
@@ -277,8 +321,10 @@ __all__ = [
     "assistant_message",
     "chat_chunk",
     "chat_completion",
+    "chat_logprobs",
     "completion_chunk",
     "completion_id",
+    "completion_logprobs",
     "count",
     "items",
     "message_text",
@@ -287,6 +333,7 @@ __all__ = [
     "stream_error",
     "text",
     "text_completion",
+    "token_logprob",
     "tool_call_arguments_as_objects",
     "usage",
     "usage_chunk",

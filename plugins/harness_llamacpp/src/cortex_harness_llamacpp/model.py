@@ -34,6 +34,7 @@ import attrs
 
 from cortex.devices import Device
 from cortex.harness import (
+    LOGPROBS,
     BatchRow,
     HarnessError,
     PromptError,
@@ -85,6 +86,8 @@ class KvCacheExhausted(HarnessError):
 
 class LlamaCppModel:
     """A loaded GGUF model (implements :class:`cortex.harness.BatchedModel`)."""
+
+    capabilities = frozenset({LOGPROBS})
 
     def __init__(
         self,
@@ -204,7 +207,7 @@ class LlamaCppModel:
         sampler = build_sampler(
             self._lib, self.n_vocab, sampling, prompt_ids, history=self.context_length
         )
-        generation = LlamaCppGeneration(self, list(prompt_ids), sampler)
+        generation = LlamaCppGeneration(self, list(prompt_ids), sampler, sampling.logprobs)
         self._generations.add(generation)
         return generation
 
@@ -295,8 +298,28 @@ class LlamaCppModel:
                     token = int(sample(generation.sampler, self._ctx, position))  # type: ignore[attr-defined]
                     generation.tokens.append(token)  # type: ignore[attr-defined]
                     is_eos = bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-                    results[index] = Step(token_id=token, is_eos=is_eos)
+                    wanted = generation.logprobs  # type: ignore[attr-defined]
+                    if wanted is None:
+                        results[index] = Step(token_id=token, is_eos=is_eos)
+                    else:
+                        results[index] = self._with_logprobs(token, is_eos, position, wanted)
         return results
+
+    def _with_logprobs(self, token: int, is_eos: bool, position: int, top: int) -> Step:
+        """The step with its log-probabilities: ``log_softmax`` of the raw logits of that batch
+        row (before the sampler chain changed them)."""
+        import numpy as np
+
+        pointer = self._lib.llama_get_logits_ith(self._ctx, position)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        log_probs = shifted - np.log(np.exp(shifted).sum())
+        best: tuple[tuple[int, float], ...] = ()
+        if top > 0:
+            ids = np.argpartition(-log_probs, min(top, self.n_vocab) - 1)[:top]
+            ids = ids[np.argsort(-log_probs[ids], kind="stable")]
+            best = tuple((int(i), float(log_probs[i])) for i in ids)
+        return Step(token, is_eos=is_eos, logprob=float(log_probs[token]), top_logprobs=best)
 
     def _trim(self, slot: Slot, keep: int) -> None:
         """Drop the cached tokens of ``slot`` from position ``keep`` on (all of them when
@@ -379,10 +402,13 @@ def _parts(entries: list[Any], size: int) -> Iterator[list[Any]]:
 class LlamaCppGeneration:
     """One generation (implements :class:`cortex.harness.BatchedGeneration`)."""
 
-    def __init__(self, model: LlamaCppModel, tokens: list[int], sampler: Any) -> None:
+    def __init__(
+        self, model: LlamaCppModel, tokens: list[int], sampler: Any, logprobs: int | None = None
+    ) -> None:
         self.model = model
         self.tokens = tokens
         self.sampler = sampler
+        self.logprobs = logprobs
         self.slot: Slot | None = None
         self.closed = False
 

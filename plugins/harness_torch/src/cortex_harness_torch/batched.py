@@ -34,7 +34,7 @@ from cortex.harness import BatchRow, HarnessError, SamplingParams, Step, common_
 from cortex_harness_torch.model import TorchModel, guarded, release_device_cache
 from cortex_harness_torch.prefix import PrefixCache
 from cortex_harness_torch.rows import RowCache, attention_mask
-from cortex_harness_torch.sampling import TokenSampler
+from cortex_harness_torch.sampling import TokenSampler, step_of
 
 if TYPE_CHECKING:
     import torch
@@ -317,17 +317,17 @@ class BatchedTorchModel(TorchModel):
         if greedy:
             index = torch.tensor([r for _, _, r in greedy], device=logits.device)
             tokens = logits.index_select(0, index).argmax(dim=-1).tolist()
-            for (i, generation, _), token in zip(greedy, tokens, strict=True):
-                results[i] = self._append(generation, int(token))
+            for (i, generation, r), token in zip(greedy, tokens, strict=True):
+                results[i] = self._append(generation, int(token), logits[r])
         for i, generation, r in rows:
             if not generation.plain_greedy:
                 token = generation.sampler.choose(logits[r])
                 generation.sampler.observe(token)
-                results[i] = self._append(generation, token)
+                results[i] = self._append(generation, token, logits[r])
 
-    def _append(self, generation: BatchedTorchGeneration, token: int) -> Step:
+    def _append(self, generation: BatchedTorchGeneration, token: int, logits: Any) -> Step:
         generation.tokens.append(token)
-        return Step(token, is_eos=token in self.eos_ids)
+        return step_of(token, logits, generation.sampler.params.logprobs, self.eos_ids)
 
     # ---- memory -------------------------------------------------------------------------
 
@@ -419,7 +419,10 @@ def serve_model(
         kv_tokens=kv_tokens,
         prefix_cache_tokens=prefix_cache_tokens(context_length, kv_tokens),
     )
-    problem = batched.self_check()
+    signature = architecture_signature(model, torch_device)
+    if signature not in _CHECKED:
+        _CHECKED[signature] = batched.self_check()
+    problem = _CHECKED[signature]
     if problem is None:
         batched.stats = PrefillStats()
         return batched
@@ -429,6 +432,26 @@ def serve_model(
         problem,
     )
     return TorchModel(model, tokenizer, torch_device, context_length)
+
+
+# The load-time check's verdict per architecture (it tests code paths, not weights), so a
+# process checks each architecture once: on a 1 GB model the check took 1.5-3 s on CPU, most of
+# it the first touch of the weights' pages (which the first request would otherwise pay).
+_CHECKED: dict[tuple[Any, ...], str | None] = {}
+
+
+def architecture_signature(model: Any, torch_device: Any) -> tuple[Any, ...]:
+    """What decides whether the batched path drives a model correctly: its class, attention
+    implementation, layer types and sliding window, dtype and device kind."""
+    config = model.config
+    return (
+        type(model).__qualname__,
+        getattr(config, "_attn_implementation", None),
+        tuple(getattr(config, "layer_types", None) or ()),
+        bool(getattr(config, "sliding_window", None)),
+        str(next(model.parameters()).dtype),
+        getattr(torch_device, "type", str(torch_device)),
+    )
 
 
 def prefix_cache_tokens(context_length: int, kv_tokens: int) -> int:

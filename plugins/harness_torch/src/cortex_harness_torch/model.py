@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cortex.harness import (
+    LOGPROBS,
     DeviceFault,
     DeviceOutOfMemory,
     HarnessError,
@@ -28,7 +29,7 @@ from cortex.harness import (
     Step,
 )
 from cortex_harness_torch.chat import render_prompt
-from cortex_harness_torch.sampling import TokenSampler
+from cortex_harness_torch.sampling import TokenSampler, step_of
 
 if TYPE_CHECKING:
     import torch
@@ -104,12 +105,12 @@ class TorchGeneration:
     def step(self) -> Step:
         if self.closed:
             raise HarnessError("step() on a closed generation")
-        token = guarded(self._forward)
-        self._sampler.observe(token)
-        self._last = token
-        return Step(token, is_eos=token in self._owner.eos_ids)
+        step = guarded(self._forward)
+        self._sampler.observe(step.token_id)
+        self._last = step.token_id
+        return step
 
-    def _forward(self) -> int:
+    def _forward(self) -> Step:
         import torch
         from transformers import DynamicCache
 
@@ -127,7 +128,9 @@ class TorchGeneration:
                 logits_to_keep=1,
                 **{owner.cache_argument: self._cache},
             )
-            return self._sampler.choose(output.logits[0, -1])
+            logits = output.logits[0, -1]
+            token = self._sampler.choose(logits)
+            return step_of(token, logits, self._sampler.params.logprobs, owner.eos_ids)
 
     def close(self) -> None:
         self.closed = True
@@ -136,6 +139,8 @@ class TorchGeneration:
 
 class TorchModel:
     """A loaded model + tokenizer. All methods run on the owning device worker thread."""
+
+    capabilities = frozenset({LOGPROBS})
 
     def __init__(
         self, model: Any, tokenizer: Any, torch_device: torch.device, context_length: int
