@@ -3,7 +3,8 @@
 Why here and not only on the neurons: an operator (or a script warming a fleet before office
 hours) should not need the cluster token or know which node to ask; the gateway places a load
 exactly as it would for a request (profile, free memory, eviction) and unloads wherever a model
-is. These routes need an admin key when keys are configured (docs/security.md).
+is, and pins or unpins a model for as long as the gateway runs (:mod:`cortex.gateway.pins`).
+These routes need an admin key when keys are configured (docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from cortex.config import ModelProfile
+from cortex.gateway.pins import set_pinned
 from cortex.gateway.router import resolve
 from cortex.gateway.service import Gateway
 from cortex.gateway.status_view import fleet_status
@@ -125,3 +127,23 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return JSONResponse(
             {"model": resolved.canonical, "unloaded_from": [n.name for n in targets]}
         )
+
+    async def pin(request: Request, pinned: bool) -> JSONResponse:
+        body = await read_json_object(request, max_bytes)
+        resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
+        was = bool(resolved.profile is not None and resolved.profile.pinned)
+        profile = set_pinned(gateway, resolved, pinned)
+        return JSONResponse(
+            {"model": resolved.canonical, "pinned": profile.pinned, "changed": was != pinned}
+        )
+
+    @app.post("/admin/models/pin")
+    async def admin_pin(request: Request) -> JSONResponse:
+        """Pin a model of models.toml until the gateway restarts: never evicted, never
+        unloaded by keep_alive."""
+        return await pin(request, True)
+
+    @app.post("/admin/models/unpin")
+    async def admin_unpin(request: Request) -> JSONResponse:
+        """Unpin a model of models.toml until the gateway restarts."""
+        return await pin(request, False)
