@@ -117,6 +117,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
         **_NO_NATIVE_TELEMETRY,
     )
     app.state.gateway = gateway
+    app.state.dashboard = dashboard
     install_error_handlers(app)
     # Outermost last: keys are checked before a byte of the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.config.gateway.max_body_bytes)

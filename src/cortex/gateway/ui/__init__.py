@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from cortex import __version__
 from cortex.auth import GatewayAuth, presented_key
+from cortex.gateway.router import canonical_or_none
 from cortex.gateway.service import Gateway
 from cortex.gateway.status_view import fleet_status
 from cortex.gateway.ui.series import TrafficSeries
@@ -128,8 +129,19 @@ class Dashboard:
             "health": {k: health[k] for k in ("status", "nodes_up", "nodes_total", "models_ready")},
             "status": fleet_status(self.gateway),
             "catalogue": self.gateway.catalogue(),
+            # the models.toml profiles (what a pin applies to), by canonical id
+            "profiles": self._profiles(),
             "series": self.series.to_json(),
         }
+
+    def _profiles(self) -> list[dict[str, Any]]:
+        source = self.gateway.default_source
+        found = []
+        for profile in self.gateway.models.models:
+            canonical = canonical_or_none(profile.id, source)
+            if canonical is not None:
+                found.append({"id": canonical, "pinned": profile.pinned})
+        return found
 
     # ---- routes -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -98,10 +99,15 @@ class TrafficSeries:
         self.points: dict[Key, deque[Point]] = {}
         self._last: dict[Key, Totals] = {}
         self._last_at: float | None = None
+        # the event loop samples and serves; a test (or a thread) may sample too
+        self._lock = threading.Lock()
 
     def sample(self, now: float | None = None) -> None:
         """Read the totals and append one point per (model, node) seen so far."""
-        now = time.time() if now is None else now
+        with self._lock:
+            self._sample(time.time() if now is None else now)
+
+    def _sample(self, now: float) -> None:
         totals = read_totals(self.metrics)
         if self._last_at is not None and now > self._last_at:
             elapsed = now - self._last_at
@@ -129,6 +135,10 @@ class TrafficSeries:
             del self.points[key]
 
     def to_json(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._to_json()
+
+    def _to_json(self) -> list[dict[str, Any]]:
         return [
             {
                 "model": model,
