@@ -253,15 +253,34 @@
     return Math.min(d.window_s, Math.max(state.at - oldest + d.step_s, 12 * d.step_s));
   }
 
+  // What a chart's label says: the last minute (tokens generated per second over it, or the
+  // mean time to first token of the steps that had one); "-" when nothing happened in it.
+  const RECENT_S = 60;
+  function recent(series, field) {
+    if (!series) return null;
+    const now = state.at;
+    const step = state.dashboard.step_s;
+    let tokens = 0, covered = 0, sum = 0, n = 0;
+    series.at.forEach((t, i) => {
+      if (now - t > RECENT_S) return;
+      const v = series[field][i];
+      const dt = i > 0 ? t - series.at[i - 1] : step;
+      covered += dt;
+      if (v !== null) { tokens += v * dt; sum += v; n += 1; }
+    });
+    if (field === "tokens_per_s") return covered > 0 && tokens > 0 ? tokens / Math.min(RECENT_S, covered) : null;
+    return n ? sum / n : null;
+  }
+
   function sparkline(series, field, cls, fmt) {
     const W = 110, H = 26;
     const wrap = h("div", { class: "chart", dataset: { chart: field } });
     const svg = s("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img" });
     svg.append(s("line", { class: "spark-base", x1: 0, y1: H - 1, x2: W, y2: H - 1 }));
-    let last = null;
     if (series) {
       const now = state.at;
       const span = chartSpan();
+      const gap = 3 * state.dashboard.step_s; // no sample for that long: the line breaks
       const values = series[field];
       const present = values.filter((v) => v !== null);
       const max = Math.max(...present, 1e-9);
@@ -276,18 +295,20 @@
       };
       series.at.forEach((t, i) => {
         const v = values[i];
-        if (v === null) { flush(); return; }
+        if (v === null || (i > 0 && t - series.at[i - 1] > gap)) flush();
+        if (v === null) return;
         const x = Math.max(0, W * (1 - (now - t) / span));
         const y = H - 2 - (H - 5) * (v / max);
         run.push([x.toFixed(1), y.toFixed(1)]);
-        last = v;
       });
       flush();
       const title = s("title");
-      title.textContent = `${field === "ttft_s" ? "TTFT" : "tok/s"} over the last ${duration(span)}: max ${fmt(present.length ? max : null)}`;
+      const what = field === "ttft_s" ? "mean time to first token" : "tokens generated per second";
+      title.textContent = `${what} over the last ${duration(span)} (max ${fmt(present.length ? max : null)}); the label: the last minute`;
       svg.append(title);
     }
-    wrap.append(svg, h("span", { class: "value" }, fmt(last)));
+    const value = recent(series, field);
+    wrap.append(svg, h("span", { class: "value", dataset: { value: value === null ? "" : value } }, fmt(value)));
     return wrap;
   }
 
@@ -402,8 +423,9 @@
           h("td", { class: "num", dataset: { field: "keep_alive" } }, left),
           h("td", {}, sparkline(sr, "tokens_per_s", "", rate)),
           h("td", {}, sparkline(sr, "ttft_s", "ttft", seconds)),
-          h("td", { class: "actions" }, actions));
+          h("td", {}, h("div", { class: "actions" }, actions)));
       });
+    $("models").classList.toggle("no-actions", !d.can_act);
     fill($("models").tBodies[0], rows);
     $("models-empty").hidden = rows.length > 0;
     const loads = (st.loads_in_progress || []).map((id) =>
@@ -448,8 +470,9 @@
         h("td", { dataset: { field: "state" }, title: e.error ? errorText(e.error, "-") : null }, badge(e.state)),
         h("td", { dataset: { field: "loaded_on" } }, where || "-"),
         h("td", { dataset: { field: "pinned", value: String(e.pinned) } }, e.pinned ? badge("pinned") : "-"),
-        h("td", { class: "actions" }, actions));
+        h("td", {}, h("div", { class: "actions" }, actions)));
     });
+    $("catalogue").classList.toggle("no-actions", !d.can_act);
     fill($("catalogue").tBodies[0], trs);
   }
 
