@@ -1,5 +1,5 @@
-"""The dashboard's HTTP side (``[gateway] dashboard``, docs/operators.md#the-dashboard) against a
-real fleet: two ``neuron run`` processes with echo models, gateways on loopback, plain HTTP.
+"""The dashboard's HTTP side (``[gateway] dashboard``, docs/operators.md) against a real
+fleet: two ``neuron run`` processes with echo models, gateways on loopback, plain HTTP.
 
 What the browser tests (test_ui_browser.py) cannot see cheaply is checked here: the modes, which
 paths need which key, the security headers, the run-time pins and what they do to eviction, the

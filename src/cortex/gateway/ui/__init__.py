@@ -1,5 +1,5 @@
 """The fleet dashboard: one page at ``/ui`` that shows the gateway's fleet view and, for admin
-keys, loads, unloads, pins and unpins models (docs/operators.md#the-dashboard).
+keys, loads, unloads, pins and unpins models (docs/operators.md, "The dashboard").
 
 How it is built, and why:
 

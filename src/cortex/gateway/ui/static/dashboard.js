@@ -1,4 +1,4 @@
-// cortex fleet dashboard (docs/operators.md#the-dashboard). Plain JS, no build step, no library.
+// cortex fleet dashboard (docs/operators.md, "The dashboard"). Plain JS, no build step, no library.
 //
 // Reads GET api/state (the gateway's own fleet view) every poll_s seconds while the tab is
 // visible, and acts through the admin API (POST ../admin/models/{load,unload,pin,unpin}) with
