@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from cortex.gateway.nodes import READY
 from cortex.gateway.router import find_profile
 
 if TYPE_CHECKING:
@@ -30,9 +31,10 @@ def _model_view(gateway: Gateway, node: NodeState, model: NodeModel, now: float)
     pinned = bool(profile is not None and profile.pinned)
     keep_alive = profile.keep_alive.seconds if profile is not None else None
     idle = round(max(0.0, now - last), 1) if last else None
-    # seconds until keep_alive unloads it if it stays idle (None: it never does)
+    # seconds until keep_alive unloads it if it stays idle (None: it never does; keep_alive
+    # only unloads ready models)
     left = None
-    if keep_alive is not None and not pinned:
+    if keep_alive is not None and not pinned and model.state == READY:
         left = keep_alive if in_flight or idle is None else round(max(0.0, keep_alive - idle), 1)
     return {
         "id": model.id,
