@@ -154,6 +154,8 @@ def test_state_is_the_admin_status_view_plus_catalogue_and_series(fleet: Fleet) 
                 model="ea", messages=[{"role": "user", "content": "hi"}], stream=True
             )
         )
+    # the neuron's scheduler counts (running, waiting) arrive with the next poll
+    gw.wait_for(lambda: all(m["running"] == 0 for m in state(gw)["status"]["models"]))
     seen = state(gw)
     status = httpx.get(f"{gw.url}/admin/status", timeout=10).json()
     for key in ("nodes", "loads_in_progress", "failed_loads", "events"):
@@ -250,6 +252,31 @@ def test_a_model_without_a_profile_cannot_be_pinned(fleet: Fleet) -> None:
     assert answer.status_code == 422
     assert answer.json()["error"]["code"] == "model_not_configured"
     assert "models.toml" in answer.json()["error"]["message"]
+
+
+def test_admin_actions_asked_by_another_sites_page_are_refused(fleet: Fleet) -> None:
+    """Fetch Metadata: with auth off, a page elsewhere (another port of this host included)
+    could otherwise load and unload models through its visitor's browser."""
+    gw = fleet.gateway(models=publish(fleet), dashboard="admin")  # no keys
+    for site in ("cross-site", "same-site", "Same-Site"):
+        for action in ("load", "unload", "pin", "unpin"):
+            answer = httpx.post(
+                f"{gw.url}/admin/models/{action}",
+                json={"model": "ui/echo-c"},
+                headers={"Sec-Fetch-Site": site},
+                timeout=30,
+            )
+            assert answer.status_code == 403, (site, action, answer.text)
+            assert answer.json()["error"]["code"] == "cross_site_request"
+    assert fleet.neuron_models("n1") == {} and fleet.neuron_models("n2") == {}
+    for site in ("same-origin", "none"):  # the dashboard itself; a URL typed by its user
+        answer = httpx.post(
+            f"{gw.url}/admin/models/load",
+            json={"model": "ui/echo-c"},
+            headers={"Sec-Fetch-Site": site},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
 
 
 # ---- traffic series ----------------------------------------------------------------------------

@@ -21,11 +21,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
 
 from cortex.auth import GatewayAuth, KeySet
 from cortex.cli.console import human_bytes
 from cortex.config import ModelProfile
 from cortex.testing.cluster import Fleet, GatewayUnderTest
+from cortex.testing.servers import UvicornThread
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +179,19 @@ def wait_until(predicate: Any, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
+def wait_for_the_same_numbers(page: Any, gw: GatewayUnderTest, timeout: float = 30.0) -> None:
+    """Until the page shows what /admin/status says (the page polls every second; a fleet poll
+    can land between the two reads). On a timeout, says what differed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown, expected = page_numbers(page), expected_numbers(admin_status(gw))
+        if shown == expected:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page shows {shown}\n/admin/status says {expected}")
+        time.sleep(0.2)
+
+
 def page_numbers(page: Any) -> dict[str, Any]:
     """What the page shows, read from the DOM (attributes and visible text)."""
     return page.evaluate(
@@ -269,7 +287,7 @@ def test_an_admin_sees_the_fleet_and_loads_pins_and_unloads_from_the_page(
     assert page.context.cookies() == []
 
     # the numbers on the page are /admin/status's (the page refreshes every second)
-    wait_until(lambda: page_numbers(page) == expected_numbers(admin_status(gw)))
+    wait_for_the_same_numbers(page, gw)
     shown = page_numbers(page)
     assert [n["name"] for n in shown["nodes"]] == ["n1", "n2"]
     assert shown["models"][0]["id"] == B and shown["models"][0]["pinned"] is True
@@ -294,7 +312,7 @@ def test_an_admin_sees_the_fleet_and_loads_pins_and_unloads_from_the_page(
     keep_alive = page.text_content(f'#models tr[data-model="{A}"] [data-field=keep_alive]')
     assert keep_alive.startswith(("29m", "30m")), keep_alive
     traffic(gw, rounds=4)
-    wait_until(lambda: page_numbers(page) == expected_numbers(admin_status(gw)))
+    wait_for_the_same_numbers(page, gw)
     page.screenshot(path=shot_path(tmp_path, "dashboard.png"), full_page=True)
 
     # pin and unpin: the admin API's pin, seen in /admin/status
@@ -352,7 +370,7 @@ def test_without_an_admin_key_the_page_shows_but_cannot_act(
     assert page.get_attribute("#role", "data-role") == "client"
     assert page.locator("button[data-action]").count() == 0
     assert page.locator("#catalogue select").count() == 0
-    wait_until(lambda: page_numbers(page) == expected_numbers(admin_status(gw)))
+    wait_for_the_same_numbers(page, gw)
     page.screenshot(path=shot_path(tmp_path, "dashboard-read-only.png"), full_page=True)
 
     # the page's own script cannot act either: the admin API refuses a client key and no key
@@ -394,3 +412,40 @@ def test_text_from_clients_is_shown_as_text(fleet: Fleet, open_page: Any) -> Non
     assert page.title() == "cortex fleet"
     assert page.get_attribute("#role", "data-role") == "open"
     assert page.locator("#key-form").is_hidden()  # auth off: no key to type
+
+
+def test_a_page_on_another_site_cannot_act_on_a_gateway_without_keys(
+    fleet: Fleet, open_page: Any
+) -> None:
+    """Auth off (a laptop on loopback): a page elsewhere that its operator visits posts to the
+    admin API through the browser. The gateway refuses what the browser marks as another site's
+    (Sec-Fetch-Site), so nothing loads."""
+    gw = web_fleet(fleet, dashboard="admin")
+
+    async def elsewhere(_request: Request) -> HTMLResponse:
+        return HTMLResponse("<!doctype html><title>another site</title><p>hello</p>")
+
+    other = UvicornThread(Starlette(routes=[Route("/", elsewhere)])).start()
+    try:
+        page = open_page().page
+        page.goto(f"{other.url}/")
+        sent = page.evaluate(
+            """async (url) => {
+              for (const action of ['load', 'pin']) {
+                await fetch(url + '/admin/models/' + action, {method: 'POST', mode: 'no-cors',
+                  body: JSON.stringify({model: 'fast'})});
+              }
+              return true;
+            }""",
+            gw.url,
+        )
+        assert sent is True
+        time.sleep(1.0)
+        assert fleet.neuron_models("n1") == {} and fleet.neuron_models("n2") == {}
+        assert {p["id"]: p["pinned"] for p in state_of(gw)["profiles"]}[C] is False
+    finally:
+        other.stop()
+
+
+def state_of(gw: GatewayUnderTest) -> dict[str, Any]:
+    return httpx.get(f"{gw.url}/ui/api/state", timeout=10).json()

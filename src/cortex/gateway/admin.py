@@ -23,6 +23,22 @@ from cortex.gateway.status_view import fleet_status
 from cortex.wire.errors import ApiError, bad_request, model_not_found
 from cortex.wire.http import read_json_object
 
+# Fetch Metadata: a browser says where a request comes from; curl, the SDKs and `cortex load`
+# send nothing. An action asked by another site's page (another port of the same host counts as
+# "same-site") is refused, so a gateway with auth off (a laptop on loopback) cannot be driven by
+# a page its operator happens to visit. The dashboard's own requests are "same-origin".
+CROSS_SITE = frozenset({"cross-site", "same-site"})
+
+
+def _refuse_cross_site(request: Request) -> None:
+    if request.headers.get("sec-fetch-site", "").strip().lower() in CROSS_SITE:
+        raise ApiError(
+            403,
+            "cross_site_request",
+            "admin actions are refused when another site's page asks for them "
+            "(Sec-Fetch-Site); use the gateway's own dashboard, the CLI or curl",
+        )
+
 
 def _model_field(body: dict[str, Any]) -> str:
     model = body.get("model")
@@ -64,6 +80,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     async def admin_load(request: Request) -> JSONResponse:
         """Load a model where a request for it would (a no-op when it is ready somewhere), or
         on ``node`` when given (a no-op when it is ready there)."""
+        _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
         model = _model_field(body)
         only = body.get("node")
@@ -102,6 +119,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/admin/models/unload")
     async def admin_unload(request: Request) -> JSONResponse:
         """Unload a model from every node (or only ``node``) where it is loaded."""
+        _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
         resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
         only = body.get("node")
@@ -129,6 +147,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         )
 
     async def pin(request: Request, pinned: bool) -> JSONResponse:
+        _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
         resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
         was = bool(resolved.profile is not None and resolved.profile.pinned)
