@@ -204,6 +204,11 @@ class GatewaySection:
     hosted_tools: str = attrs.field(
         default="drop", validator=attrs.validators.in_(("drop", "refuse"))
     )
+    # The fleet dashboard at /ui (docs/operators.md): "off" serves nothing, "read-only" shows
+    # the fleet to any valid key, "admin" also offers load/unload/pin to admin keys.
+    dashboard: str = attrs.field(
+        default="off", validator=attrs.validators.in_(("off", "read-only", "admin"))
+    )
 
 
 @attrs.frozen

@@ -3,7 +3,8 @@
 Why here and not only on the neurons: an operator (or a script warming a fleet before office
 hours) should not need the cluster token or know which node to ask; the gateway places a load
 exactly as it would for a request (profile, free memory, eviction) and unloads wherever a model
-is. These routes need an admin key when keys are configured (docs/security.md).
+is, and pins or unpins a model for as long as the gateway runs (:mod:`cortex.gateway.pins`).
+These routes need an admin key when keys are configured (docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,11 +16,28 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from cortex.config import ModelProfile
+from cortex.gateway.pins import set_pinned
 from cortex.gateway.router import resolve
 from cortex.gateway.service import Gateway
 from cortex.gateway.status_view import fleet_status
 from cortex.wire.errors import ApiError, bad_request, model_not_found
 from cortex.wire.http import read_json_object
+
+# Fetch Metadata: a browser says where a request comes from; curl, the SDKs and `cortex load`
+# send nothing. An action asked by another site's page (another port of the same host counts as
+# "same-site") is refused, so a gateway with auth off (a laptop on loopback) cannot be driven by
+# a page its operator happens to visit. The dashboard's own requests are "same-origin".
+CROSS_SITE = frozenset({"cross-site", "same-site"})
+
+
+def _refuse_cross_site(request: Request) -> None:
+    if request.headers.get("sec-fetch-site", "").strip().lower() in CROSS_SITE:
+        raise ApiError(
+            403,
+            "cross_site_request",
+            "admin actions are refused when another site's page asks for them "
+            "(Sec-Fetch-Site); use the gateway's own dashboard, the CLI or curl",
+        )
 
 
 def _model_field(body: dict[str, Any]) -> str:
@@ -62,6 +80,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     async def admin_load(request: Request) -> JSONResponse:
         """Load a model where a request for it would (a no-op when it is ready somewhere), or
         on ``node`` when given (a no-op when it is ready there)."""
+        _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
         model = _model_field(body)
         only = body.get("node")
@@ -100,6 +119,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/admin/models/unload")
     async def admin_unload(request: Request) -> JSONResponse:
         """Unload a model from every node (or only ``node``) where it is loaded."""
+        _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
         resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
         only = body.get("node")
@@ -125,3 +145,24 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return JSONResponse(
             {"model": resolved.canonical, "unloaded_from": [n.name for n in targets]}
         )
+
+    async def pin(request: Request, pinned: bool) -> JSONResponse:
+        _refuse_cross_site(request)
+        body = await read_json_object(request, max_bytes)
+        resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
+        was = bool(resolved.profile is not None and resolved.profile.pinned)
+        profile = set_pinned(gateway, resolved, pinned)
+        return JSONResponse(
+            {"model": resolved.canonical, "pinned": profile.pinned, "changed": was != pinned}
+        )
+
+    @app.post("/admin/models/pin")
+    async def admin_pin(request: Request) -> JSONResponse:
+        """Pin a model of models.toml until the gateway restarts: never evicted, never
+        unloaded by keep_alive."""
+        return await pin(request, True)
+
+    @app.post("/admin/models/unpin")
+    async def admin_unpin(request: Request) -> JSONResponse:
+        """Unpin a model of models.toml until the gateway restarts."""
+        return await pin(request, False)

@@ -1,5 +1,6 @@
 """The gateway's FastAPI application: ``/v1/models``, the generation routes (OpenAI chat and
-completions, Anthropic messages, OpenAI responses) and ``/health``.
+completions, Anthropic messages, OpenAI responses), ``/health``, ``/admin/*`` and, when
+``[gateway] dashboard`` is on, the dashboard at ``/ui``.
 
 Handlers read raw JSON (no pydantic on the hot path) and every failure leaves as an
 :class:`ApiError` in the OpenAI envelope, with ``Retry-After`` when retrying can work.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from cortex.gateway.dialects import DIALECT_ANSWERS, install_dialect_routes
 from cortex.gateway.fast_path import PlainEndpoint
 from cortex.gateway.service import Gateway
 from cortex.gateway.status_view import public_health
+from cortex.gateway.ui import Dashboard
 from cortex.request_schemas import document_request_bodies
 from cortex.wire.errors import ApiError
 from cortex.wire.http import default_dialect, install_error_handlers, read_json_object
@@ -45,13 +47,22 @@ GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 class RecordedAuth:
     """The gateway's key check with every refusal counted and written to the request log
     (a client with a wrong key shows up there, not only in its own error message). Wraps the
-    :class:`GatewayAuth` both the middleware and the plain-ASGI routes ask."""
+    :class:`GatewayAuth` both the middleware and the plain-ASGI routes ask. ``is_open`` names
+    the paths served without a key: the dashboard's page and files, which hold no data."""
 
-    def __init__(self, auth: GatewayAuth, gateway: Gateway) -> None:
+    def __init__(
+        self,
+        auth: GatewayAuth,
+        gateway: Gateway,
+        is_open: Callable[[str], bool] | None = None,
+    ) -> None:
         self._auth = auth
         self._gateway = gateway
+        self._is_open = is_open
 
     def check(self, path: str, headers: Mapping[str, str]) -> ApiError | None:
+        if self._is_open is not None and self._is_open(path):
+            return None
         error = self._auth.check(path, headers)
         if error is not None:
             self._gateway.record_failure(path, None, error)
@@ -81,14 +92,20 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
     ``auth`` defaults to the keys named in ``[auth]`` (docs/security.md)."""
     if auth is None:
         auth = GatewayAuth.from_config(gateway.config.auth, gateway.config.base_dir)
-    auth = cast(GatewayAuth, RecordedAuth(auth, gateway))
+    mode = gateway.config.gateway.dashboard
+    dashboard = Dashboard(gateway, auth, mode) if mode != "off" else None
+    auth = cast(GatewayAuth, RecordedAuth(auth, gateway, dashboard.is_open if dashboard else None))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        if dashboard is not None:
+            dashboard.start()
         try:
             yield
         finally:
+            if dashboard is not None:
+                await dashboard.stop()
             await gateway.stop()
 
     app = GatewayApp(
@@ -101,6 +118,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
         **_NO_NATIVE_TELEMETRY,
     )
     app.state.gateway = gateway
+    app.state.dashboard = dashboard
     install_error_handlers(app)
     # Outermost last: keys are checked before a byte of the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.config.gateway.max_body_bytes)
@@ -149,5 +167,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
 
     install_dialect_routes(app, gateway)
     install_admin_routes(app, gateway)
+    if dashboard is not None:
+        dashboard.install(app)
     document_request_bodies(app)
     return app

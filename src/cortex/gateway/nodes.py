@@ -45,6 +45,11 @@ class NodeDevice:
     total_memory: int
     free_memory: int
     state: str = "ok"
+    # the device worker's load (shown by /admin/status and the dashboard; routing ignores it):
+    # jobs waiting or running, and requests admitted out of max_queue
+    queue_depth: int = 0
+    requests_in_progress: int = 0
+    max_queue: int = 0
 
     @property
     def is_accelerator(self) -> bool:
@@ -60,6 +65,9 @@ class NodeDevice:
             total_memory=_int(data, "total_memory"),
             free_memory=_int(data, "free_memory"),
             state=str(data.get("state") or "ok"),
+            queue_depth=_int(data, "queue_depth", 0),
+            requests_in_progress=_int(data, "requests_in_progress", 0),
+            max_queue=_int(data, "max_queue", 0),
         )
 
 

@@ -90,6 +90,10 @@ class Resolver:
             self._known[key] = found
         return found
 
+    def clear(self) -> None:
+        """Forget every name: a profile changed at run time (a pin from the admin API)."""
+        self._known.clear()
+
 
 # ---- replicas ---------------------------------------------------------------------------------
 

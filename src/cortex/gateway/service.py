@@ -33,6 +33,7 @@ from cortex.gateway.metrics import (
 from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import NodeState
 from cortex.gateway.proxy import ModelRewriter, StreamObserver, UpstreamUnreachable, forward
+from cortex.gateway.recent_errors import RecentErrors
 from cortex.gateway.redact import public
 from cortex.gateway.router import Resolved, Resolver, least_busy, replicas
 from cortex.gateway.usage import Usage
@@ -75,6 +76,7 @@ class Gateway:
         self.strategy = strategy
         self.metrics = metrics or GatewayMetrics()
         self.usage = Usage()
+        self.recent_errors = RecentErrors()  # /admin/status and the dashboard
         self.session: aiohttp.ClientSession | None = None
         self.fleet: Fleet | None = None
         self.loader: Loader | None = None
@@ -240,6 +242,7 @@ class Gateway:
         self.metrics.requests.labels(route, model, NO_NODE, "error").inc()
         self.metrics.errors.labels(route, code_label(error.code)).inc()
         shown = requested[:200] if isinstance(requested, str) else None
+        self.recent_errors.add(path, shown, NO_NODE, error.code, error.status, error.message)
         request_log.info(
             path,
             extra={
@@ -420,6 +423,9 @@ class Gateway:
             return answer
         except ApiError as exc:
             self.metrics.errors.labels(COUNT_TOKENS_ROUTE, code_label(exc.code)).inc()
+            self.recent_errors.add(
+                COUNT_TOKENS_ROUTE, resolved.canonical, node.name, exc.code, exc.status, exc.message
+            )
             exc.recorded = True  # type: ignore[attr-defined]  # counted here, with its node
             raise public(exc) from None  # no paths or addresses to clients (docs/security.md)
         finally:
@@ -532,6 +538,7 @@ class Gateway:
                 series.completion_tokens.inc(done)
             if error:
                 metrics.errors.labels(route, code_label(error)).inc()
+                self.recent_errors.add(route, canonical, node, error)
             if first and done > 1 and ended > first[0]:
                 series.tokens_per_second.observe((done - 1) / (ended - first[0]))
             if request_log.isEnabledFor(logging.INFO):  # skip building the line when off

@@ -26,6 +26,7 @@ import attrs
 import httpx
 import openai
 
+from cortex.auth import GatewayAuth
 from cortex.config import (
     CortexConfig,
     Duration,
@@ -119,8 +120,10 @@ class Fleet:
         aliases: dict[str, str] | None = None,
         strategy: str = "lru",
         defrag_after_cycles: int = 0,
+        auth: GatewayAuth | None = None,
         **gateway_settings: Any,
     ) -> GatewayUnderTest:
+        """A gateway in front of every neuron; ``auth`` (default: no keys) is the key check."""
         settings = {
             "poll_interval": Duration(0.2),
             "load_timeout": Duration(60.0),
@@ -138,7 +141,7 @@ class Fleet:
             ModelsConfig(models=models or [], aliases=aliases or {}),
             load_strategy(strategy),
         )
-        server = UvicornThread(create_app(gateway)).start()
+        server = UvicornThread(create_app(gateway, auth)).start()
         self.gateways.append(server)
         return GatewayUnderTest(gateway, server)
 
