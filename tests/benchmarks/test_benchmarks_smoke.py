@@ -90,8 +90,10 @@ def test_concurrency_quick(tmp_path: Path) -> None:
         assert set(rows) == {"1", "2", "4"}, label
         for streams, r in rows.items():
             assert r["requests"] == int(streams), (label, streams)  # every stream completed
-            for key in ("tokens_per_s", "raw_tokens_per_s", "ttft_p50_ms", "itl_p99_ms"):
+            for key in ("tokens_per_s", "raw_tokens_per_s", "ttft_p50_ms"):
                 assert positive(r[key]), (label, streams, key)
+            # a fast model's tokens can all arrive in one write: gaps of 0 are real
+            assert math.isfinite(r["itl_p99_ms"]) and r["itl_p99_ms"] >= 0
         turns = result["multi_turn"]
         assert turns["prompt_tokens"] >= 300
         assert positive(turns["ttft_cached_ms"]) and positive(turns["ttft_uncached_ms"])

@@ -42,7 +42,8 @@ def chat(**overrides: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        (chat(n=2), "n"),
+        (chat(n=17), "n"),  # at most 16
+        (chat(n=0), "n"),
         (chat(temperature=3), "temperature"),
         (chat(temperature="hot"), "temperature"),
         (chat(max_tokens=-1), "max_tokens"),

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from cortex import __version__
 from cortex.neuron import framing
@@ -128,27 +128,31 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
         started = time.monotonic()
         chat = parse_chat_request(await read_json_object(request, MAX_BODY_BYTES))
         entry = ready_entry(node, chat.options.model)
-        stream, opens_reasoning = await start_chat(node, entry, chat, started)
-        parser = output_parser(bool(chat.tools), starts_in_reasoning=opens_reasoning)
+        streams, opens_reasoning = await start_chat(node, entry, chat, started)
+        parsers = [
+            output_parser(bool(chat.tools), starts_in_reasoning=opens_reasoning) for _ in streams
+        ]
         if chat.options.stream:
-            return _streamed(framing.chat_frames(stream, chat.options, request, parser), stream)
+            frames = framing.chat_frames(streams, chat.options, request, parsers)
+            return _GenerationResponse(frames, streams)
         try:
-            return JSONResponse(await framing.chat_whole(stream, request, parser))
+            return JSONResponse(await framing.chat_whole(streams, request, parsers))
         finally:
-            stream.close()
+            _close(streams)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         started = time.monotonic()
         req = parse_completion_request(await read_json_object(request, MAX_BODY_BYTES))
         entry = ready_entry(node, req.options.model)
-        stream = await start_completion(node, entry, req, started)
+        streams = await start_completion(node, entry, req, started)
         if req.options.stream:
-            return _streamed(framing.completion_frames(stream, req.options, request), stream)
+            frames = framing.completion_frames(streams, req.options, request)
+            return _GenerationResponse(frames, streams)
         try:
-            return JSONResponse(await framing.completion_whole(stream, request))
+            return JSONResponse(await framing.completion_whole(streams, request))
         finally:
-            stream.close()
+            _close(streams)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -159,12 +163,12 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
 
 
 class _GenerationResponse(WatchedStreamingResponse):
-    """A streamed generation. Its :meth:`release` closes the stream (which ends the request:
-    the generation, its device admission, its in-flight count) once the response is over,
+    """A streamed generation. Its :meth:`release` closes the streams (which ends the request:
+    the generations, the device admission, the in-flight count) once the response is over,
     also when the client left before the body started (the body's ``finally`` would then
     never run)."""
 
-    def __init__(self, body: AsyncIterator[bytes], stream: GenerationStream) -> None:
+    def __init__(self, body: AsyncIterator[bytes], streams: list[GenerationStream]) -> None:
         # Its last frames and the chunked terminator go out in one write (LastChunk); a client
         # that leaves cancels the body.
         super().__init__(
@@ -172,14 +176,17 @@ class _GenerationResponse(WatchedStreamingResponse):
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._stream = stream
+        self._streams = streams
 
     def release(self) -> None:
-        self._stream.close()
+        _close(self._streams)
 
 
-def _streamed(body: AsyncIterator[bytes], stream: GenerationStream) -> StreamingResponse:
-    return _GenerationResponse(body, stream)
+def _close(streams: list[GenerationStream]) -> None:
+    """End a generation request: every choice's stream (the first one's close ends the
+    request itself)."""
+    for stream in streams:
+        stream.close()
 
 
 __all__ = ["create_app", "parse_model_id"]

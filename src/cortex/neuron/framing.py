@@ -14,6 +14,7 @@ answer, the streaming response's ``release`` for a stream: ``cortex.neuron.api``
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable
@@ -120,13 +121,78 @@ def _is_call(event: OutputEvent) -> bool:
     return not isinstance(event, ContentDelta | ReasoningDelta)
 
 
+# ---- several choices -------------------------------------------------------------------------
+
+
+class _Choice:
+    """One choice's streamed frames: a producer yields the frames of each hand-off and leaves
+    its last frames (the finish frame) in ``end``, which leave with the stream's end."""
+
+    def __init__(self) -> None:
+        self.end: list[bytes] = []
+
+
+async def _merged(producers: list[AsyncIterator[list[bytes]]]) -> AsyncIterator[list[bytes]]:
+    """The frames of several choices as each arrives (one choice: straight through). An error
+    in one (an ``ApiError`` mid-stream) ends them all."""
+    if len(producers) == 1:
+        async for frames in producers[0]:
+            yield frames
+        return
+    queue: asyncio.Queue[tuple[list[bytes] | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(producer: AsyncIterator[list[bytes]]) -> None:
+        try:
+            async for frames in producer:
+                await queue.put((frames, None))
+        except BaseException as exc:
+            await queue.put((None, exc))
+            return
+        await queue.put((None, None))
+
+    tasks = [asyncio.create_task(pump(p)) for p in producers]
+    try:
+        running = len(tasks)
+        while running:
+            frames, error = await queue.get()
+            if error is not None:
+                raise error
+            if frames is None:
+                running -= 1
+            elif frames:
+                yield frames
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 # ---- chat ------------------------------------------------------------------------------------
 
 
 async def chat_whole(
-    stream: GenerationStream, request: Request, parser: OutputParser
+    streams: list[GenerationStream], request: Request, parsers: list[OutputParser]
 ) -> dict[str, Any]:
-    """The whole ``chat.completion``: content, reasoning and tool calls split by ``parser``."""
+    """The whole ``chat.completion``: one choice per stream, each split into content,
+    reasoning and tool calls by its parser; usage counts the prompt once and every choice's
+    tokens."""
+    answers = await asyncio.gather(
+        *(
+            _chat_choice(stream, index, request, parser)
+            for index, (stream, parser) in enumerate(zip(streams, parsers, strict=True))
+        )
+    )
+    return oai.chat_completion(
+        id=oai.completion_id(),
+        model=streams[0].entry.id,
+        choices=answers,
+        prompt_tokens=streams[0].prompt_tokens,
+        completion_tokens=sum(s.completion_tokens for s in streams),
+    )
+
+
+async def _chat_choice(
+    stream: GenerationStream, index: int, request: Request, parser: OutputParser
+) -> dict[str, Any]:
     events: list[OutputEvent] = []
     entries: list[dict[str, Any]] = []
     async for texts in batches_until_disconnect(stream, request):
@@ -140,27 +206,70 @@ async def chat_whole(
         reasoning_content="".join(e.text for e in events if isinstance(e, ReasoningDelta)),
         tool_calls=calls,
     )
-    return oai.chat_completion(
-        id=oai.completion_id(),
-        model=stream.entry.id,
+    return oai.chat_choice(
+        index=index,
         message=message,
         finish_reason="tool_calls" if calls else stream.finish_reason or "stop",
         stop_sequence=None if calls else stream.stop_sequence,
-        prompt_tokens=stream.prompt_tokens,
-        completion_tokens=stream.completion_tokens,
         logprobs=oai.chat_logprobs(entries) if stream.wants_logprobs else None,
     )
 
 
 async def chat_frames(
-    stream: GenerationStream,
+    streams: list[GenerationStream],
     options: GenerationOptions,
     request: Request,
-    parser: OutputParser,
+    parsers: list[OutputParser],
 ) -> AsyncIterator[bytes]:
-    """The ``chat.completion.chunk`` frames of a streamed answer, one send per hand-off."""
-    ids = {"id": oai.completion_id(), "model": stream.entry.id, "created": int(time.time())}
+    """The ``chat.completion.chunk`` frames of a streamed answer: each choice's role frame,
+    then its frames as they come (one send per hand-off), then every choice's finish frame,
+    the usage frame and ``[DONE]`` in one last write."""
+    ids = {"id": oai.completion_id(), "model": streams[0].entry.id, "created": int(time.time())}
+    # The role alone (an empty content here would make a tool-call-only answer assemble to ""
+    # where the whole answer says null); with the report_prompt_tokens extension (translated
+    # routes) the first also carries the prompt's length.
+    first = []
+    for index in range(len(streams)):
+        role = oai.chat_chunk(**ids, delta={"role": "assistant"}, index=index)
+        if index == 0 and options.report_prompt_tokens:
+            role["usage"] = oai.usage(streams[0].prompt_tokens, 0)
+        first.append(sse.encode_data(role))
+    yield b"".join(first)
+    choices = [_Choice() for _ in streams]
+    producers = [
+        _chat_choice_frames(stream, index, ids, request, parser, choice)
+        for index, (stream, parser, choice) in enumerate(
+            zip(streams, parsers, choices, strict=True)
+        )
+    ]
+    try:
+        async for frames in _merged(producers):
+            yield b"".join(frames)
+    except ApiError as exc:
+        yield LastChunk(sse.encode_data(exc.openai_body()) + sse.DONE)
+        return
+    if any(stream.cancelled for stream in streams):
+        return  # the client is gone
+    end = [frame for choice in choices for frame in choice.end]
+    if options.include_usage:
+        usage = oai.usage_chunk(
+            **ids,
+            prompt_tokens=streams[0].prompt_tokens,
+            completion_tokens=sum(s.completion_tokens for s in streams),
+        )
+        end.append(sse.encode_data(usage))
+    end.append(sse.DONE)
+    yield LastChunk(b"".join(end))
 
+
+async def _chat_choice_frames(
+    stream: GenerationStream,
+    index: int,
+    ids: dict[str, Any],
+    request: Request,
+    parser: OutputParser,
+    choice: _Choice,
+) -> AsyncIterator[list[bytes]]:
     # log-probabilities of tokens whose text made no frame yet (they go with the next frame)
     pending: list[dict[str, Any]] = []
 
@@ -171,7 +280,12 @@ async def chat_frames(
             pending.clear()
         return sse.encode_data(
             oai.chat_chunk(
-                **ids, delta=delta, finish_reason=finish, stop_sequence=stop, logprobs=logprobs
+                **ids,
+                delta=delta,
+                finish_reason=finish,
+                stop_sequence=stop,
+                logprobs=logprobs,
+                index=index,
             )
         )
 
@@ -183,39 +297,27 @@ async def chat_frames(
     saw_call = saw_content = False
     feed = parser.feed
     frames: list[bytes] = []
-    # The role alone (an empty content here would make a tool-call-only answer assemble to ""
-    # where the whole answer says null); with the report_prompt_tokens extension (translated
-    # routes) it also carries the prompt's length.
-    first = oai.chat_chunk(**ids, delta={"role": "assistant"})
-    if options.report_prompt_tokens:
-        first["usage"] = oai.usage(stream.prompt_tokens, 0)
-    yield sse.encode_data(first)
-    try:
-        async for texts in batches_until_disconnect(stream, request):
-            for text, logprobs in _with_logprobs(stream, texts):
-                pending.extend(_entry(lp) for lp in logprobs)
-                for event in feed(text):
-                    if type(event) is ContentDelta:
-                        frames.append(content_chunk(event.text))
-                        saw_content = True
-                        continue
-                    saw_call = saw_call or _is_call(event)
-                    frames.append(chunk(_event_delta(event)))
-            if frames and stream.finish_reason is None:
-                yield b"".join(frames)
-                frames.clear()
-            # else the generation is over: these frames leave with the end's frames
-        for event in parser.finish():
-            saw_call = saw_call or _is_call(event)
-            saw_content = saw_content or isinstance(event, ContentDelta)
-            frames.append(chunk(_event_delta(event)))
-    except ApiError as exc:
-        frames += (sse.encode_data(exc.openai_body()), sse.DONE)
-        yield LastChunk(b"".join(frames))
-        return
+    async for texts in batches_until_disconnect(stream, request):
+        for text, logprobs in _with_logprobs(stream, texts):
+            pending.extend(_entry(lp) for lp in logprobs)
+            for event in feed(text):
+                if type(event) is ContentDelta:
+                    frames.append(content_chunk(event.text))
+                    saw_content = True
+                    continue
+                saw_call = saw_call or _is_call(event)
+                frames.append(chunk(_event_delta(event)))
+        if frames and stream.finish_reason is None:
+            yield frames
+            frames = []
+        # else the generation is over: these frames leave with the end's frames
+    for event in parser.finish():
+        saw_call = saw_call or _is_call(event)
+        saw_content = saw_content or isinstance(event, ContentDelta)
+        frames.append(chunk(_event_delta(event)))
     if stream.cancelled:
         if frames:  # what the parser still held (the client is gone)
-            yield b"".join(frames)
+            yield frames
         return
     if saw_call:
         frames.append(chunk({}, "tool_calls"))
@@ -223,13 +325,7 @@ async def chat_frames(
         # an empty answer still assembles to "" (as the whole answer's content says)
         delta = {} if saw_content else {"content": ""}
         frames.append(chunk(delta, stream.finish_reason or "stop", stream.stop_sequence))
-    if options.include_usage:
-        usage = oai.usage_chunk(
-            **ids, prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens
-        )
-        frames.append(sse.encode_data(usage))
-    frames.append(sse.DONE)
-    yield LastChunk(b"".join(frames))
+    choice.end = frames
 
 
 # ---- completions -------------------------------------------------------------------------------
@@ -239,35 +335,82 @@ def _completion_tokens(logprobs: list[TokenLogprob]) -> list[tuple[str, float, A
     return [(lp.token, lp.logprob, lp.top) for lp in logprobs]
 
 
-async def completion_whole(stream: GenerationStream, request: Request) -> dict[str, Any]:
+async def completion_whole(streams: list[GenerationStream], request: Request) -> dict[str, Any]:
+    answers = await asyncio.gather(
+        *(_completion_choice(stream, i, request) for i, stream in enumerate(streams))
+    )
+    return oai.text_completion(
+        id=oai.random_id("cmpl-"),
+        model=streams[0].entry.id,
+        choices=answers,
+        prompt_tokens=streams[0].prompt_tokens,
+        completion_tokens=sum(s.completion_tokens for s in streams),
+    )
+
+
+async def _completion_choice(
+    stream: GenerationStream, index: int, request: Request
+) -> dict[str, Any]:
     texts: list[str] = []
     tokens: list[tuple[str, float, Any]] = []
     async for batch in batches_until_disconnect(stream, request):
         for text, logprobs in _with_logprobs(stream, batch):
             texts.append(text)
             tokens.extend(_completion_tokens(logprobs))
-    return oai.text_completion(
-        id=oai.random_id("cmpl-"),
-        model=stream.entry.id,
+    return oai.completion_choice(
+        index=index,
         text="".join(texts),
         finish_reason=stream.finish_reason or "stop",
-        prompt_tokens=stream.prompt_tokens,
-        completion_tokens=stream.completion_tokens,
         logprobs=oai.completion_logprobs(tokens) if stream.wants_logprobs else None,
     )
 
 
 async def completion_frames(
-    stream: GenerationStream, options: GenerationOptions, request: Request
+    streams: list[GenerationStream], options: GenerationOptions, request: Request
 ) -> AsyncIterator[bytes]:
-    """The ``text_completion`` frames of a streamed completion, one send per hand-off."""
-    ids = {"id": oai.random_id("cmpl-"), "model": stream.entry.id, "created": int(time.time())}
+    """The ``text_completion`` frames of a streamed completion, one send per hand-off; every
+    choice's finish frame, the usage frame and ``[DONE]`` in one last write."""
+    ids = {"id": oai.random_id("cmpl-"), "model": streams[0].entry.id, "created": int(time.time())}
+    choices = [_Choice() for _ in streams]
+    producers = [
+        _completion_choice_frames(stream, index, ids, request, choice)
+        for index, (stream, choice) in enumerate(zip(streams, choices, strict=True))
+    ]
+    try:
+        async for frames in _merged(producers):
+            yield b"".join(frames)
+    except ApiError as exc:
+        yield LastChunk(sse.encode_data(exc.openai_body()) + sse.DONE)
+        return
+    if any(stream.cancelled for stream in streams):
+        return
+    end = [frame for choice in choices for frame in choice.end]
+    if options.include_usage:
+        usage = oai.usage_chunk(
+            **ids,
+            prompt_tokens=streams[0].prompt_tokens,
+            completion_tokens=sum(s.completion_tokens for s in streams),
+            object="text_completion",
+        )
+        end.append(sse.encode_data(usage))
+    end.append(sse.DONE)
+    yield LastChunk(b"".join(end))
 
+
+async def _completion_choice_frames(
+    stream: GenerationStream,
+    index: int,
+    ids: dict[str, Any],
+    request: Request,
+    choice: _Choice,
+) -> AsyncIterator[list[bytes]]:
     offset = 0  # where the next token starts in the completion text (logprobs' text_offset)
 
     def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> bytes:
         return sse.encode_data(
-            oai.completion_chunk(**ids, text=text, finish_reason=finish, logprobs=logprobs)
+            oai.completion_chunk(
+                **ids, text=text, finish_reason=finish, logprobs=logprobs, index=index
+            )
         )
 
     def logprobs_chunk(text: str, logprobs: list[TokenLogprob]) -> bytes:
@@ -279,32 +422,19 @@ async def completion_frames(
 
     text_chunk = text_frame_encoder(chunk)
     frames: list[bytes] = []
-    try:
-        async for texts in batches_until_disconnect(stream, request):
-            if stream.wants_logprobs:
-                pairs = _with_logprobs(stream, texts)
-                frames = [logprobs_chunk(text, logprobs) for text, logprobs in pairs]
-            else:
-                frames = [text_chunk(text) for text in texts]
-            if stream.finish_reason is None:
-                yield b"".join(frames)
-                frames = []
-    except ApiError as exc:
-        yield LastChunk(sse.encode_data(exc.openai_body()) + sse.DONE)
-        return
+    async for texts in batches_until_disconnect(stream, request):
+        if stream.wants_logprobs:
+            pairs = _with_logprobs(stream, texts)
+            frames = [logprobs_chunk(text, logprobs) for text, logprobs in pairs]
+        else:
+            frames = [text_chunk(text) for text in texts]
+        if stream.finish_reason is None:
+            yield frames
+            frames = []
     if stream.cancelled:
         return
     frames.append(chunk("", stream.finish_reason or "stop"))
-    if options.include_usage:
-        usage = oai.usage_chunk(
-            **ids,
-            prompt_tokens=stream.prompt_tokens,
-            completion_tokens=stream.completion_tokens,
-            object="text_completion",
-        )
-        frames.append(sse.encode_data(usage))
-    frames.append(sse.DONE)
-    yield LastChunk(b"".join(frames))
+    choice.end = frames
 
 
 __all__ = [

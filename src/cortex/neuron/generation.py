@@ -28,7 +28,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cortex.harness import DeviceFault, DeviceOutOfMemory, HarnessError, PromptError
+from cortex.harness import (
+    DeviceFault,
+    DeviceOutOfMemory,
+    HarnessError,
+    PromptError,
+    SamplingParams,
+)
 from cortex.logging import NEURON_REQUEST_LOGGER
 from cortex.neuron.models import ModelEntry
 from cortex.neuron.node import Node
@@ -89,11 +95,15 @@ class GenerationStream:
         options: GenerationOptions,
         max_tokens: int,
         started_at: float,
+        sampling: SamplingParams | None = None,
     ) -> None:
         self.node = node
         self.entry = entry
         self.prompt_ids = prompt_ids
         self.options = options
+        # this choice's sampling (the request's, with a seed of its own for choices after the
+        # first)
+        self.sampling = sampling or options.sampling
         self.max_tokens = max_tokens
         self.started_at = started_at
         self.finish_reason: str | None = None
@@ -103,10 +113,12 @@ class GenerationStream:
         self.first_token_at: float | None = None
         self._closed = False
         self.cancelled = False
+        # whether close() ends the request (the first choice's stream does)
+        self.owns_request = True
         # With logprobs asked for: the log-probabilities of the tokens behind each text of the
         # last list delta_batches yielded (aligned with it), and those of tokens whose text is
         # still held back (they go with the next text).
-        self.wants_logprobs = options.sampling.logprobs is not None
+        self.wants_logprobs = self.sampling.logprobs is not None
         self.batch_logprobs: list[list[TokenLogprob]] = []
         self._held_logprobs: list[TokenLogprob] = []
         # The scheduler's record of this generation (set on the worker by start_on_worker).
@@ -131,13 +143,20 @@ class GenerationStream:
         }
 
     def start_on_worker(
-        self, handle: Any, admission: Admission, loop: asyncio.AbstractEventLoop
+        self,
+        handle: Any,
+        loop: asyncio.AbstractEventLoop,
+        admission: Admission | None = None,
+        follows: GenerationStream | None = None,
     ) -> None:
         """On the device worker, in the request's start job (``cortex.neuron.start``): create
         the generation and queue it on the device's scheduler, whose outputs come back on
-        ``loop``. The stream holds the request's ``admission`` until :meth:`close`."""
-        generation = handle.start(self.prompt_ids, self.options.sampling)
+        ``loop``. The request's first stream holds its ``admission`` (and its in-flight count)
+        until :meth:`close`; another choice ``follows`` it on the device (it joins once the
+        first has evaluated the prompt, and reuses that KV)."""
+        generation = handle.start(self.prompt_ids, self.sampling)
         self._admission = admission
+        self.owns_request = follows is None
         self.loop = loop
         self._sequence = Sequence(
             model=handle,
@@ -147,6 +166,7 @@ class GenerationStream:
             max_tokens=self.max_tokens,
             sink=self,
             max_batch=self.entry.max_batch,
+            leader=follows._sequence if follows is not None else None,
         )
         self.entry.worker.scheduler.add(self._sequence)
 
@@ -271,9 +291,10 @@ class GenerationStream:
         if self._admission is not None:
             self._admission.release()
         model = self.entry.id
-        self.entry.end_request()
         metrics = self.node.metrics
-        metrics.series(metrics.in_flight, model).dec()
+        if self.owns_request:
+            self.entry.end_request()
+            metrics.series(metrics.in_flight, model).dec()
         metrics.series(metrics.prompt_tokens, model).inc(self.prompt_tokens)
         metrics.series(metrics.completion_tokens, model).inc(self.completion_tokens)
         reason = self.finish_reason or ("cancelled" if self.cancelled else "error")

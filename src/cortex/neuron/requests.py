@@ -1,7 +1,7 @@
 """OpenAI ``/v1/chat/completions`` and ``/v1/completions`` bodies -> attrs types, or a clear 400.
 
 Parsed by hand from the raw JSON (no pydantic on the hot path): each wrong type or value gets a
-400 naming the parameter, and parameters we do not implement (``n > 1``, ``echo``,
+400 naming the parameter, and parameters we do not implement (``best_of``, ``echo``,
 ``functions``, ``audio``, ...) are refused loudly instead of being silently ignored. Every field
 of the OpenAI spec is either handled, refused when set, or in :data:`IGNORED_FIELDS` with the
 reason docs/clients.md gives (tests/wire/test_request_fields.py walks the spec). Keys outside the
@@ -39,7 +39,7 @@ IGNORED_FIELDS = {
     "tool_choice": "'auto' and 'none' are honoured; 'required' or a named function offer the "
     "tools but cannot force a call without constrained decoding",
 }
-# Spec fields cortex reads: honoured, or refused when set to what it cannot do (n > 1,
+# Spec fields cortex reads: honoured, or refused when set to what it cannot do (best_of,
 # response_format other than text, functions, web_search_options, audio, ...).
 HANDLED_FIELDS = frozenset(
     {
@@ -91,6 +91,8 @@ class GenerationOptions:
     # ``"cortex": {"report_prompt_tokens": true}``: the first chunk of a stream carries
     # ``usage`` with the prompt's length (the gateway's Anthropic message_start needs it).
     report_prompt_tokens: bool = False
+    # how many answers (choices) to generate for the prompt
+    n: int = 1
 
 
 @attrs.frozen
@@ -156,6 +158,7 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
 
 
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound)
+MAX_N = 16  # choices per request (each is a generation of its own on the device)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' integer logprobs (OpenAI's bound)
 
 
@@ -194,9 +197,9 @@ def _options(body: dict[str, Any], completion: bool = False) -> GenerationOption
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string", param="model")
-    n = _integer(body, "n")
-    if n is not None and n != 1:
-        raise _unsupported(f"only n=1 is supported, got n={n}", "n")
+    n = _integer(body, "n", low=1) or 1
+    if n > MAX_N:
+        raise bad_request(f"'n' must be at most {MAX_N}, got {n}", param="n")
     best_of = _integer(body, "best_of")
     if best_of is not None and best_of != 1:
         raise _unsupported(f"best_of is not supported (got {best_of})", "best_of")
@@ -239,6 +242,7 @@ def _options(body: dict[str, Any], completion: bool = False) -> GenerationOption
     extension = _extension(body)
     return GenerationOptions(
         model=model,
+        n=n,
         sampling=sampling,
         max_tokens=max_tokens,
         stop=_stops(body),

@@ -117,6 +117,9 @@ class Sequence:
     # the load's max_batch, for a model that does not batch itself (a batched model says its
     # own); None: the device's default
     max_batch: int | None = None
+    # another choice of the same request and prompt: this one joins once the leader evaluated
+    # the prompt, so it reuses that KV instead of evaluating the prompt again
+    leader: Sequence | None = None
     produced: int = 0
     state: str = WAITING
     # Set by the event loop when the stream no longer wants tokens (client left, stop string);
@@ -285,6 +288,9 @@ class Scheduler:
 
     def _admit(self, lane: ModelLane, out: list[Delivery]) -> None:
         while lane.waiting and lane.fits(lane.waiting[0]):
+            leader = lane.waiting[0].leader
+            if leader is not None and leader.state == RUNNING and leader.produced == 0:
+                break  # its leader's prompt is still being evaluated: join next iteration
             sequence = lane.waiting.popleft()
             if sequence.max_tokens <= 0:
                 self._finish(lane, sequence, Output(finish=LENGTH), out, running=False)

@@ -14,7 +14,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from cortex.harness import LOGPROBS, capabilities_of
+import attrs
+
+from cortex.harness import LOGPROBS, SamplingParams, capabilities_of
 from cortex.neuron.generation import GenerationStream, run_on_worker, worker_api_error
 from cortex.neuron.models import READY, ModelEntry
 from cortex.neuron.node import Node
@@ -113,7 +115,7 @@ async def render_prompt(entry: ModelEntry, chat: ChatRequest) -> list[int]:
 
 async def start_chat(
     node: Node, entry: ModelEntry, chat: ChatRequest, started: float
-) -> tuple[GenerationStream, bool]:
+) -> tuple[list[GenerationStream], bool]:
     """Start a chat generation; also says whether the rendered prompt opens ``<think>``
     (DeepSeek-R1 / Qwen3 style templates: such models write reasoning first and only close it,
     so the output parser must start inside the reasoning or it would leak into ``content``)."""
@@ -127,13 +129,13 @@ async def start_chat(
         opens.append(prompt_opens_reasoning(tail))
         return ids
 
-    stream = await _start(node, entry, chat.options, prompt, started)
-    return stream, opens[0]
+    streams = await _start(node, entry, chat.options, prompt, started)
+    return streams, opens[0]
 
 
 async def start_completion(
     node: Node, entry: ModelEntry, req: CompletionRequest, started: float
-) -> GenerationStream:
+) -> list[GenerationStream]:
     """Start a completion: the prompt's token ids as given, or its text tokenised (a 400 when
     that leaves nothing)."""
     given, text = req.prompt_ids, req.prompt_text or ""
@@ -155,11 +157,13 @@ async def _start(
     options: GenerationOptions,
     prompt: Callable[[Any], list[int]],
     started: float,
-) -> GenerationStream:
+) -> list[GenerationStream]:
     """Count the request in flight, admit it on the device (503 ``queue_full`` at
     ``max_queue`` requests in progress), and in one worker job build its prompt, check the
-    context, create the generation and queue it on the scheduler. From then on the stream owns
-    the request: its ``close()`` gives back the admission and the in-flight count."""
+    context, create its ``n`` generations and queue them on the scheduler. From then on the
+    first stream owns the request: its ``close()`` gives back the admission and the in-flight
+    count (the others' only let their generations go). The other choices follow the first on
+    the device: each joins once the first has evaluated the prompt, and reuses its KV."""
     handle = _handle(entry)
     if options.sampling.logprobs is not None and LOGPROBS not in capabilities_of(handle):
         raise ApiError(
@@ -179,26 +183,44 @@ async def _start(
     loop = asyncio.get_running_loop()
     built: list[GenerationStream] = []
 
-    def job() -> GenerationStream:
+    def job() -> list[GenerationStream]:
         ids = prompt(handle)
         max_tokens = check_context(
             entry, len(ids), options.max_tokens, clamp=options.clamp_max_tokens
         )
-        stream = GenerationStream(node, entry, ids, options, max_tokens, started)
-        stream.start_on_worker(handle, admission, loop)
-        built.append(stream)
-        return stream
+        leader: GenerationStream | None = None
+        for index in range(options.n):
+            stream = GenerationStream(
+                node, entry, ids, options, max_tokens, started, sampling=_choice(options, index)
+            )
+            if leader is None:
+                stream.start_on_worker(handle, loop, admission=admission)
+                leader = stream
+            else:
+                stream.start_on_worker(handle, loop, follows=leader)
+            built.append(stream)
+        return built
 
     try:
         return await run_on_worker(entry, job, internal=True)  # type: ignore[no-any-return]
     except BaseException:
-        if built:  # queued, but the request was cancelled before it heard so
-            built[0].cancelled = True
-            built[0].close()
+        if built:  # queued, but the request failed or was cancelled before it heard so
+            for stream in built:
+                stream.cancelled = True
+                stream.close()
         else:
             admission.release()
             _end(node, entry)
         raise
+
+
+def _choice(options: GenerationOptions, index: int) -> SamplingParams:
+    """Choice ``index``'s sampling: the request's, with a seed of its own (seed + index), so n
+    seeded choices are reproducible and still differ."""
+    sampling = options.sampling
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return attrs.evolve(sampling, seed=sampling.seed + index)
 
 
 def _end(node: Node, entry: ModelEntry) -> None:

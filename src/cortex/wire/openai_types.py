@@ -63,33 +63,55 @@ def assistant_message(
     return message
 
 
+def chat_choice(
+    *,
+    index: int = 0,
+    message: dict[str, Any],
+    finish_reason: str,
+    stop_sequence: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One choice of a whole ``chat.completion``."""
+    return {
+        "index": index,
+        "message": message,
+        "finish_reason": finish_reason,
+        "logprobs": logprobs,
+        "stop_sequence": stop_sequence,
+    }
+
+
 def chat_completion(
     *,
     id: str,
     model: str,
-    message: dict[str, Any],
-    finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    message: dict[str, Any] | None = None,
+    finish_reason: str = "stop",
     created: int | None = None,
     stop_sequence: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A whole ``chat.completion`` with one choice and usage."""
+    """A whole ``chat.completion`` with usage: ``choices`` (:func:`chat_choice`), or one
+    choice from ``message`` / ``finish_reason`` / ``stop_sequence`` / ``logprobs``."""
+    if choices is None:
+        assert message is not None
+        choices = [
+            chat_choice(
+                message=message,
+                finish_reason=finish_reason,
+                stop_sequence=stop_sequence,
+                logprobs=logprobs,
+            )
+        ]
     return {
         "id": id,
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": finish_reason,
-                "logprobs": logprobs,
-                "stop_sequence": stop_sequence,
-            }
-        ],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -103,10 +125,11 @@ def chat_chunk(
     created: int | None = None,
     stop_sequence: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` with one choice (role, content, reasoning or tool deltas)."""
     choice: dict[str, Any] = {
-        "index": 0,
+        "index": index,
         "delta": delta,
         "finish_reason": finish_reason,
         "logprobs": logprobs,
@@ -143,26 +166,36 @@ def usage_chunk(
     }
 
 
+def completion_choice(
+    *, index: int = 0, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One choice of a ``text_completion`` (whole, or a streamed chunk's)."""
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
 def text_completion(
     *,
     id: str,
     model: str,
-    text: str,
-    finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    text: str = "",
+    finish_reason: str = "stop",
     created: int | None = None,
     logprobs: dict[str, Any] | None = None,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A whole ``text_completion`` (``/v1/completions``) with one choice and usage."""
+    """A whole ``text_completion`` (``/v1/completions``) with usage: ``choices``
+    (:func:`completion_choice`), or one choice from ``text`` / ``finish_reason`` /
+    ``logprobs``."""
+    if choices is None:
+        choices = [completion_choice(text=text, finish_reason=finish_reason, logprobs=logprobs)]
     return {
         "id": id,
         "object": "text_completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [
-            {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
-        ],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -175,6 +208,7 @@ def completion_chunk(
     finish_reason: str | None = None,
     created: int | None = None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` chunk."""
     return {
@@ -183,7 +217,9 @@ def completion_chunk(
         "created": int(time.time()) if created is None else created,
         "model": model,
         "choices": [
-            {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+            completion_choice(
+                index=index, text=text, finish_reason=finish_reason, logprobs=logprobs
+            )
         ],
     }
 
@@ -319,9 +355,11 @@ def message_text(content: Any) -> str:
 __all__ = [
     "FINISH_REASONS",
     "assistant_message",
+    "chat_choice",
     "chat_chunk",
     "chat_completion",
     "chat_logprobs",
+    "completion_choice",
     "completion_chunk",
     "completion_id",
     "completion_logprobs",
