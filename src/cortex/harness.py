@@ -46,6 +46,17 @@ class LoadOptions:
 
 
 @attrs.frozen
+class ResponseFormat:
+    """Structured output a generation must follow: ``json_object`` (one JSON object) or
+    ``json_schema`` (JSON that validates against ``schema``, a JSON Schema as JSON text). The
+    harness enforces it while decoding (a constraint on each step's tokens), so even a model
+    that would not produce it on its own does."""
+
+    type: str
+    schema: str | None = None
+
+
+@attrs.frozen
 class SamplingParams:
     """Sampling for one generation; ``temperature == 0`` means greedy. ``logprobs`` asks each
     :class:`Step` for the log-probability of its token and of the ``logprobs`` most likely
@@ -59,6 +70,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 @attrs.frozen
@@ -80,6 +92,7 @@ class Step:
 # ``capabilities`` (a frozenset of these names): the neuron refuses a request that needs one the
 # model lacks (a 400 naming the parameter, never silently ignored) and reports them in /models.
 LOGPROBS = "logprobs"
+STRUCTURED_OUTPUT = "structured_output"  # SamplingParams.response_format is enforced
 
 
 class HarnessError(Exception):
@@ -89,6 +102,15 @@ class HarnessError(Exception):
 class PromptError(HarnessError):
     """The request cannot be turned into a prompt (e.g. the chat template refused the messages).
     The client's fault: the neuron answers 400, the model stays healthy."""
+
+
+class ConstraintError(PromptError):
+    """The requested output format cannot become a decoding constraint (a JSON Schema the
+    engine cannot compile): the client's 400, naming the part (``param``)."""
+
+    def __init__(self, message: str, param: str = "response_format") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class DeviceOutOfMemory(HarnessError):
@@ -284,9 +306,11 @@ def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "LOGPROBS",
+    "STRUCTURED_OUTPUT",
     "BatchRow",
     "BatchedGeneration",
     "BatchedModel",
+    "ConstraintError",
     "DeviceFault",
     "DeviceOutOfMemory",
     "Generation",
@@ -295,6 +319,7 @@ __all__ = [
     "LoadOptions",
     "LoadedModel",
     "PromptError",
+    "ResponseFormat",
     "SamplingParams",
     "Step",
     "accepting_harnesses",

@@ -99,6 +99,13 @@ def test_concurrency_quick(tmp_path: Path) -> None:
         assert positive(turns["ttft_cached_ms"]) and positive(turns["ttft_uncached_ms"])
 
 
+def test_structured_output_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "structured_output", timeout=300)
+    for label, r in report["results"].items():
+        assert positive(r["free_us_per_token"]) and positive(r["constrained_us_per_token"]), label
+        assert all(n > 1 for n in r["constrained_tokens"]), label
+
+
 def test_cold_start_quick(tmp_path: Path) -> None:
     report = run_benchmark(tmp_path, "cold_start", timeout=400)
     echo = report["results"]["bench/echo"]

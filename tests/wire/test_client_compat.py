@@ -65,22 +65,30 @@ def test_method_not_allowed_is_a_client_error() -> None:
 # ---- Anthropic -------------------------------------------------------------------------------
 
 
-def test_structured_output_is_refused_not_ignored() -> None:
-    schema = {"type": "json_schema", "schema": {"type": "object"}}
+def test_structured_output_becomes_the_chat_response_format() -> None:
+    """Anthropic structured output (issue 19: it was ignored, then refused) is enforced now:
+    it travels as the chat request's response_format, which the harness decodes under."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    expected = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     for body in (
-        {"output_config": {"format": schema}},
-        {"output_config": {"effort": "low", "format": schema}},
-        {"output_format": schema},  # the older beta field
+        {"output_config": {"format": {"type": "json_schema", "schema": schema}}},
+        {"output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}},
+        {"output_format": {"type": "json_schema", "schema": schema}},  # the older beta field
+    ):
+        parsed = parse_messages_request({"model": "m", "max_tokens": 5, "messages": ASK, **body})
+        assert parsed.chat["response_format"] == expected
+    for body, param in (
+        ({"output_config": {"format": {"type": "regex"}}}, "output_config.format"),
+        ({"output_format": {"type": "json_schema"}}, "output_format.schema"),
     ):
         with pytest.raises(ApiError) as caught:
             parse_messages_request({"model": "m", "max_tokens": 5, "messages": ASK, **body})
-        assert caught.value.status == 400
-        assert caught.value.code == "unsupported_parameter"
-        assert caught.value.param in ("output_config.format", "output_format")
+        assert (caught.value.status, caught.value.param) == (400, param)
     # effort alone (Claude Code sends it on every request) is accepted
-    parse_messages_request(
+    plain = parse_messages_request(
         {"model": "m", "max_tokens": 5, "messages": ASK, "output_config": {"effort": "high"}}
     )
+    assert "response_format" not in plain.chat
 
 
 def test_server_tools_follow_the_hosted_tools_policy() -> None:

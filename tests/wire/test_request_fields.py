@@ -82,7 +82,7 @@ REFUSED: dict[str, dict[str, Any]] = {
         "logprobs": "yes",  # a boolean
         "top_logprobs": 21,  # at most 20 (and it needs logprobs: true)
         "logit_bias": {"1": 5},
-        "response_format": {"type": "json_object"},
+        "response_format": {"type": "xml"},
         "store": True,
         "functions": [{"name": "f"}],
         "function_call": "auto",
@@ -106,11 +106,11 @@ REFUSED: dict[str, dict[str, Any]] = {
         "background": True,
         "top_logprobs": 21,  # at most 20
         "include": "message.output_text.logprobs",  # a list
-        "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}},
+        "text": {"format": {"type": "xml"}},
     },
     "messages": {
-        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
-        "output_format": {"type": "json_schema", "schema": {"type": "object"}},
+        "output_config": {"format": {"type": "regex", "pattern": "a+"}},
+        "output_format": {"type": "json_schema"},  # no schema
         "container": "container_1",
         "mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "m"}],
         "compaction": {"type": "auto"},

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cortex.harness import (
+    ConstraintError,
     DeviceFault,
     DeviceOutOfMemory,
     HarnessError,
@@ -60,6 +61,8 @@ def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
         return ApiError(
             503, "queue_full", f"{exc}; retry shortly", retry_after=2, error_type="overloaded_error"
         )
+    if isinstance(exc, ConstraintError):
+        return ApiError(400, "invalid_response_format", str(exc), param=exc.param)
     if isinstance(exc, PromptError):
         return ApiError(400, "invalid_prompt", str(exc))
     if isinstance(exc, DeviceOutOfMemory):

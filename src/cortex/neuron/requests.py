@@ -15,11 +15,12 @@ were none.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
 
-from cortex.harness import SamplingParams
+from cortex.harness import ResponseFormat, SamplingParams
 from cortex.wire.errors import ApiError, bad_request
 
 MAX_STOPS = 16
@@ -40,7 +41,7 @@ IGNORED_FIELDS = {
     "tools but cannot force a call without constrained decoding",
 }
 # Spec fields cortex reads: honoured, or refused when set to what it cannot do (best_of,
-# response_format other than text, functions, web_search_options, audio, ...).
+# functions, web_search_options, audio, ...).
 HANDLED_FIELDS = frozenset(
     {
         "model",
@@ -193,6 +194,36 @@ def _completion_logprobs(body: dict[str, Any]) -> int | None:
     return value
 
 
+def _response_format(value: Any) -> ResponseFormat | None:
+    """``response_format``: ``text`` (nothing to enforce), ``json_object``, or ``json_schema``
+    with ``json_schema.schema`` (the JSON Schema the answer must validate against)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request(
+                "response_format.json_schema must be an object with a 'schema'",
+                param="response_format.json_schema",
+            )
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "response_format.json_schema.schema must be a JSON Schema object",
+                param="response_format.json_schema.schema",
+            )
+        return ResponseFormat("json_schema", json.dumps(schema))
+    raise bad_request(
+        f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+        param="response_format",
+    )
+
+
 def _options(body: dict[str, Any], completion: bool = False) -> GenerationOptions:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -208,13 +239,7 @@ def _options(body: dict[str, Any], completion: bool = False) -> GenerationOption
         raise _unsupported("logit_bias is not supported by this server", "logit_bias")
     if body.get("store") not in (None, False):
         raise _unsupported("store: cortex does not store completions", "store")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            raise _unsupported(
-                f"response_format {kind!r} is not supported (only 'text')", "response_format"
-            )
+    response_format = _response_format(body.get("response_format"))
     max_tokens = _integer(body, "max_completion_tokens", low=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", low=1)
@@ -229,6 +254,7 @@ def _options(body: dict[str, Any], completion: bool = False) -> GenerationOption
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
         logprobs=logprobs,
+        response_format=response_format,
     )
     if sampling.top_p == 0.0:
         raise bad_request("'top_p' must be greater than 0", param="top_p")

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from cortex.harness import LOGPROBS, SamplingParams, capabilities_of
+from cortex.harness import LOGPROBS, STRUCTURED_OUTPUT, SamplingParams, capabilities_of
 from cortex.neuron.generation import GenerationStream, run_on_worker, worker_api_error
 from cortex.neuron.models import READY, ModelEntry
 from cortex.neuron.node import Node
@@ -165,14 +165,7 @@ async def _start(
     count (the others' only let their generations go). The other choices follow the first on
     the device: each joins once the first has evaluated the prompt, and reuses its KV."""
     handle = _handle(entry)
-    if options.sampling.logprobs is not None and LOGPROBS not in capabilities_of(handle):
-        raise ApiError(
-            400,
-            "unsupported_parameter",
-            f"{entry.id} is served by a harness ({entry.harness}) that does not report "
-            "log probabilities",
-            param="logprobs",
-        )
+    _check_capabilities(entry, handle, options)
     entry.begin_request()
     node.metrics.series(node.metrics.in_flight, entry.id).inc()
     try:
@@ -212,6 +205,29 @@ async def _start(
             admission.release()
             _end(node, entry)
         raise
+
+
+def _check_capabilities(entry: ModelEntry, handle: Any, options: GenerationOptions) -> None:
+    """A 400 naming the parameter when the request needs what the model's harness cannot do
+    (log-probabilities, structured output): refused, never silently ignored."""
+    capabilities = capabilities_of(handle)
+    needs = [
+        (options.sampling.logprobs is not None, LOGPROBS, "logprobs", "report log probabilities"),
+        (
+            options.sampling.response_format is not None,
+            STRUCTURED_OUTPUT,
+            "response_format",
+            "enforce a response format (structured output)",
+        ),
+    ]
+    for asked, capability, param, what in needs:
+        if asked and capability not in capabilities:
+            raise ApiError(
+                400,
+                "unsupported_parameter",
+                f"{entry.id} is served by a harness ({entry.harness}) that cannot {what}",
+                param=param,
+            )
 
 
 def _choice(options: GenerationOptions, index: int) -> SamplingParams:

@@ -187,7 +187,9 @@ def parse_responses_request(body: Any, *, hosted_tools: str = DROP) -> Responses
     tool_choice = body.get("tool_choice")
     if tool_choice is not None:
         chat["tool_choice"] = _tool_choice(tool_choice, tools, flat_names)
-    _check_text_format(body.get("text"))
+    response_format = _text_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata: must be an object", param="metadata")
@@ -209,7 +211,7 @@ def parse_responses_request(body: Any, *, hosted_tools: str = DROP) -> Responses
         "parallel_tool_calls": True if parallel is None else parallel,
         "reasoning": _reasoning_echo(body.get("reasoning")),
         "temperature": chat.get("temperature"),
-        "text": {"format": {"type": "text"}},
+        "text": body.get("text") if response_format is not None else {"format": {"type": "text"}},
         "tool_choice": tool_choice if tool_choice is not None else "auto",
         "tools": body.get("tools") or [],
         "top_p": chat.get("top_p"),
@@ -482,19 +484,35 @@ def _tool_choice(
     )
 
 
-def _check_text_format(text: Any) -> None:
-    if text is None:
-        return
-    fmt = text.get("format") if isinstance(text, dict) else None
+def _text_format(value: Any) -> dict[str, Any] | None:
+    """``text.format``: ``text`` (nothing to enforce), ``json_object``, or ``json_schema``
+    (``name``, ``schema``, ``strict``) as the chat request's ``response_format``, enforced
+    while decoding."""
+    if value is None:
+        return None
+    fmt = value.get("format") if isinstance(value, dict) else None
     if fmt is None:
-        return
-    if not isinstance(fmt, dict) or fmt.get("type") != "text":
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise bad_request(
-            f"text.format: {kind!r} is not supported; cortex produces plain text",
-            param="text.format",
-            code="unsupported_parameter",
-        )
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "text.format.schema: must be a JSON Schema object", param="text.format.schema"
+            )
+        spec = {"name": text(fmt.get("name"), "output"), "schema": schema}
+        if isinstance(fmt.get("strict"), bool):
+            spec["strict"] = fmt["strict"]
+        return {"type": "json_schema", "json_schema": spec}
+    raise bad_request(
+        f"text.format: {kind!r} is not supported (text, json_object or json_schema)",
+        param="text.format",
+        code="unsupported_parameter",
+    )
 
 
 def _is_int(value: Any) -> bool:

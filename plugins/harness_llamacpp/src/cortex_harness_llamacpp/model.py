@@ -35,6 +35,7 @@ import attrs
 from cortex.devices import Device
 from cortex.harness import (
     LOGPROBS,
+    STRUCTURED_OUTPUT,
     BatchRow,
     HarnessError,
     PromptError,
@@ -87,7 +88,7 @@ class KvCacheExhausted(HarnessError):
 class LlamaCppModel:
     """A loaded GGUF model (implements :class:`cortex.harness.BatchedModel`)."""
 
-    capabilities = frozenset({LOGPROBS})
+    capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT})
 
     def __init__(
         self,
@@ -205,7 +206,12 @@ class LlamaCppModel:
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary ({self.n_vocab})")
         sampler = build_sampler(
-            self._lib, self.n_vocab, sampling, prompt_ids, history=self.context_length
+            self._lib,
+            self.n_vocab,
+            sampling,
+            prompt_ids,
+            history=self.context_length,
+            vocab=self._vocab,
         )
         generation = LlamaCppGeneration(self, list(prompt_ids), sampler, sampling.logprobs)
         self._generations.add(generation)

@@ -64,7 +64,11 @@ class BatchedTorchGeneration:
         self.cached = 0  # tokens[:cached] are in the KV cache
         self.row: int | None = None
         self.sampler = TokenSampler(sampling, self.tokens, owner.vocab_size, owner.torch_device)
-        self.plain_greedy = self.sampler.greedy and not self.sampler.penalised
+        self.constraint = owner.constraint_for(sampling)
+        # rows that are greedy with nothing changing their logits share one argmax
+        self.plain_greedy = (
+            self.sampler.greedy and not self.sampler.penalised and self.constraint is None
+        )
         self.closed = False
 
     @property
@@ -321,9 +325,15 @@ class BatchedTorchModel(TorchModel):
                 results[i] = self._append(generation, int(token), logits[r])
         for i, generation, r in rows:
             if not generation.plain_greedy:
-                token = generation.sampler.choose(logits[r])
+                row = logits[r]
+                constraint = generation.constraint
+                token = generation.sampler.choose(
+                    row if constraint is None else constraint.mask(row)
+                )
                 generation.sampler.observe(token)
-                results[i] = self._append(generation, token, logits[r])
+                if constraint is not None:
+                    constraint.accept(token)
+                results[i] = self._append(generation, token, row)
 
     def _append(self, generation: BatchedTorchGeneration, token: int, logits: Any) -> Step:
         generation.tokens.append(token)

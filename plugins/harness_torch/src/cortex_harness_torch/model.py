@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cortex.harness import (
     LOGPROBS,
+    STRUCTURED_OUTPUT,
     DeviceFault,
     DeviceOutOfMemory,
     HarnessError,
@@ -29,6 +30,7 @@ from cortex.harness import (
     Step,
 )
 from cortex_harness_torch.chat import render_prompt
+from cortex_harness_torch.constraints import GrammarTokenizer, JsonConstraint
 from cortex_harness_torch.sampling import TokenSampler, step_of
 
 if TYPE_CHECKING:
@@ -98,6 +100,7 @@ class TorchGeneration:
         self._sampler = TokenSampler(
             sampling, self._prompt_ids, owner.vocab_size, owner.torch_device
         )
+        self._constraint = owner.constraint_for(sampling)
         self._cache: Any = None
         self._last: int | None = None
         self.closed = False
@@ -129,7 +132,10 @@ class TorchGeneration:
                 **{owner.cache_argument: self._cache},
             )
             logits = output.logits[0, -1]
-            token = self._sampler.choose(logits)
+            constraint = self._constraint
+            token = self._sampler.choose(logits if constraint is None else constraint.mask(logits))
+            if constraint is not None:
+                constraint.accept(token)
             return step_of(token, logits, self._sampler.params.logprobs, owner.eos_ids)
 
     def close(self) -> None:
@@ -140,7 +146,7 @@ class TorchGeneration:
 class TorchModel:
     """A loaded model + tokenizer. All methods run on the owning device worker thread."""
 
-    capabilities = frozenset({LOGPROBS})
+    capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT})
 
     def __init__(
         self, model: Any, tokenizer: Any, torch_device: torch.device, context_length: int
@@ -151,6 +157,7 @@ class TorchModel:
         self.context_length = context_length
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.cache_argument = cache_argument_of(model)
+        self._grammar_tokenizer: GrammarTokenizer | None = None
         output_embeddings = model.get_output_embeddings()
         self.vocab_size = int(
             output_embeddings.weight.shape[0]
@@ -170,6 +177,17 @@ class TorchModel:
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def constraint_for(self, sampling: SamplingParams) -> JsonConstraint | None:
+        """The grammar a generation decodes under, when its request asked for structured
+        output (a :class:`ConstraintError` when the schema cannot be enforced)."""
+        if sampling.response_format is None:
+            return None
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(
+                self.tokenizer, self.vocab_size, self.eos_ids
+            )
+        return JsonConstraint(self._grammar_tokenizer, sampling.response_format)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """A :class:`PromptError` (the client's 400) for an empty prompt or unknown token ids."""
