@@ -93,6 +93,8 @@ class Step:
 # model lacks (a 400 naming the parameter, never silently ignored) and reports them in /models.
 LOGPROBS = "logprobs"
 STRUCTURED_OUTPUT = "structured_output"  # SamplingParams.response_format is enforced
+CHAT = "chat"  # render_chat works (the model has a chat template)
+TOOLS = "tools"  # the chat template renders tools (tool calls can be asked for)
 
 
 class HarnessError(Exception):
@@ -287,6 +289,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return low
 
 
+def template_capabilities(chat_template: Any) -> frozenset[str]:
+    """What a chat template offers: ``chat`` when there is one, ``tools`` when it renders the
+    ``tools`` it is given (a Jinja template that never mentions them would drop them)."""
+    if not isinstance(chat_template, str) or not chat_template:
+        return frozenset()
+    return frozenset({CHAT, TOOLS}) if "tools" in chat_template else frozenset({CHAT})
+
+
 def capabilities_of(model: LoadedModel | None) -> frozenset[str]:
     """The capabilities a loaded model declares (none when it declares nothing)."""
     declared = getattr(model, "capabilities", None)
@@ -304,9 +314,11 @@ def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[
 
 
 __all__ = [
+    "CHAT",
     "DEFAULT_MAX_BATCH",
     "LOGPROBS",
     "STRUCTURED_OUTPUT",
+    "TOOLS",
     "BatchRow",
     "BatchedGeneration",
     "BatchedModel",
@@ -328,4 +340,5 @@ __all__ = [
     "common_prefix",
     "default_kv_tokens",
     "is_batched",
+    "template_capabilities",
 ]

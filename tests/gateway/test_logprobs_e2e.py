@@ -56,3 +56,19 @@ def test_responses_include_logprobs_whole_and_streamed(gw: GatewayUnderTest) -> 
     assert done is not None and [e.token for e in done.logprobs] == WORDS  # type: ignore[union-attr]
     plain = client.responses.create(model="lp/echo", input="hi")
     assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]
+
+
+def test_the_catalogue_says_what_a_loaded_model_can_do(gw: GatewayUnderTest) -> None:
+    """/v1/models carries the context window and the capabilities a loaded copy reports (the
+    neuron's /models), and null / empty before any copy is loaded."""
+    client = gw.client()
+    before = client.models.retrieve("lp/echo").model_extra or {}
+    assert before["context_length"] is None and before["capabilities"] == []
+    client.chat.completions.create(model="lp/echo", messages=[{"role": "user", "content": "x"}])
+    gw.wait_for(lambda: (client.models.retrieve("lp/echo").model_extra or {})["context_length"])
+    after = client.models.retrieve("lp/echo").model_extra or {}
+    assert after["context_length"] == after["max_model_len"] == 4096  # echo's default
+    assert after["max_output_tokens"] == 4095
+    assert after["capabilities"] == ["chat", "logprobs", "tools"]
+    assert {"tools", "logprobs", "top_logprobs"} <= set(after["supported_parameters"])
+    assert "response_format" not in after["supported_parameters"]  # echo cannot enforce it

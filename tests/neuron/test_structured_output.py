@@ -102,3 +102,9 @@ def test_what_cannot_be_enforced_is_a_400_naming_the_part(
     answer = httpx.post(f"{loaded.url}/v1/chat/completions", json=body, timeout=30)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
+
+
+def test_models_say_what_each_model_can_do(loaded: LiveNeuron) -> None:
+    models = loaded.models()
+    assert models[LLAMA]["capabilities"] == ["chat", "logprobs", "structured_output", "tools"]
+    assert models["huggingface:acme/echo"]["capabilities"] == ["chat", "logprobs", "tools"]

@@ -46,7 +46,9 @@ import cattrs
 
 from cortex.devices import Device
 from cortex.harness import (
+    CHAT,
     LOGPROBS,
+    TOOLS,
     HarnessError,
     LoadedModel,
     LoadOptions,
@@ -174,7 +176,8 @@ class EchoGeneration:
 class EchoModel:
     """A loaded echo model: a growing vocabulary and the scripted behaviour of its spec."""
 
-    capabilities = frozenset({LOGPROBS})
+    # the echo "template" renders tools (its scripted tool calls answer them)
+    capabilities = frozenset({LOGPROBS, CHAT, TOOLS})
 
     def __init__(self, spec: EchoSpec, context_length: int) -> None:
         self.spec = spec

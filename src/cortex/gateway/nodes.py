@@ -119,6 +119,8 @@ class NodeModel:
     running: int = 0
     waiting: int = 0
     max_batch: int = 1
+    # what it can serve beyond plain completions (chat, tools, logprobs, structured_output)
+    capabilities: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any) -> NodeModel:
@@ -140,6 +142,9 @@ class NodeModel:
             running=_int(data, "running", 0),
             waiting=_int(data, "waiting", 0),
             max_batch=max(1, _int(data, "max_batch", 1)),
+            capabilities=tuple(
+                str(c) for c in data.get("capabilities") or () if isinstance(c, str)
+            ),
         )
 
 

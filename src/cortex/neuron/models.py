@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from cortex.harness import LoadedModel
+from cortex.harness import LoadedModel, capabilities_of
 from cortex.neuron.scheduler import ModelLoad
 from cortex.neuron.workers import DeviceWorker
 
@@ -89,6 +89,9 @@ class ModelEntry:
             "last_used": self.last_used,
             "in_flight": self.in_flight,
             "context_length": self.context_length,
+            # what requests it can serve beyond plain completions (cortex.harness names):
+            # chat, tools, logprobs, structured_output
+            "capabilities": sorted(capabilities_of(self.handle)),
             "error": self.error,
             **(load.to_json() if load is not None else ModelLoad().to_json()),
         }

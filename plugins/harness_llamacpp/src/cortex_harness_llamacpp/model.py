@@ -42,6 +42,7 @@ from cortex.harness import (
     SamplingParams,
     Step,
     common_prefix,
+    template_capabilities,
 )
 from cortex_harness_llamacpp import native
 from cortex_harness_llamacpp.sampling import build_sampler
@@ -88,8 +89,6 @@ class KvCacheExhausted(HarnessError):
 class LlamaCppModel:
     """A loaded GGUF model (implements :class:`cortex.harness.BatchedModel`)."""
 
-    capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT})
-
     def __init__(
         self,
         *,
@@ -113,6 +112,9 @@ class LlamaCppModel:
         self.settings = settings
         self.context_length = context_length
         self.metadata = metadata
+        self.capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT}) | template_capabilities(
+            metadata.get("tokenizer.chat_template")
+        )
         self.kv_cells = int(lib.llama_n_ctx(ctx))
         self.kv_tokens = self.kv_cells
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))

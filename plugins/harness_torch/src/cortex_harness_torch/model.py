@@ -28,6 +28,7 @@ from cortex.harness import (
     PromptError,
     SamplingParams,
     Step,
+    template_capabilities,
 )
 from cortex_harness_torch.chat import render_prompt
 from cortex_harness_torch.constraints import GrammarTokenizer, JsonConstraint
@@ -146,8 +147,6 @@ class TorchGeneration:
 class TorchModel:
     """A loaded model + tokenizer. All methods run on the owning device worker thread."""
 
-    capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT})
-
     def __init__(
         self, model: Any, tokenizer: Any, torch_device: torch.device, context_length: int
     ) -> None:
@@ -157,6 +156,9 @@ class TorchModel:
         self.context_length = context_length
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.cache_argument = cache_argument_of(model)
+        self.capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT}) | template_capabilities(
+            getattr(tokenizer, "chat_template", None)
+        )
         self._grammar_tokenizer: GrammarTokenizer | None = None
         output_embeddings = model.get_output_embeddings()
         self.vocab_size = int(
