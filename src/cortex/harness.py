@@ -94,6 +94,7 @@ class Step:
 LOGPROBS = "logprobs"
 STRUCTURED_OUTPUT = "structured_output"  # SamplingParams.response_format is enforced
 CHAT = "chat"  # render_chat works (the model has a chat template)
+EMBEDDINGS = "embeddings"  # embed() turns token ids into vectors (an EmbeddingModel)
 TOOLS = "tools"  # the chat template renders tools (tool calls can be asked for)
 
 
@@ -242,6 +243,20 @@ class BatchedModel(LoadedModel, Protocol):
         ...
 
 
+@runtime_checkable
+class EmbeddingModel(Protocol):
+    """A loaded model that turns text into vectors (capability ``embeddings``). The neuron
+    tokenises each input with the model's ``tokenize`` and calls :meth:`embed` once per request,
+    on the device's worker thread."""
+
+    dimensions: int
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One vector per input (token ids), as the model's pooling makes it (normalised when
+        the model is meant to be compared by cosine)."""
+        ...
+
+
 BatchRow = tuple[BatchedGeneration, int]
 """One row of :meth:`BatchedModel.step_batch`: a generation and how many tokens to evaluate."""
 
@@ -316,6 +331,7 @@ def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[
 __all__ = [
     "CHAT",
     "DEFAULT_MAX_BATCH",
+    "EMBEDDINGS",
     "LOGPROBS",
     "STRUCTURED_OUTPUT",
     "TOOLS",
@@ -325,6 +341,7 @@ __all__ = [
     "ConstraintError",
     "DeviceFault",
     "DeviceOutOfMemory",
+    "EmbeddingModel",
     "Generation",
     "Harness",
     "HarnessError",

@@ -54,7 +54,7 @@ def chat(**overrides: Any) -> dict[str, Any]:
         (chat(stream="yes"), "stream"),
         (chat(logprobs="yes"), "logprobs"),
         (chat(top_logprobs=3), "top_logprobs"),
-        (chat(response_format={"type": "json_schema"}), "response_format"),
+        (chat(response_format={"type": "json_schema"}), "response_format.json_schema"),
         (chat(messages=[]), "messages"),
         (chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
         (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from cortex import __version__
 from cortex.neuron import framing
 from cortex.neuron.discovery import discovery_json
+from cortex.neuron.embeddings import embed, parse_embedding_request
 from cortex.neuron.generation import GenerationStream, run_on_worker
 from cortex.neuron.loader import Loader, LoadRequest, parse_model_id
 from cortex.neuron.middleware import RequestCounter
@@ -153,6 +154,11 @@ def create_app(node: Node, loader: Loader | None = None, lifespan: Any = None) -
             return JSONResponse(await framing.completion_whole(streams, request))
         finally:
             _close(streams)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        req = parse_embedding_request(await read_json_object(request, MAX_BODY_BYTES))
+        return await embed(ready_entry(node, req.model), req)
 
     @app.get("/metrics")
     async def metrics() -> Response:

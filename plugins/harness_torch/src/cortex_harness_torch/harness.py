@@ -22,9 +22,10 @@ from cortex.devices import Device
 from cortex.harness import DeviceOutOfMemory, HarnessError, LoadedModel, LoadOptions
 from cortex.source import Preflight, WeightFormat
 from cortex_harness_torch.batched import serve_model
+from cortex_harness_torch.embedding import EMBEDDING_FILES, is_embedding_repo, load_embedding_model
 from cortex_harness_torch.loading import place_weights, stored_dtype
 from cortex_harness_torch.memory import estimate_bytes
-from cortex_harness_torch.model import TorchModel, classify_torch_error, release_device_cache
+from cortex_harness_torch.model import classify_torch_error, release_device_cache
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,11 @@ class TorchHarness:
         )
 
     def files_needed(self, preflight: Preflight) -> list[str]:
-        return [f for f in preflight.file_names() if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
+        """The top-level config, weights and tokenizer files, and an embedding repo's
+        sentence-transformers layout (its pooling lives in a folder)."""
+        names = preflight.file_names()
+        top = [f for f in names if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
+        return top + [f for f in EMBEDDING_FILES if f in names and f not in top]
 
     def estimate_memory(self, preflight: Preflight, options: LoadOptions) -> int:
         """Weights at the dtype of the target device, the KV cache of the load's batching
@@ -113,6 +118,9 @@ class TorchHarness:
             preflight.size_of(f) for f in preflight.file_names() if f.endswith(".safetensors")
         )
         config = options.extra.get("config")
+        if is_embedding_repo(preflight.file_names(), config if isinstance(config, dict) else None):
+            # no KV cache: the weights at the target dtype and the same headroom
+            return estimate_bytes(weights, config, options.device_kind or "cpu", None, kv_tokens=0)
         return estimate_bytes(
             weights,
             config if isinstance(config, dict) else None,
@@ -149,7 +157,7 @@ class TorchHarness:
         torch_device: Any,
         config: dict[str, Any],
         options: LoadOptions,
-    ) -> TorchModel:
+    ) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = dtype_for(device)
@@ -160,6 +168,10 @@ class TorchHarness:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+        if is_embedding_repo([p.name for p in snapshot.iterdir()], config):
+            context = context_length_of(config, options.context_length)
+            log.info("loading %s on %s as an embedding model", snapshot.name, torch_device)
+            return load_embedding_model(snapshot, torch_device, dtype, context, tokenizer)
         # At the dtype the weights are stored in, transformers makes every parameter a view of
         # its file's mapping; place_weights then moves them to the device and dtype one tensor
         # at a time (loading.py: peak host memory = the model as it stays + about one tensor).

@@ -54,7 +54,7 @@ def estimate_bytes(
     target = target_dtype_bytes(device_kind)
     weights = weight_file_bytes * target // stored_dtype_bytes(config)
     kv = 0
-    if config:
+    if config and kv_tokens != 0:  # kv_tokens 0: a model without a KV cache (embeddings)
         context = context_length or int(config.get("max_position_embeddings") or 2048)
         _, capacity = capacity_of(context, LoadOptions(max_batch=max_batch, kv_tokens=kv_tokens))
         positions = capacity + prefix_cache_tokens(context, capacity)
