@@ -91,6 +91,19 @@ class Resolver:
         return found
 
 
+def known_on(nodes: list[NodeState], resolved: Resolved) -> tuple[bool, bool]:
+    """(known at all: a profile, or on some node's model list; known only on neurons that are
+    down)."""
+    on_up = on_down = False
+    for node in nodes:
+        if node.model(resolved.canonical) is not None:
+            if node.up:
+                on_up = True
+            else:
+                on_down = True
+    return resolved.profile is not None or on_up or on_down, on_down and not on_up
+
+
 # ---- replicas ---------------------------------------------------------------------------------
 
 
