@@ -187,5 +187,5 @@ async def pause_unless_client_left(wake: asyncio.Event, seconds: float) -> None:
             if not future.done():
                 future.cancel()
     left = watch is not None and watch in done and not watch.cancelled()
-    if left and watch.result().get("type") == "http.disconnect":
+    if left and watch is not None and watch.result().get("type") == "http.disconnect":
         raise ClientGone(499, "client_closed", "the client went away while held")

@@ -140,16 +140,15 @@ async def _kept_alive(
                 break
             for frame in translator.ping():
                 yield frame
+        error: ApiError | None = None
         try:
             relayed = answer.result()
-        except ApiError as error:
-            tally.fail(error)
-            for frame in translator.fail(error):
-                yield frame
-            return
+        except ApiError as failed:
+            error = failed
         except Exception as exc:
             log.exception("routing a kept-alive stream failed")
             error = ApiError(500, "internal_error", f"internal error ({type(exc).__name__})")
+        if error is not None:
             tally.fail(error)
             for frame in translator.fail(error):
                 yield frame
@@ -160,15 +159,16 @@ async def _kept_alive(
             for frame in translator.fail(error):
                 yield frame
             return
+        streamed: StreamingResponse = relayed
         started = True
-        async for chunk in relayed.body_iterator:
+        async for chunk in streamed.body_iterator:
             yield chunk if isinstance(chunk, bytes) else str(chunk).encode()
     finally:
         if not answer.done():
             answer.cancel()
         elif not started:
             _release_unsent(answer)
-        elif relayed is not None:
+        elif isinstance(relayed, StreamingResponse):
             iterator = relayed.body_iterator
             if hasattr(iterator, "aclose"):
                 await iterator.aclose()

@@ -250,9 +250,9 @@ def place(
     for node in capable:
         entry = node.model(canonical)
         if entry is not None and entry.state == LOADING:
-            device = entry.device or next((d.key for d in placement_devices(node)), "")
-            if device:
-                return Placement(node.name, device)
+            joined = entry.device or next((d.key for d in placement_devices(node)), "")
+            if joined:
+                return Placement(node.name, joined)
 
     if not capable:
         if down:

@@ -68,7 +68,7 @@ class FetchProgress:
 
         progress = self
 
-        class FileBar(hf_tqdm):  # type: ignore[misc, valid-type]
+        class FileBar(hf_tqdm):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 kwargs["desc"] = file
                 super().__init__(*args, **kwargs)
