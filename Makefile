@@ -21,7 +21,7 @@ help:
 	@echo "make venv    build .venv with cortex, every plugin and the test tools (editable)"
 	@echo "make test    lint, then run all tests (core and every plugin)"
 	@echo "make fuzz    randomized hypothesis/schemathesis rounds for FUZZ_SECONDS (default 600)"
-	@echo "make lint    ruff check + ruff format --check"
+	@echo "make lint    ruff check + ruff format --check + mypy (src/ and plugins/)"
 	@echo "make clients the pinned Claude Code and Codex CLI that tests/clients runs (npm, cached)"
 	@echo "make browser Debian's chromium for the dashboard's browser tests (apt, once)"
 	@echo "make format  apply ruff formatting"
@@ -42,6 +42,7 @@ venv: $(VENV)/.installed
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: venv
 	$(BIN)/ruff format .

@@ -168,7 +168,7 @@ def document_request_bodies(app: FastAPI, schemas: dict[str, dict[str, Any]] = B
     """Attach a JSON request-body schema to every POST route of ``app`` listed in ``schemas``.
     Must run before the OpenAPI document is first built (FastAPI caches it)."""
     for route in app.routes:
-        if not isinstance(route, APIRoute) or "POST" not in route.methods:
+        if not isinstance(route, APIRoute) or "POST" not in (route.methods or ()):
             continue
         schema = schemas.get(route.path)
         if schema is None:

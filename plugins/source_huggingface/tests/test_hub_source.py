@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from cortex_source_huggingface.hub import HubSource
 
+from cortex.harness_choice import choose_harness
+from cortex.plugins import PluginRegistry
 from cortex.source import (
     FetchError,
     ModelSourceId,
@@ -22,6 +24,7 @@ from cortex.source import (
 )
 from cortex.testing.registry import publish_repo
 from cortex.testing.servers import free_port
+from cortex.wire.errors import ApiError
 
 SCHEME = "mirror"
 CONFIG = b'{"model_type": "llama"}'
@@ -119,11 +122,19 @@ def test_preflight_repo_not_found(repos: Path, hf_registry, tmp_path: Path) -> N
 
 
 def test_preflight_no_loadable_weights(repos: Path, hf_registry, tmp_path: Path) -> None:
+    """A repo without weights by file name is described, not refused: whether some harness
+    loads it is the neuron's one harness choice (cortex.harness_choice), which answers
+    ``no_loadable_weights`` when none does."""
     source = make_source(tmp_path, hf_registry(repos).url)
-    with pytest.raises(NoLoadableWeightsError) as caught:
-        source.preflight(mid("mirror:acme/empty"))
-    assert caught.value.to_json()["kind"] == "no_loadable_weights"
-    assert caught.value.model_id == "mirror:acme/empty"
+    preflight = source.preflight(mid("mirror:acme/empty"))
+    assert preflight.weight_format == WeightFormat.NONE
+    assert preflight.file_names() == ["README.md", "config.json"]
+    with pytest.raises(ApiError) as caught:
+        choose_harness(PluginRegistry(allowed={"harness-torch"}).harnesses(), preflight)
+    assert caught.value.status == 422
+    assert caught.value.details is not None
+    assert caught.value.details["kind"] == NoLoadableWeightsError.kind
+    assert caught.value.details["model_id"] == "mirror:acme/empty"
 
 
 def test_preflight_unauthorized(
@@ -243,7 +254,7 @@ def test_token_never_in_logs_or_errors(
     with caplog.at_level(logging.DEBUG):
         source.preflight(mid("mirror:acme/dense"))
         source.fetch(mid("mirror:acme/dense"), ["config.json", "model.safetensors"])
-        for bad in ("mirror:acme/missing", "mirror:acme/empty"):
+        for bad in ("mirror:acme/missing", "mirror:acme/quants"):  # not found; no quant Q1
             try:
                 source.preflight(mid(bad), quant="Q1")
             except Exception as exc:

@@ -187,7 +187,7 @@ def run_demo(data_dir: Path, once: bool, port: int | None) -> int:
         for child in dead:
             say(f"{child.name} exited ({child.proc.returncode}); its log:\n{child.log_tail()}")
         return 1
-    except (ChildFailed, StepFailed, OSError, *_client_errors()) as exc:
+    except (ChildFailed, StepFailed, OSError, *_client_errors()) as exc:  # type: ignore[misc]
         say(f"demo failed: {type(exc).__name__}: {exc}")
         for child in children:
             say(f"  log of {child.name}: {child.log_path}")

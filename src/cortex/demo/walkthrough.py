@@ -22,7 +22,7 @@ from cortex.demo.configs import BETA
 from cortex.demo.models import DemoModels
 
 Printer = Callable[[str], None]
-HELLO = [{"role": "user", "content": "Tell me about the river and the mountain."}]
+HELLO: list[Any] = [{"role": "user", "content": "Tell me about the river and the mountain."}]
 
 
 class StepFailed(RuntimeError):

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 
 from cortex.config import ModelProfile
 from cortex.gateway.pins import set_pinned
-from cortex.gateway.router import resolve
 from cortex.gateway.service import Gateway
 from cortex.gateway.status_view import fleet_status
 from cortex.wire.errors import ApiError, bad_request, model_not_found
@@ -53,8 +52,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/admin/models")
     async def admin_models() -> JSONResponse:
         """The fleet view: every node, its models, loads in progress and failed loads."""
-        loader = gateway.loader
-        failures = loader.failures if loader is not None else {}
+        failures = gateway.scheduler.failures
         return JSONResponse(
             {
                 **gateway.health(),
@@ -72,8 +70,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/admin/events")
     async def admin_events(limit: int = 50) -> JSONResponse:
         """The gateway's recent loads and evictions, newest first (``cortex status``)."""
-        loader = gateway.loader
-        events = loader.events.latest(min(max(limit, 0), 200)) if loader is not None else []
+        events = gateway.scheduler.events.latest(min(max(limit, 0), 200))
         return JSONResponse({"events": events})
 
     @app.post("/admin/models/load")
@@ -94,9 +91,8 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
                 f"no node named {only!r} (known: {known_nodes})",
                 param="node",
             )
-        resolved = resolve(model, gateway.models, gateway.default_source)
-        assert gateway.loader is not None
-        known, _only_down = gateway._known(resolved)
+        resolved = gateway.resolve(model)
+        known, _only_down = gateway.scheduler.known(resolved)
         if not known:
             raise model_not_found(model, "not loaded anywhere and not in models.toml")
         ready = [
@@ -113,7 +109,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             # The profile as configured, placed on that node only.
             profile = resolved.profile or ModelProfile(id=resolved.canonical)
             resolved = attrs.evolve(resolved, profile=attrs.evolve(profile, nodes=[only]))
-        node = await gateway.loader.ensure_loaded(resolved)
+        node = await gateway.scheduler.ensure_loaded(resolved)
         return JSONResponse({"model": resolved.canonical, "nodes": [node], "loaded": True})
 
     @app.post("/admin/models/unload")
@@ -121,11 +117,10 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         """Unload a model from every node (or only ``node``) where it is loaded."""
         _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
-        resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
+        resolved = gateway.resolve(_model_field(body))
         only = body.get("node")
         if only is not None and not isinstance(only, str):
             raise bad_request("'node' must be a node name", param="node")
-        assert gateway.loader is not None and gateway.fleet is not None
         targets = [
             n
             for n in gateway.nodes()
@@ -140,8 +135,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
                 param="model",
             )
         for node in targets:
-            await gateway.loader.unload(node, resolved.canonical, reason="admin")
-            await gateway.fleet.refresh(node.name)
+            await gateway.scheduler.unload(node.name, resolved.canonical, reason="admin")
         return JSONResponse(
             {"model": resolved.canonical, "unloaded_from": [n.name for n in targets]}
         )
@@ -149,7 +143,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     async def pin(request: Request, pinned: bool) -> JSONResponse:
         _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
-        resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
+        resolved = gateway.resolve(_model_field(body))
         was = bool(resolved.profile is not None and resolved.profile.pinned)
         profile = set_pinned(gateway, resolved, pinned)
         return JSONResponse(

@@ -29,7 +29,7 @@ def set_pinned(gateway: Gateway, resolved: Resolved, pinned: bool) -> ModelProfi
         if canonical_or_none(profile.id, default_source) == resolved.canonical:
             if profile.pinned != pinned:
                 profiles[index] = attrs.evolve(profile, pinned=pinned)
-                gateway.resolve.clear()  # cached resolutions hold the old profile
+                gateway.resolver.clear()  # cached resolutions hold the old profile
             return profiles[index]
     if any(n.model(resolved.canonical) is not None for n in gateway.nodes()):
         raise ApiError(

@@ -26,8 +26,9 @@ RECENT_ERRORS = 20
 def _model_view(gateway: Gateway, node: NodeState, model: NodeModel, now: float) -> dict[str, Any]:
     key = (node.name, model.id)
     profile = find_profile(gateway.models, model.id, gateway.default_source)
-    last = max(model.last_used, model.loaded_at, gateway.usage.last_used.get(key, 0.0))
-    in_flight = max(model.in_flight, gateway.usage.busy(node.name, model.id))
+    usage = gateway.scheduler.usage
+    last = max(model.last_used, model.loaded_at, usage.last_used.get(key, 0.0))
+    in_flight = max(model.in_flight, usage.busy(node.name, model.id))
     pinned = bool(profile is not None and profile.pinned)
     keep_alive = profile.keep_alive.seconds if profile is not None else None
     idle = round(max(0.0, now - last), 1) if last else None
@@ -62,7 +63,7 @@ def _node_view(gateway: Gateway, node: NodeState) -> dict[str, Any]:
         "endpoint": node.endpoint,
         "up": node.up,
         "last_error": node.health.last_error,
-        "in_flight": gateway.usage.node_busy(node.name),
+        "in_flight": gateway.scheduler.usage.node_busy(node.name),
         "devices": [
             {
                 "key": d.key,
@@ -97,17 +98,13 @@ def public_health(gateway: Gateway) -> dict[str, Any]:
 def fleet_status(gateway: Gateway) -> dict[str, Any]:
     now = time.time()
     nodes = gateway.nodes()
-    loader = gateway.loader
+    scheduler = gateway.scheduler
     return {
         "status": gateway.health()["status"],
         "nodes": [_node_view(gateway, n) for n in nodes],
         "models": [_model_view(gateway, n, m, now) for n in nodes if n.up for m in n.models],
-        "loads_in_progress": sorted(loader.loads) if loader is not None else [],
-        "failed_loads": (
-            {k: f.to_json(public=False) for k, f in loader.failures.items()}
-            if loader is not None
-            else {}
-        ),
-        "events": loader.events.latest(RECENT_EVENTS) if loader is not None else [],
+        "loads_in_progress": scheduler.loads_in_progress(),
+        "failed_loads": {k: f.to_json(public=False) for k, f in scheduler.failures.items()},
+        "events": scheduler.events.latest(RECENT_EVENTS),
         "errors": gateway.recent_errors.latest(RECENT_ERRORS),
     }

@@ -157,7 +157,8 @@ class Fleet:
 
     def unload_everything(self) -> None:
         for name in self.neurons:
-            if self.neurons[name].proc is None or self.neurons[name].proc.poll() is not None:
+            proc = self.neurons[name].proc
+            if proc is None or proc.poll() is not None:
                 continue
             for model_id in self.neuron_models(name):
                 httpx.post(

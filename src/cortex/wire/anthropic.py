@@ -644,7 +644,7 @@ class AnthropicStreamTranslator:
         if self.started or self.closed:
             return []
         self.started = True
-        message = {
+        message: dict[str, Any] = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",

@@ -989,15 +989,16 @@ class ResponsesStreamTranslator:
             self._tool_items.add(index)
             frames += self._close_item()
             output_index = len(self._output)
-            item = _OpenItem(
-                "function_call",
-                output_index,
-                _item_id(self.id, "fc", output_index),
-                call_id=text(call.get("id")) or random_id("call_"),
-                name=text(function.get("name")),
-                tool_index=index,
+            frames += self._open_item(
+                _OpenItem(
+                    "function_call",
+                    output_index,
+                    _item_id(self.id, "fc", output_index),
+                    call_id=text(call.get("id")) or random_id("call_"),
+                    name=text(function.get("name")),
+                    tool_index=index,
+                )
             )
-            frames += self._open_item(item)
         elif self._open is None or self._open.tool_index != index:
             log.warning("tool call %s continued after another began; arguments dropped", index)
             return frames

@@ -19,6 +19,7 @@ files are in flight, and their parts share as many connections.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -107,10 +108,12 @@ def fetch_files(
     parts = ThreadPoolExecutor(settings.connections, thread_name_prefix="fetch-part")
     heads = ThreadPoolExecutor(width, thread_name_prefix="fetch-file")
     try:
-        metas = _all(heads, [lambda f=f: _head(target, f) for f in files], cancelled)
+        metas = _all(heads, [functools.partial(_head, target, f) for f in files], cancelled)
         _check_space(target, metas)
         jobs: list[Callable[[], None]] = [
-            lambda m=m: _fetch_one(target, m, reporter, settings, pool, parts, cancelled, counted)
+            functools.partial(
+                _fetch_one, target, m, reporter, settings, pool, parts, cancelled, counted
+            )
             for m in sorted(metas, key=lambda m: -(m.size or 0))
         ]
         _all(heads, jobs, cancelled)

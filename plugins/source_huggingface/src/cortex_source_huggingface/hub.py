@@ -110,14 +110,13 @@ class HubSource:
         try:
             found = classify(files, quant, qid)
         except NoLoadableWeightsError:
-            # No weights by file name, but a harness may still load it (the built-in echo
-            # harness loads an ``echo.json``): only a repo nothing accepts is an error.
-            bare = Preflight(
+            # No weights by file name; a harness may still load it (the built-in echo harness
+            # loads an ``echo.json``). Which harness accepts a repo is not this source's question:
+            # the neuron's one harness choice (cortex.harness_choice) answers it, and says
+            # ``no_loadable_weights`` when none does.
+            return Preflight(
                 model_id=qid, revision=commit, weight_format=WeightFormat.NONE, files=files
             )
-            if not _some_harness_accepts(bare):
-                raise
-            return bare
         return Preflight(
             model_id=qid,
             revision=commit,
@@ -341,17 +340,6 @@ class HubSource:
         if env:
             return f"no token configured (set ${env})"
         return f"no token configured (set auth_env in [sources.{self.settings.scheme}])"
-
-
-def _some_harness_accepts(preflight: Preflight) -> bool:
-    from cortex.harness import accepting_harnesses
-    from cortex.plugins import get_registry
-
-    try:
-        return bool(accepting_harnesses(get_registry().harnesses(), preflight))
-    except Exception as exc:  # a broken harness plugin must not turn into a source error
-        log.warning("could not ask the installed harnesses about %s: %s", preflight.model_id, exc)
-        return False
 
 
 def _first_line(exc: BaseException) -> str:

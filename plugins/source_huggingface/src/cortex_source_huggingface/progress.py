@@ -83,7 +83,7 @@ class FetchProgress:
 
         progress = self
 
-        class CountingBar(hf_tqdm):  # type: ignore[misc, valid-type]
+        class CountingBar(hf_tqdm):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 kwargs["desc"] = file
                 super().__init__(*args, **kwargs)
