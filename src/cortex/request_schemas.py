@@ -104,6 +104,26 @@ MESSAGES: dict[str, Any] = {
     },
 }
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+
+EMBEDDINGS: dict[str, Any] = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": _MODEL,
+        "input": {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                _TOKEN_IDS,
+                {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+            ]
+        },
+        "encoding_format": {"enum": ["float", "base64"]},
+        "dimensions": {"type": "integer", "minimum": 1},
+    },
+}
+
 MODEL_ID = {"type": "string", "minLength": 1, "description": "scheme:org/name or org/name"}
 
 LOAD: dict[str, Any] = {
@@ -154,6 +174,7 @@ ADMIN_MODEL: dict[str, Any] = {
 BY_PATH: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": CHAT_COMPLETIONS,
     "/v1/completions": COMPLETIONS,
+    "/v1/embeddings": EMBEDDINGS,
     "/v1/messages": MESSAGES,
     "/models/load": LOAD,
     "/models/unload": UNLOAD,

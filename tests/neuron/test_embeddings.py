@@ -99,10 +99,11 @@ def test_base64_dimensions_and_token_inputs(loaded: LiveNeuron, tiny_embedding_d
         ({"model": EMBEDDER, "input": "x", "dimensions": 65}, "dimensions"),
         ({"model": EMBEDDER, "input": " ".join(["word"] * 400)}, "input[0]"),
         ({"model": LLAMA, "input": "x"}, "model"),
+        ({"model": EMBEDDER, "input": [[3, 10**6]]}, None),  # outside the vocabulary
     ],
 )
 def test_bad_requests_are_typed_400s(
-    loaded: LiveNeuron, body: dict[str, object], param: str
+    loaded: LiveNeuron, body: dict[str, object], param: str | None
 ) -> None:
     with loaded.http() as http:
         response = http.post("/v1/embeddings", json=body)

@@ -29,8 +29,8 @@ Answer = Callable[[Dispatcher, Tally, dict[str, Any], Mapping[str, str]], Awaita
 async def openai_answer(
     dispatcher: Dispatcher, tally: Tally, payload: dict[str, Any], headers: Mapping[str, str]
 ) -> Response:
-    """OpenAI chat completions and completions: proxied to the neuron as they are (streams
-    frame by frame), the ``model`` field saying what the client asked for."""
+    """OpenAI chat completions, completions and embeddings: proxied to the neuron as they are
+    (streams frame by frame), the ``model`` field saying what the client asked for."""
     requested = payload.get("model")
     if not isinstance(requested, str) or not requested:
         raise ApiError(
@@ -54,6 +54,7 @@ class GenerationRoute:
 GENERATION_ROUTES: tuple[GenerationRoute, ...] = (
     GenerationRoute("/v1/chat/completions", OPENAI, openai_answer, "OpenAI chat completions"),
     GenerationRoute("/v1/completions", OPENAI, openai_answer, "OpenAI completions"),
+    GenerationRoute("/v1/embeddings", OPENAI, openai_answer, "OpenAI embeddings"),
     GenerationRoute("/v1/messages", ANTHROPIC, dialects.messages_answer, "Anthropic Messages"),
     GenerationRoute(
         "/v1/messages/count_tokens",

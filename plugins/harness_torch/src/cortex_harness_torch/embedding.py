@@ -136,6 +136,13 @@ class TorchEmbeddingModel:
 
         if self.model is None:
             raise HarnessError("the model has been unloaded")
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        for i, tokens in enumerate(inputs):
+            wrong = [t for t in tokens if vocab and not 0 <= t < vocab]
+            if wrong:
+                raise PromptError(
+                    f"input[{i}] has token id {wrong[0]}, outside the vocabulary (0-{vocab - 1})"
+                )
         width = max(len(ids) for ids in inputs)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(inputs), width), pad, dtype=torch.long)
