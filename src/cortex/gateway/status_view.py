@@ -44,6 +44,8 @@ def _model_view(gateway: Gateway, node: NodeState, model: NodeModel, now: float)
         "harness": model.harness,
         "state": model.state,
         "memory_bytes": model.memory_bytes,
+        "context_length": model.context_length,
+        "capabilities": sorted(model.capabilities),
         "in_flight": in_flight,
         "running": model.running,
         "waiting": model.waiting,
