@@ -116,9 +116,11 @@ def load_gguf(
     options: LoadOptions | None = None,
 ) -> LoadedModel:
     """Open ``path`` on ``device``: all layers on the GPU for a CUDA device (which needs a
-    llama.cpp built with CUDA), else on the CPU with the configured threads. Runs on the
-    device's worker thread."""
+    llama.cpp built with CUDA), else on the CPU with the configured threads. An embedding GGUF
+    (embedding.py says which) gets an embedding context, any other a batched generation one.
+    Runs on the device's worker thread."""
     from cortex_harness_llamacpp import native
+    from cortex_harness_llamacpp.embedding import embedding_pooling, load_embedding_gguf
     from cortex_harness_llamacpp.model import LlamaCppModel
 
     lib = native.llama()
@@ -145,6 +147,11 @@ def load_gguf(
         raise _load_failure(f"llama.cpp could not load {path.name} onto {device.key}")
     try:
         metadata = native.model_metadata(lib, model)
+        pooling = embedding_pooling(lib, model, metadata, settings, path.name)
+        if pooling is not None:
+            return load_embedding_gguf(
+                lib, model, metadata, path, device, settings, context_length, pooling
+            )
         context = resolve_context_length(
             int(lib.llama_model_n_ctx_train(model)), context_length, settings
         )
@@ -237,12 +244,19 @@ def _context_params(
 ) -> Any:
     """One unified KV cache of ``cells`` cells shared by up to ``2 x max_batch`` sequences: the
     running ones, and as many idle ones keeping a finished generation's prefix."""
-    params = lib.llama_context_default_params()
+    params = base_context_params(lib, device, settings)
     params.n_ctx = cells
     params.n_batch = min(settings.n_batch, cells)
     params.n_ubatch = params.n_batch
     params.n_seq_max = max(1, min(2 * max_batch, lib.llama_max_parallel_sequences()))
     params.kv_unified = True
+    return params
+
+
+def base_context_params(lib: Any, device: Device, settings: LlamaCppSettings) -> Any:
+    """What every context of this harness shares (generation and embedding): threads, flash
+    attention, and on the CPU nothing offloaded."""
+    params = lib.llama_context_default_params()
     params.n_threads = settings.threads
     params.n_threads_batch = settings.threads_batch
     params.no_perf = True
