@@ -36,8 +36,6 @@ after the request, so nothing of one request survives into the next.
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +44,6 @@ from cortex.harness import EMBEDDINGS, HarnessError, PromptError
 from cortex_harness_llamacpp import native
 from cortex_harness_llamacpp.settings import LlamaCppSettings
 
-log = logging.getLogger("cortex.harness.llamacpp")
-
-MIB = 2**20
 # llama.h's enum llama_pooling_type (also gguf.PoolingType): the values in ``{arch}.pooling_type``.
 POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST, POOLING_RANK = 0, 1, 2, 3, 4
 POOLING_NAMES = {POOLING_MEAN: "mean", POOLING_CLS: "cls", POOLING_LAST: "last"}
@@ -102,6 +97,20 @@ def embedding_context_length(
     if trained <= 0:
         return settings.max_context
     return min(trained, settings.max_context)
+
+
+def embedding_context_params(lib: Any, params: Any, context: int, pooling: int) -> Any:
+    """``params`` (the harness's common context settings) made an embedding context of
+    ``context`` tokens: pooled embeddings, the whole context in one micro-batch, as many
+    sequences per batch as llama.cpp allows, one unified KV cache (a decoder embedder's)."""
+    params.embeddings = True
+    params.pooling_type = pooling
+    params.n_ctx = -(-context // 256) * 256
+    params.n_batch = context
+    params.n_ubatch = context
+    params.n_seq_max = max(1, min(context, lib.llama_max_parallel_sequences()))
+    params.kv_unified = True
+    return params
 
 
 class LlamaCppEmbeddingModel:
@@ -271,70 +280,3 @@ def pack(inputs: list[list[int]], n_batch: int, n_seq_max: int) -> list[list[lis
     if current:
         groups.append(current)
     return groups
-
-
-def load_embedding_gguf(
-    lib: Any,
-    model: Any,
-    metadata: dict[str, str],
-    path: Path,
-    device: Device,
-    settings: LlamaCppSettings,
-    requested_context: int | None,
-    pooling: int,
-) -> LlamaCppEmbeddingModel:
-    """An embedding context for the loaded ``model`` (which the caller frees if this raises)."""
-    from cortex_harness_llamacpp.harness import _check_fits, _load_failure, base_context_params
-
-    started = time.monotonic()
-    context = embedding_context_length(
-        int(lib.llama_model_n_ctx_train(model)), requested_context, settings
-    )
-    cells = -(-context // 256) * 256
-    _check_fits(lib, model, metadata, device, cells, path.name)
-    params = base_context_params(lib, device, settings)
-    params.embeddings = True
-    params.pooling_type = pooling
-    params.n_ctx = cells
-    params.n_batch = context
-    params.n_ubatch = context
-    params.n_seq_max = max(1, min(context, lib.llama_max_parallel_sequences()))
-    params.kv_unified = True
-    ctx = lib.llama_init_from_model(model, params)
-    if ctx is None:
-        raise _load_failure(
-            f"llama.cpp could not create an embedding context of {context} tokens for "
-            f"{path.name} on {device.key}"
-        )
-    try:
-        reported = int(lib.llama_pooling_type(ctx))
-        if reported not in POOLING_NAMES:
-            raise HarnessError(
-                f"llama.cpp runs {path.name} with pooling type {reported}, not a pooled embedding"
-            )
-        loaded = LlamaCppEmbeddingModel(
-            lib=lib,
-            model=model,
-            ctx=ctx,
-            path=path,
-            device=device,
-            settings=settings,
-            context_length=context,
-            metadata=metadata,
-        )
-    except BaseException:
-        lib.llama_free(ctx)
-        raise
-    log.info(
-        "loaded %s on %s in %.2fs as an embedding model: %d dimensions, %s pooling%s, "
-        "context %d, %.1f MiB",
-        path.name,
-        device.key,
-        time.monotonic() - started,
-        loaded.dimensions,
-        loaded.pooling,
-        ", normalised" if loaded.normalize else "",
-        context,
-        loaded.memory_bytes() / MIB,
-    )
-    return loaded

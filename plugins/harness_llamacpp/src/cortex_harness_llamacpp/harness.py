@@ -120,7 +120,7 @@ def load_gguf(
     (embedding.py says which) gets an embedding context, any other a batched generation one.
     Runs on the device's worker thread."""
     from cortex_harness_llamacpp import native
-    from cortex_harness_llamacpp.embedding import embedding_pooling, load_embedding_gguf
+    from cortex_harness_llamacpp.embedding import embedding_pooling
     from cortex_harness_llamacpp.model import LlamaCppModel
 
     lib = native.llama()
@@ -149,7 +149,7 @@ def load_gguf(
         metadata = native.model_metadata(lib, model)
         pooling = embedding_pooling(lib, model, metadata, settings, path.name)
         if pooling is not None:
-            return load_embedding_gguf(
+            return _load_embedding_gguf(
                 lib, model, metadata, path, device, settings, context_length, pooling
             )
         context = resolve_context_length(
@@ -188,6 +188,73 @@ def load_gguf(
         context,
         loaded.kv_cells,
         loaded.max_batch,
+        loaded.memory_bytes() / MIB,
+    )
+    return loaded
+
+
+def _load_embedding_gguf(
+    lib: Any,
+    model: Any,
+    metadata: dict[str, str],
+    path: Path,
+    device: Device,
+    settings: LlamaCppSettings,
+    requested_context: int | None,
+    pooling: int,
+) -> LoadedModel:
+    """An embedding context for the loaded ``model`` (embedding.py says how; the caller frees
+    the model if this raises)."""
+    from cortex_harness_llamacpp.embedding import (
+        POOLING_NAMES,
+        LlamaCppEmbeddingModel,
+        embedding_context_length,
+        embedding_context_params,
+    )
+
+    started = time.monotonic()
+    context = embedding_context_length(
+        int(lib.llama_model_n_ctx_train(model)), requested_context, settings
+    )
+    params = embedding_context_params(
+        lib, base_context_params(lib, device, settings), context, pooling
+    )
+    _check_fits(lib, model, metadata, device, int(params.n_ctx), path.name)
+    ctx = lib.llama_init_from_model(model, params)
+    if ctx is None:
+        raise _load_failure(
+            f"llama.cpp could not create an embedding context of {context} tokens for "
+            f"{path.name} on {device.key}"
+        )
+    try:
+        reported = int(lib.llama_pooling_type(ctx))
+        if reported not in POOLING_NAMES:
+            raise HarnessError(
+                f"llama.cpp runs {path.name} with pooling type {reported}, not a pooled embedding"
+            )
+        loaded = LlamaCppEmbeddingModel(
+            lib=lib,
+            model=model,
+            ctx=ctx,
+            path=path,
+            device=device,
+            settings=settings,
+            context_length=context,
+            metadata=metadata,
+        )
+    except BaseException:
+        lib.llama_free(ctx)
+        raise
+    log.info(
+        "loaded %s on %s in %.2fs as an embedding model: %d dimensions, %s pooling%s, "
+        "context %d, %.1f MiB",
+        path.name,
+        device.key,
+        time.monotonic() - started,
+        loaded.dimensions,
+        loaded.pooling,
+        ", normalised" if loaded.normalize else "",
+        context,
         loaded.memory_bytes() / MIB,
     )
     return loaded
