@@ -5,7 +5,9 @@ the repo it was written from (what the torch harness serves)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,29 @@ def test_an_embedding_gguf_loads_in_embedding_mode(embedder: LoadedModel) -> Non
     assert embedder.memory_bytes() > 0
 
 
+def test_memory_counts_the_buffers_llama_cpp_allocates(
+    embedder_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The output buffer (logits and embedding rows for every token of a batch) is what
+    llama.cpp logs it allocated; the LM head's logits of a decoder embedder fit in the compute
+    buffer it logs, and an encoder has none."""
+    caplog.set_level(logging.DEBUG, logger="cortex.harness.llamacpp")
+    model = load(embedder_repo)
+    try:
+        assert isinstance(model, LlamaCppEmbeddingModel)
+        output = re.search(r"output buffer size =\s+([\d.]+) MiB", caplog.text)
+        compute = re.search(r"compute buffer size =\s+([\d.]+) MiB", caplog.text)
+        assert output is not None and compute is not None
+        assert abs(model.output_bytes / 2**20 - float(output.group(1))) < 0.01
+        if model._memory is None:  # the encoder
+            assert model.logits_bytes == 0
+        else:
+            assert 0 < model.logits_bytes <= float(compute.group(1)) * 2**20
+        assert model.memory_bytes() > model.output_bytes + model.logits_bytes
+    finally:
+        model.unload()
+
+
 def test_a_chat_gguf_still_loads_as_a_generation_model(tiny_gguf_repo: Path) -> None:
     model = load(tiny_gguf_repo, "F16")
     try:
@@ -180,6 +205,20 @@ def test_without_normalisation_the_raw_pooled_vectors(embedder_repo: Path) -> No
         assert any(abs(math.sqrt(sum(x * x for x in v)) - 1.0) > 1e-3 for v in got)
     finally:
         model.unload()
+
+
+def test_an_f16_bert_gguf_loads_and_embeds_close_to_f32(
+    tiny_embedding_dir: Path, tiny_embedding_gguf_repo: Path, tmp_path: Path
+) -> None:
+    """Position and token-type embeddings stay F32 in an F16 file (as the converter keeps
+    them): llama.cpp's CPU add cannot take them in F16."""
+    write_bert_gguf(tiny_embedding_dir, tmp_path / "tiny-bert-embed-F16.gguf", "F16")
+    half, full = load(tmp_path), load(tiny_embedding_gguf_repo)
+    try:
+        assert_close(embed_texts(half, TEXTS), embed_texts(full, TEXTS), tol=5e-3)
+    finally:
+        half.unload()
+        full.unload()
 
 
 def test_the_bert_gguf_gives_the_vectors_transformers_gives_its_source(

@@ -286,7 +286,11 @@ def write_bert_gguf(
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"no GGUF name for BERT tensor {name!r}")
-        _add_tensor(writer, gguf_name, np.ascontiguousarray(array, dtype=np.float32), tensor_type)
+        # llama.cpp adds these to F32 activations, which its CPU add cannot do from F16: the
+        # converter keeps them F32 in every file type
+        kept = gguf_name.startswith(("position_embd.", "token_types."))
+        data = np.ascontiguousarray(array, dtype=np.float32)
+        _add_tensor(writer, gguf_name, data, gguf.GGMLQuantizationType.F32 if kept else tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -157,6 +157,13 @@ class LlamaCppEmbeddingModel:
         self._weights_bytes = int(lib.llama_model_size(model))
         cells = int(lib.llama_n_ctx(ctx)) if self._memory is not None else 0
         self._kv_bytes = cells * kv_bytes_per_token(lib, model, metadata)
+        self.output_bytes, self.logits_bytes = buffer_bytes(
+            n_vocab=self.n_vocab,
+            n_embd=int(lib.llama_model_n_embd(model)),
+            n_batch=self.n_batch,
+            n_seq_max=self.n_seq_max,
+            causal=bool(lib.llama_get_causal_attn(ctx)),
+        )
 
     # ---- the LoadedModel calls (an embedding model does not generate) -----------------
 
@@ -186,11 +193,13 @@ class LlamaCppEmbeddingModel:
         self._clear()
 
     def memory_bytes(self) -> int:
-        """Weights plus the KV cache of a decoder embedder (allocated in full with the
-        context); llama.cpp's compute buffers are not counted, as for generation models."""
+        """Weights, the KV cache of a decoder embedder (allocated in full with the context),
+        and what a full batch makes llama.cpp hold per token: its output buffer and, for a
+        decoder, the LM head's logits (:func:`buffer_bytes`). The rest of the compute buffers
+        is not counted, as for generation models."""
         if self._ctx is None:
             return 0
-        return self._weights_bytes + self._kv_bytes
+        return self._weights_bytes + self._kv_bytes + self.output_bytes + self.logits_bytes
 
     def unload(self) -> None:
         if self._ctx is None:
@@ -263,6 +272,24 @@ class LlamaCppEmbeddingModel:
     def _check_loaded(self) -> None:
         if self._ctx is None:
             raise HarnessError(f"{self.path.name} has been unloaded")
+
+
+def buffer_bytes(
+    *, n_vocab: int, n_embd: int, n_batch: int, n_seq_max: int, causal: bool
+) -> tuple[int, int]:
+    """(output buffer, LM-head logits) bytes of an embedding context after a full batch.
+
+    In embedding mode llama.cpp marks every token of a batch as an output, and its output
+    buffer (``llama_context::output_reserve``) holds logits *and* an embedding for every output
+    row, float32: ``max(tokens, n_seq_max) x (n_vocab + n_embd) x 4``; it grows to a full
+    batch on the first one and is never shrunk. A decoder embedder's graph also computes the
+    LM head for every token of a micro-batch (``n_ubatch x n_vocab x 4`` in the compute
+    buffer; measured: 147 MiB of compute buffer for 256 tokens of a 150k-token vocabulary, 0.7
+    MiB for a BERT of the same vocabulary, which has no LM head). With a large vocabulary
+    and context these dominate: bge-m3 (250k tokens) at 8192 tokens is 8 GB of output buffer."""
+    output = max(n_batch, n_seq_max) * (n_vocab + n_embd) * 4
+    logits = n_batch * n_vocab * 4 if causal else 0
+    return output, logits
 
 
 def pack(inputs: list[list[int]], n_batch: int, n_seq_max: int) -> list[list[list[int]]]:
