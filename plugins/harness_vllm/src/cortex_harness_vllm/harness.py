@@ -185,7 +185,7 @@ def load_engine(
         context_length=context,
         max_batch=max_batch,
         memory_bytes=planned,
-        on_unload=_engine_gone,
+        shutdown=shutdown_engine,
     )
     log.info(
         "vLLM loaded %s on %s in %.1fs: context %d, max_batch %d, %d KV blocks of %d "
@@ -220,28 +220,34 @@ def _start_engine(args: dict[str, Any], snapshot: Path, devices: Sequence[Device
         raise HarnessError(f"vLLM could not load {snapshot.name} on {where}: {text}") from exc
 
 
-def _engine_gone() -> None:
-    """After an engine shut down: collect its tensors; once no engine is left, tear down
-    vLLM's process-wide state and give the allocator's cache back."""
+def shutdown_engine(engine: Any) -> None:
+    """Stop an engine and free what it holds (on its device's worker thread).
+
+    vLLM's ``EngineCore.shutdown`` also tears down vLLM's process-wide distributed state, which
+    every in-process engine shares: with another model still loaded that breaks it (its next
+    step fails). So while other engines live, the engine is shut down without that teardown;
+    the last one does it. Then the tensors are collected and memory goes back to the system
+    (``malloc_trim`` on the CPU, the allocator's cache on CUDA)."""
     global _live_engines
+    import vllm.v1.engine.core as engine_core_module
+
     with _engines_lock:
         _live_engines = max(0, _live_engines - 1)
         last = _live_engines == 0
+        real_cleanup = engine_core_module.cleanup_dist_env_and_memory
+        if not last:
+            engine_core_module.cleanup_dist_env_and_memory = gc.collect  # type: ignore[assignment]
+        try:
+            engine.engine_core.shutdown()
+        finally:
+            engine_core_module.cleanup_dist_env_and_memory = real_cleanup
+    del engine
     gc.collect()
-    if last:
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import (
-                destroy_distributed_environment,
-                destroy_model_parallel,
-            )
+    with contextlib.suppress(Exception):
+        import torch
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        with contextlib.suppress(Exception):
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     with contextlib.suppress(Exception):
         import ctypes
 

@@ -85,7 +85,7 @@ class VllmModel:
         context_length: int,
         max_batch: int,
         memory_bytes: int,
-        on_unload: Any = None,
+        shutdown: Any = None,
     ) -> None:
         self._engine = engine
         self.path = path
@@ -104,7 +104,7 @@ class VllmModel:
         generation_config = _generation_config(model_config)
         self.eos_ids = eos_ids_of(generation_config, model_config.hf_config, self.tokenizer)
         self._memory_bytes = memory_bytes
-        self._on_unload = on_unload
+        self._shutdown = shutdown
         self._running: dict[str, VllmGeneration] = {}
         self.steps = 0
 
@@ -236,12 +236,10 @@ class VllmModel:
         for generation in list(self._running.values()):
             generation.close()
         engine, self._engine = self._engine, None
-        try:
+        if self._shutdown is not None:
+            self._shutdown(engine)
+        else:
             engine.engine_core.shutdown()
-        finally:
-            del engine
-            if self._on_unload is not None:
-                self._on_unload()
 
     def _check_loaded(self) -> None:
         if self._engine is None:
