@@ -43,6 +43,11 @@ class LoadOptions:
     # batches sizes its KV cache (and its memory estimate) from these.
     max_batch: int | None = None
     kv_tokens: int | None = None
+    # A load over several devices of one node (docs/harnesses.md#several-devices-for-one-model):
+    # every device it spans, the primary (whose worker runs it) first; empty for a one-device
+    # load. Only a harness whose ``max_devices`` (an optional attribute, 1 when absent) allows
+    # it is given more than one.
+    devices: tuple[Device, ...] = ()
 
 
 @attrs.frozen

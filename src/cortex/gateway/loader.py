@@ -386,7 +386,7 @@ def load_payload(canonical: str, profile: ModelProfile | None) -> dict[str, obje
     ``models.toml`` profile chose (harness, quant, batching capacity)."""
     payload: dict[str, object] = {"model_id": canonical}
     if profile is not None:
-        for key in ("harness", "quant", "max_batch", "kv_tokens"):
+        for key in ("harness", "quant", "max_batch", "kv_tokens", "devices"):
             value = getattr(profile, key)
             if value:
                 payload[key] = value

@@ -45,6 +45,8 @@ class NodeDevice:
     total_memory: int
     free_memory: int
     state: str = "ok"
+    # the multi-device model this device is a secondary of (nothing else is placed here)
+    reserved_by: str | None = None
 
     @property
     def is_accelerator(self) -> bool:
@@ -60,6 +62,7 @@ class NodeDevice:
             total_memory=_int(data, "total_memory"),
             free_memory=_int(data, "free_memory"),
             state=str(data.get("state") or "ok"),
+            reserved_by=data["reserved_by"] if isinstance(data.get("reserved_by"), str) else None,
         )
 
 
@@ -111,6 +114,17 @@ class NodeModel:
     running: int = 0
     waiting: int = 0
     max_batch: int = 1
+    # every device a multi-device replica spans (primary first); () for one device
+    devices: tuple[str, ...] = ()
+
+    @property
+    def spans(self) -> tuple[str, ...]:
+        return self.devices or ((self.device,) if self.device else ())
+
+    def share_on(self, device_key: str) -> int:
+        """Its memory on one device: an equal share over the devices it spans."""
+        spans = self.spans
+        return self.memory_bytes // len(spans) if device_key in spans else 0
 
     @classmethod
     def from_json(cls, data: Any) -> NodeModel:
@@ -132,7 +146,15 @@ class NodeModel:
             running=_int(data, "running", 0),
             waiting=_int(data, "waiting", 0),
             max_batch=max(1, _int(data, "max_batch", 1)),
+            devices=_device_list(data.get("devices")),
         )
+
+
+def _device_list(value: Any) -> tuple[str, ...]:
+    """A neuron's ``devices`` list; one device (or an older neuron without it) is ()."""
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return ()
 
 
 def parse_models(data: Any) -> tuple[NodeModel, ...]:

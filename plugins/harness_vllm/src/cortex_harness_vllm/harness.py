@@ -68,15 +68,16 @@ def read_config(snapshot: Path) -> dict[str, Any]:
 
 def devices_of(device: Device, options: LoadOptions) -> list[Device]:
     """The devices a load spans: ``options.devices`` (primary first) or the one device."""
-    spanned = list(getattr(options, "devices", ()) or ())
-    return spanned or [device]
+    return list(options.devices) or [device]
 
 
 @attrs.frozen
 class VllmHarness:
-    """Registered as ``vllm``."""
+    """Registered as ``vllm``. ``max_devices``: a load may span up to this many devices of a
+    node (vLLM's ``tensor_parallel_size``)."""
 
     name: str = "vllm"
+    max_devices: int = 8
 
     def accepts(self, preflight: Preflight) -> bool:
         if not vllm_installed():
