@@ -10,41 +10,16 @@ tensor parallel on two CPU ranks) is in plugins/harness_vllm/tests/test_vllm_ten
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import pytest
 
-from cortex.builtins.echo import EchoHarness
-from cortex.config import NeuronConfig, structure_config
-from cortex.devices import Device
-from cortex.harness import LoadedModel, LoadOptions
-from cortex.neuron.daemon import make_app
-from cortex.neuron.node import Node
-from cortex.source_resolver import SourceResolver
+from cortex.testing.devices import SpanningEcho, start_multi_device_neuron
 from cortex.testing.registry import RunningRegistry
-from cortex.testing.servers import UvicornThread
 from tests.neuron.conftest import ECHO_REPLY
 
 MIB = 2**20
-
-
-@attrs.frozen
-class SpanningEcho(EchoHarness):
-    """The echo harness, allowed to span up to four devices; remembers what each load got."""
-
-    name: str = "echo"
-    max_devices: int = 4
-    loads: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list, eq=False)
-
-    def estimate_memory(self, preflight: Any, options: LoadOptions) -> int:
-        return 300 * MIB
-
-    def load(self, snapshot: Path, device: Device, options: LoadOptions) -> LoadedModel:
-        self.loads.append((device.key, tuple(d.key for d in options.devices)))
-        return super().load(snapshot, device, options)
 
 
 @pytest.fixture(scope="module")
@@ -58,35 +33,14 @@ def server(
     harness: SpanningEcho,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    cache = tmp_path_factory.mktemp("cache")
-    config = structure_config(
-        {
-            "name": "three-devices",
-            "sources": {
-                "huggingface": {
-                    "endpoint": model_registry.url,
-                    "auth_env": "CORTEX_TEST_NO_TOKEN",
-                    "cache_dir": str(cache),
-                }
-            },
-            "devices": {
-                "cpu": {"memory_mb": 1000},
-                "cpu:1": {"memory_mb": 1000},
-                "cpu:2": {"memory_mb": 120},
-            },
-        },
-        NeuronConfig,
-        "test neuron.toml",
+    neuron = start_multi_device_neuron(
+        model_registry.url,
+        tmp_path_factory.mktemp("cache"),
+        {"cpu": 1000, "cpu:1": 1000, "cpu:2": 120},
+        [harness],
     )
-    from cortex.plugins import get_registry
-
-    resolver = SourceResolver.from_config(config, get_registry().source_plugins())
-    devices = [Device("cpu", i, f"cpu{i}", 8 * 2**30, 8 * 2**30) for i in range(3)]
-    node = Node.build(config, [harness], devices, resolver)
-    app_server = UvicornThread(make_app(node, drain_seconds=1)).start()
-    yield app_server.url
-    app_server.stop()
-    node.workers.stop()
+    yield neuron.url
+    neuron.stop()
 
 
 def post(url: str, path: str, **body: Any) -> httpx.Response:

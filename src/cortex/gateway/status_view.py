@@ -28,6 +28,7 @@ def _model_view(gateway: Gateway, node: NodeState, model: NodeModel, now: float)
         "id": model.id,
         "node": node.name,
         "device": model.device,
+        "devices": list(model.spans),
         "harness": model.harness,
         "state": model.state,
         "memory_bytes": model.memory_bytes,
@@ -50,6 +51,7 @@ def _node_view(node: NodeState) -> dict[str, Any]:
                 "key": d.key,
                 "kind": d.kind,
                 "state": d.state,
+                "reserved_by": d.reserved_by,
                 "total_bytes": d.total_memory,
                 "used_bytes": max(0, d.total_memory - d.free_memory),
             }
