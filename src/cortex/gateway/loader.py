@@ -224,13 +224,17 @@ class Loader:
             node = self.fleet.nodes[placement.node]
             for victim in placement.victims:
                 self.usage.evicting.add((node.name, victim))
-            token = self.usage.reserve(node.name, placement.device, resolved.canonical, needed)
+            # a multi-device replica reserves its share on each device it will span
+            spans = placement.devices or (placement.device,)
+            share = -(-needed // len(spans))
+            tokens = [self.usage.reserve(node.name, d, resolved.canonical, share) for d in spans]
         try:
             if placement.victims:
                 await self._evict(node, placement)
             return await self._start_load(node, placement, resolved)
         finally:
-            self.usage.release(token)
+            for token in tokens:
+                self.usage.release(token)
 
     def _place(self, resolved: Resolved, needed: int) -> Placement:
         return place(
