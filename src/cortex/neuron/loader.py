@@ -225,18 +225,7 @@ def pick_devices(node: Node, requested: str | None, count: int, share: int) -> l
                 f"{len(others) + bool(primary)} usable {kind} device(s) without other models"
             )
             continue
-        short = [k for k in chosen if node.free(k) < share]
-        if short:
-            key = short[0]
-            raise ApiError(
-                503,
-                "insufficient_memory",
-                f"a {count}-device load needs about {_size(share)} on each device; {key} has "
-                f"{_size(node.free(key))} free (of {_size(node.budget(key))}); unload a model "
-                "or choose other devices",
-                retry_after=RETRY_AFTER_MEMORY,
-                details={"required_bytes": share, "free_bytes": node.free(key), "device": key},
-            )
+        check_shares(node, chosen, share)
         return chosen
     raise ApiError(
         422,
@@ -245,6 +234,22 @@ def pick_devices(node: Node, requested: str | None, count: int, share: int) -> l
         f"({'; '.join(reasons) or 'none usable'})",
         param="devices",
     )
+
+
+def check_shares(node: Node, keys: list[str], share: int) -> None:
+    """503 ``insufficient_memory`` naming the first of ``keys`` without ``share`` bytes free."""
+    short = [k for k in keys if node.free(k) < share]
+    if short:
+        key = short[0]
+        raise ApiError(
+            503,
+            "insufficient_memory",
+            f"a {len(keys)}-device load needs about {_size(share)} on each device; {key} has "
+            f"{_size(node.free(key))} free (of {_size(node.budget(key))}); unload a model "
+            "or choose other devices",
+            retry_after=RETRY_AFTER_MEMORY,
+            details={"required_bytes": share, "free_bytes": node.free(key), "device": key},
+        )
 
 
 def load_options(
@@ -434,7 +439,8 @@ class Loader:
         spans = tuple(pick_devices(node, request.device, count, share))
         primary = spans[0]
         options = load_options(node, request, node.devices[primary].kind, primary, extra, spans)
-        total = harness.estimate_memory(result, options)
+        total = harness.estimate_memory(result, options)  # with every rank's own overhead
+        check_shares(node, list(spans), -(-total // count))
         worker = node.workers.get(primary)
         assert worker is not None
         entry.device = primary

@@ -157,7 +157,7 @@ def load_engine(
         "dtype": dtype,
         "max_model_len": context,
         "max_num_seqs": max_batch,
-        "kv_cache_memory_bytes": max(1, kv_bytes // tp),
+        "kv_cache_memory_bytes": max(1, kv_bytes),  # per rank
         "enforce_eager": settings.eager_for(kind),
         "enable_prefix_caching": settings.prefix_caching,
         "tensor_parallel_size": tp,

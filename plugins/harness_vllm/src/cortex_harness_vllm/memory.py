@@ -52,8 +52,10 @@ def dtype_bytes(dtype: str, config: dict[str, Any] | None) -> int:
     return DTYPE_BYTES.get(dtype, 2)
 
 
-def kv_bytes_per_token(config: dict[str, Any] | None, element_bytes: int) -> int:
-    """K and V of one position in every layer; a conservative guess without a config."""
+def kv_bytes_per_token(config: dict[str, Any] | None, element_bytes: int, ranks: int = 1) -> int:
+    """K and V of one position in every layer, on one of ``ranks`` tensor-parallel ranks (each
+    holds its share of the KV heads, at least one: vLLM replicates heads when there are fewer
+    than ranks); a conservative guess without a config."""
     if not config:
         return 128 * 1024
     c = _text_config(config)
@@ -62,7 +64,8 @@ def kv_bytes_per_token(config: dict[str, Any] | None, element_bytes: int) -> int
     kv_heads = int(c.get("num_key_value_heads") or heads)
     hidden = int(c.get("hidden_size") or c.get("n_embd") or 4096)
     head_dim = int(c.get("head_dim") or hidden // max(1, heads))
-    return 2 * layers * kv_heads * head_dim * element_bytes
+    per_rank = -(-kv_heads // max(1, ranks))
+    return 2 * layers * per_rank * head_dim * element_bytes
 
 
 def kv_cache_bytes(
@@ -72,13 +75,15 @@ def kv_cache_bytes(
     options: LoadOptions,
     device_kind: str,
 ) -> int:
-    """The KV cache of the load's capacity: ``kv_tokens`` positions and one spare block per
-    sequence, so ``max_batch`` sequences whose reservations fill ``kv_tokens`` never run out
-    of blocks (vLLM would preempt one)."""
+    """The KV cache of the load's capacity on *one* rank (what vLLM's ``kv_cache_memory_bytes``
+    sizes): ``kv_tokens`` positions and one spare block per sequence, so ``max_batch``
+    sequences whose reservations fill ``kv_tokens`` never run out of blocks (vLLM would
+    preempt one)."""
     max_batch, kv_tokens = capacity_of(context_length, options)
     block = BLOCK_SIZE.get(device_kind, 16)
     blocks = -(-kv_tokens // block) + max_batch
-    return blocks * block * kv_bytes_per_token(config, element_bytes)
+    ranks = max(1, len(options.devices))
+    return blocks * block * kv_bytes_per_token(config, element_bytes, ranks)
 
 
 def estimate_bytes(
@@ -89,12 +94,14 @@ def estimate_bytes(
     options: LoadOptions,
     device_kind: str,
 ) -> int:
-    """Weights at the engine's dtype + the KV cache of the load's capacity + overhead."""
+    """Weights at the engine's dtype + the KV cache of the load's capacity + overhead, over
+    all the devices a load spans (each rank has its KV share and its own fixed overhead)."""
+    ranks = max(1, len(options.devices))
     element = dtype_bytes(dtype, config)
     weights = weight_file_bytes * element // stored_dtype_bytes(config)
-    kv = kv_cache_bytes(config, element, context_length, options, device_kind)
+    kv = kv_cache_bytes(config, element, context_length, options, device_kind) * ranks
     fixed, fraction = OVERHEAD.get(device_kind, OVERHEAD["cuda"])
-    return int(weights + kv + fixed + weights * fraction)
+    return int(weights + kv + fixed * ranks + weights * fraction)
 
 
 def context_length_of(config: dict[str, Any] | None, requested: int | None, cap: int) -> int:
