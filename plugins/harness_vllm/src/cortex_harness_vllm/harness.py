@@ -277,9 +277,12 @@ def _placement_environment(devices: Sequence[Device]) -> Iterator[None]:
 
     CUDA: ``CUDA_VISIBLE_DEVICES`` names exactly those devices (in CUDA's numbering as cortex
     discovers it, through any ``CUDA_VISIBLE_DEVICES`` the neuron itself runs under), so the
-    worker processes vLLM spawns use them and no other. CPU with several ranks: each rank's
-    OpenMP threads get their own cores (``VLLM_CPU_OMP_THREADS_BIND``, "0|1"), unless the
-    operator set it. The neuron's own environment is restored afterwards."""
+    worker processes vLLM spawns use them and no other. CPU: each rank's OpenMP threads get
+    their own cores (``VLLM_CPU_OMP_THREADS_BIND``, "0|1" for two ranks on two cores), leaving
+    one core to the neuron's event loop when there are more cores than ranks (the rule the
+    torch and llama.cpp harnesses follow: with every core taken, each step's parallel region
+    waits for the busy one; measured in docs/benchmarks.md), unless the operator set it. The
+    neuron's own environment is restored afterwards."""
     saved: dict[str, str | None] = {}
 
     def put(key: str, value: str) -> None:
@@ -292,8 +295,8 @@ def _placement_environment(devices: Sequence[Device]) -> Iterator[None]:
         entries = [e.strip() for e in visible.split(",")] if visible else None
         chosen = [entries[d.index] if entries else str(d.index) for d in devices]
         put("CUDA_VISIBLE_DEVICES", ",".join(chosen))
-    elif len(devices) > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-        put("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(len(devices)))
+    elif not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        put("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(len(devices), spare=1))
     try:
         yield
     finally:
@@ -304,13 +307,18 @@ def _placement_environment(devices: Sequence[Device]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def cpu_binding(ranks: int) -> str:
-    """The cores this process may use, split into ``ranks`` groups for vLLM's CPU workers:
-    ``"0|1"`` on two cores, ``"0-3|4-7"`` on eight."""
+def cpu_binding(ranks: int, spare: int = 0) -> str:
+    """The cores this process may use, less ``spare`` of them while more than ``ranks`` remain,
+    split into ``ranks`` groups for vLLM's CPU workers: ``"0"`` for one rank on two cores with
+    one spare, ``"0|1"`` for two ranks on two cores, ``"0,1,2|3,4,5"`` for two on eight with
+    two spare."""
     try:
         cores = sorted(os.sched_getaffinity(0))
     except AttributeError:
         cores = list(range(os.cpu_count() or 1))
+    while spare > 0 and len(cores) > ranks:
+        cores.pop()
+        spare -= 1
     if len(cores) < ranks:
         raise HarnessError(
             f"tensor parallel over {ranks} CPU ranks needs {ranks} cores; this process may use "
