@@ -57,6 +57,28 @@ class ResponseFormat:
 
 
 @attrs.frozen
+class ToolSchema:
+    """One tool a constrained generation may call: its name and the JSON Schema (JSON text)
+    its arguments must validate against (``{"type": "object"}`` for a tool without ``strict``)."""
+
+    name: str
+    parameters: str
+
+
+@attrs.frozen
+class ToolCallFormat:
+    """Tool calls a generation must write well-formed, in its model's own tool-call syntax:
+    each call names one of ``tools`` and its arguments validate against that tool's schema.
+    ``required``: the answer is tool calls only (``tool_choice`` ``required`` or a named
+    function); otherwise the model may answer in text, and a call it starts is held to the
+    schema (``strict: true`` tools). A harness that enforces it declares
+    ``STRUCTURED_OUTPUT``."""
+
+    tools: tuple[ToolSchema, ...]
+    required: bool = False
+
+
+@attrs.frozen
 class SamplingParams:
     """Sampling for one generation; ``temperature == 0`` means greedy. ``logprobs`` asks each
     :class:`Step` for the log-probability of its token and of the ``logprobs`` most likely
@@ -71,6 +93,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    tool_calls: ToolCallFormat | None = None
 
 
 @attrs.frozen
@@ -351,6 +374,8 @@ __all__ = [
     "ResponseFormat",
     "SamplingParams",
     "Step",
+    "ToolCallFormat",
+    "ToolSchema",
     "accepting_harnesses",
     "capabilities_of",
     "capacity_of",

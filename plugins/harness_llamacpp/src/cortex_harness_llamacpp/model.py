@@ -44,6 +44,7 @@ from cortex.harness import (
     common_prefix,
     template_capabilities,
 )
+from cortex.tool_grammar import tool_call_style
 from cortex_harness_llamacpp import native
 from cortex_harness_llamacpp.sampling import build_sampler
 from cortex_harness_llamacpp.settings import LlamaCppSettings
@@ -115,6 +116,7 @@ class LlamaCppModel:
         self.capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT}) | template_capabilities(
             metadata.get("tokenizer.chat_template")
         )
+        self.tool_call_style = tool_call_style(metadata.get("tokenizer.chat_template"))
         self.kv_cells = int(lib.llama_n_ctx(ctx))
         self.kv_tokens = self.kv_cells
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
@@ -214,6 +216,7 @@ class LlamaCppModel:
             prompt_ids,
             history=self.context_length,
             vocab=self._vocab,
+            tool_style=self.tool_call_style,
         )
         generation = LlamaCppGeneration(self, list(prompt_ids), sampler, sampling.logprobs)
         self._generations.add(generation)
