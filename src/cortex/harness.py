@@ -208,7 +208,10 @@ class LoadedModel(Protocol):
 class Harness(Protocol):
     """What ``cortex_register_harnesses`` registers."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The harness's name (``torch``, ``llamacpp``): what a load request names."""
+        ...
 
     def accepts(self, preflight: Preflight) -> bool:
         """Whether this harness can load the repo preflight described (from its file list)."""
@@ -234,7 +237,8 @@ class BatchedGeneration(Generation, Protocol):
     admitted, then 1 (the token just sampled). :meth:`Generation.step` must still work (one
     ``step_batch`` of this generation alone), but the scheduler does not call it."""
 
-    pending_tokens: int
+    @property
+    def pending_tokens(self) -> int: ...
 
 
 @runtime_checkable
