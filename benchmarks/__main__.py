@@ -10,9 +10,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
-from benchmarks import cold_start, concurrency, gateway_overhead, harness_overhead, scale
+from benchmarks import (
+    cold_start,
+    concurrency,
+    gateway_overhead,
+    harness_overhead,
+    scale,
+    structured_output,
+)
 
-NAMES = ("gateway_overhead", "harness_overhead", "concurrency", "cold_start", "scale")
+NAMES = (
+    "gateway_overhead",
+    "harness_overhead",
+    "concurrency",
+    "structured_output",
+    "cold_start",
+    "scale",
+)
 
 
 def main() -> None:
@@ -35,6 +49,8 @@ def main() -> None:
             harness_overhead.run(args.quick)
         elif name == "concurrency":
             concurrency.run(args.quick)
+        elif name == "structured_output":
+            structured_output.run(args.quick)
         elif name == "cold_start":
             cold_start.run(args.quick)
         elif name == "scale":

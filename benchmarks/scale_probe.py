@@ -29,7 +29,6 @@ def _timed(samples: list[float], cpu: list[float], wall0: float, cpu0: float) ->
 
 
 async def measure(gateway: Gateway, nodes: int, cycles: int) -> dict[str, float]:
-    assert gateway.fleet is not None
     await gateway.fleet.stop()
     poll_wall: list[float] = []
     poll_cpu: list[float] = []
@@ -54,8 +53,8 @@ async def measure(gateway: Gateway, nodes: int, cycles: int) -> dict[str, float]
         wall0 = time.perf_counter()
         for _ in range(decisions):
             resolved = resolve(model, gateway.models, gateway.default_source)
-            node = await gateway.route(resolved)
-            gateway.usage.end(node.name, resolved.canonical)
+            lease = await gateway.scheduler.acquire(resolved, queued=False)
+            lease.release()
         route_us[label] = (time.perf_counter() - wall0) / decisions * 1e6
     gateway.fleet.start()
     return {

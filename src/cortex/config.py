@@ -82,6 +82,11 @@ class Duration:
         return "never" if self.seconds is None else f"{self.seconds:g}s"
 
 
+def to_duration(value: Any) -> Duration:
+    """:meth:`Duration.parse` as a plain function (an attrs converter a type checker reads)."""
+    return Duration.parse(value)
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6) -> (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -166,7 +171,7 @@ class GatewaySection:
     # Slow or huge request headers (docs/security.md): 408 / 431 and the connection closed.
     header_timeout: Duration = attrs.field(
         default=Duration(DEFAULT_HEADER_TIMEOUT),
-        converter=Duration.parse,
+        converter=to_duration,
         validator=_positive_duration,
     )
     max_header_bytes: int = attrs.field(
@@ -175,14 +180,14 @@ class GatewaySection:
     # The scheme of bare ids clients send; unset = what the healthy neurons report.
     default_source: str | None = None
     # Fleet poller: how often each neuron is asked, and after how many misses in a row it is down.
-    poll_interval: Duration = attrs.field(default=Duration(2.0), converter=Duration.parse)
+    poll_interval: Duration = attrs.field(default=Duration(2.0), converter=to_duration)
     down_after_failures: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     # Proxy: connecting to a neuron, and the longest silence between two chunks of an answer
     # (an idle timeout, never a total one: a long stream that keeps producing is never cut).
-    connect_timeout: Duration = attrs.field(default=Duration(5.0), converter=Duration.parse)
-    idle_timeout: Duration = attrs.field(default=Duration(300.0), converter=Duration.parse)
+    connect_timeout: Duration = attrs.field(default=Duration(5.0), converter=to_duration)
+    idle_timeout: Duration = attrs.field(default=Duration(300.0), converter=to_duration)
     # How long a request waits for a cold load (its own or one already running).
-    load_timeout: Duration = attrs.field(default=Duration(600.0), converter=Duration.parse)
+    load_timeout: Duration = attrs.field(default=Duration(600.0), converter=to_duration)
     # Retry-After (seconds) on retryable errors the gateway makes itself.
     retry_after: int = attrs.field(default=5, validator=attrs.validators.ge(1))
     # Request bodies over this many bytes get 413 before they are read whole.
@@ -192,17 +197,22 @@ class GatewaySection:
     # is at it). docs/reliability.md.
     max_in_flight_per_model: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     model_queue_size: int = attrs.field(default=512, validator=attrs.validators.ge(0))
-    queue_timeout: Duration = attrs.field(default=Duration(60.0), converter=Duration.parse)
+    queue_timeout: Duration = attrs.field(default=Duration(60.0), converter=to_duration)
     max_in_flight_per_node: int = attrs.field(default=512, validator=attrs.validators.ge(1))
     # Anthropic / Responses streams: a ping (keep-alive) after this long without output, also
     # while a cold load or a queue delays the answer (docs/clients.md).
-    stream_keepalive: Duration = attrs.field(default=Duration(10.0), converter=Duration.parse)
+    stream_keepalive: Duration = attrs.field(default=Duration(10.0), converter=to_duration)
     # Tools only the API provider's servers can run (web_search, file_search, Anthropic's server
     # tools) on /v1/responses and /v1/messages: "drop" leaves them out, logs them and names them
     # in an x-cortex-dropped-tools header (Codex sends web_search on every request); "refuse"
     # answers 400 unsupported_tool (docs/clients.md).
     hosted_tools: str = attrs.field(
         default="drop", validator=attrs.validators.in_(("drop", "refuse"))
+    )
+    # The fleet dashboard at /ui (docs/operators.md): "off" serves nothing, "read-only" shows
+    # the fleet to any valid key, "admin" also offers load/unload/pin to admin keys.
+    dashboard: str = attrs.field(
+        default="off", validator=attrs.validators.in_(("off", "read-only", "admin"))
     )
 
 
@@ -274,7 +284,7 @@ class ModelProfile:
     priority: int = 0
     pinned: bool = False
     nodes: list[str] = attrs.field(factory=list)
-    keep_alive: Duration = attrs.field(default=Duration(None), converter=Duration.parse)
+    keep_alive: Duration = attrs.field(default=Duration(None), converter=to_duration)
     # continuous batching capacity of a load (docs/neuron.md#the-scheduler); unset: the
     # device's max_batch and a KV cache of max_batch x 1024 tokens
     max_batch: int | None = attrs.field(
@@ -363,7 +373,7 @@ class NeuronConfig:
     # Slow or huge request headers: 408 / 431 and the connection closed (docs/security.md).
     header_timeout: Duration = attrs.field(
         default=Duration(DEFAULT_HEADER_TIMEOUT),
-        converter=Duration.parse,
+        converter=to_duration,
         validator=_positive_duration,
     )
     max_header_bytes: int = attrs.field(

@@ -100,7 +100,7 @@ def _nvml_devices() -> list[Device] | None:
     """CUDA devices through NVML (nvidia-ml-py, a dependency of cortex): no CUDA context, no
     torch. None when NVML cannot be used (no driver library): the caller falls back."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return None
     try:

@@ -48,7 +48,10 @@ class EvictionPlan:
 class EvictionStrategy(Protocol):
     """What ``cortex_register_eviction_strategies`` registers."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """What ``[eviction] strategy`` names."""
+        ...
 
     def plan(
         self, candidates: list[EvictionCandidate], bytes_needed: int, bytes_free: int

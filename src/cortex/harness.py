@@ -51,8 +51,43 @@ class LoadOptions:
 
 
 @attrs.frozen
+class ResponseFormat:
+    """Structured output a generation must follow: ``json_object`` (one JSON object) or
+    ``json_schema`` (JSON that validates against ``schema``, a JSON Schema as JSON text). The
+    harness enforces it while decoding (a constraint on each step's tokens), so even a model
+    that would not produce it on its own does."""
+
+    type: str
+    schema: str | None = None
+
+
+@attrs.frozen
+class ToolSchema:
+    """One tool a constrained generation may call: its name and the JSON Schema (JSON text)
+    its arguments must validate against (``{"type": "object"}`` for a tool without ``strict``)."""
+
+    name: str
+    parameters: str
+
+
+@attrs.frozen
+class ToolCallFormat:
+    """Tool calls a generation must write well-formed, in its model's own tool-call syntax:
+    each call names one of ``tools`` and its arguments validate against that tool's schema.
+    ``required``: the answer is tool calls only (``tool_choice`` ``required`` or a named
+    function); otherwise the model may answer in text, and a call it starts is held to the
+    schema (``strict: true`` tools). A harness that enforces it declares
+    ``STRUCTURED_OUTPUT``."""
+
+    tools: tuple[ToolSchema, ...]
+    required: bool = False
+
+
+@attrs.frozen
 class SamplingParams:
-    """Sampling for one generation; ``temperature == 0`` means greedy."""
+    """Sampling for one generation; ``temperature == 0`` means greedy. ``logprobs`` asks each
+    :class:`Step` for the log-probability of its token and of the ``logprobs`` most likely
+    tokens (0 to 20); None asks for none (the harness may skip the work)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -61,14 +96,34 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tool_calls: ToolCallFormat | None = None
 
 
 @attrs.frozen
 class Step:
-    """One decode step: the token produced and whether it ends the generation (EOS)."""
+    """One decode step: the token produced and whether it ends the generation (EOS).
+
+    With ``SamplingParams.logprobs`` set, ``logprob`` is the token's log-probability and
+    ``top_logprobs`` the most likely tokens with theirs, most likely first, both from the
+    model's distribution at that step *before* sampling changed it (temperature, top-k/p,
+    penalties), as vLLM reports by default."""
 
     token_id: int
     is_eos: bool = False
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+# What a loaded model can do beyond plain generation, declared as its optional attribute
+# ``capabilities`` (a frozenset of these names): the neuron refuses a request that needs one the
+# model lacks (a 400 naming the parameter, never silently ignored) and reports them in /models.
+LOGPROBS = "logprobs"
+STRUCTURED_OUTPUT = "structured_output"  # SamplingParams.response_format is enforced
+CHAT = "chat"  # render_chat works (the model has a chat template)
+EMBEDDINGS = "embeddings"  # embed() turns token ids into vectors (an EmbeddingModel)
+TOOLS = "tools"  # the chat template renders tools (tool calls can be asked for)
 
 
 class HarnessError(Exception):
@@ -78,6 +133,15 @@ class HarnessError(Exception):
 class PromptError(HarnessError):
     """The request cannot be turned into a prompt (e.g. the chat template refused the messages).
     The client's fault: the neuron answers 400, the model stays healthy."""
+
+
+class ConstraintError(PromptError):
+    """The requested output format cannot become a decoding constraint (a JSON Schema the
+    engine cannot compile): the client's 400, naming the part (``param``)."""
+
+    def __init__(self, message: str, param: str = "response_format") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class DeviceOutOfMemory(HarnessError):
@@ -149,7 +213,10 @@ class LoadedModel(Protocol):
 class Harness(Protocol):
     """What ``cortex_register_harnesses`` registers."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The harness's name (``torch``, ``llamacpp``): what a load request names."""
+        ...
 
     def accepts(self, preflight: Preflight) -> bool:
         """Whether this harness can load the repo preflight described (from its file list)."""
@@ -175,7 +242,8 @@ class BatchedGeneration(Generation, Protocol):
     admitted, then 1 (the token just sampled). :meth:`Generation.step` must still work (one
     ``step_batch`` of this generation alone), but the scheduler does not call it."""
 
-    pending_tokens: int
+    @property
+    def pending_tokens(self) -> int: ...
 
 
 @runtime_checkable
@@ -204,6 +272,20 @@ class BatchedModel(LoadedModel, Protocol):
         token), else ``None`` (a chunk of a long prompt). Each row samples with its own
         :class:`SamplingParams`. Raising fails every row of the call; a generation closed
         later frees its KV at once."""
+        ...
+
+
+@runtime_checkable
+class EmbeddingModel(Protocol):
+    """A loaded model that turns text into vectors (capability ``embeddings``). The neuron
+    tokenises each input with the model's ``tokenize`` and calls :meth:`embed` once per request,
+    on the device's worker thread."""
+
+    dimensions: int
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One vector per input (token ids), as the model's pooling makes it (normalised when
+        the model is meant to be compared by cosine)."""
         ...
 
 
@@ -254,6 +336,20 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return low
 
 
+def template_capabilities(chat_template: Any) -> frozenset[str]:
+    """What a chat template offers: ``chat`` when there is one, ``tools`` when it renders the
+    ``tools`` it is given (a Jinja template that never mentions them would drop them)."""
+    if not isinstance(chat_template, str) or not chat_template:
+        return frozenset()
+    return frozenset({CHAT, TOOLS}) if "tools" in chat_template else frozenset({CHAT})
+
+
+def capabilities_of(model: LoadedModel | None) -> frozenset[str]:
+    """The capabilities a loaded model declares (none when it declares nothing)."""
+    declared = getattr(model, "capabilities", None)
+    return frozenset(declared) if declared else frozenset()
+
+
 def is_batched(model: LoadedModel) -> bool:
     """Whether the scheduler can step this model's generations together."""
     return callable(getattr(model, "step_batch", None)) and callable(getattr(model, "admit", None))
@@ -265,23 +361,35 @@ def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[
 
 
 __all__ = [
+    "CHAT",
     "DEFAULT_MAX_BATCH",
+    "EMBEDDINGS",
+    "LOGPROBS",
+    "STRUCTURED_OUTPUT",
+    "TOOLS",
     "BatchRow",
     "BatchedGeneration",
     "BatchedModel",
+    "ConstraintError",
     "DeviceFault",
     "DeviceOutOfMemory",
+    "EmbeddingModel",
     "Generation",
     "Harness",
     "HarnessError",
     "LoadOptions",
     "LoadedModel",
     "PromptError",
+    "ResponseFormat",
     "SamplingParams",
     "Step",
+    "ToolCallFormat",
+    "ToolSchema",
     "accepting_harnesses",
+    "capabilities_of",
     "capacity_of",
     "common_prefix",
     "default_kv_tokens",
     "is_batched",
+    "template_capabilities",
 ]

@@ -40,7 +40,10 @@ def cortex_register_harnesses(register: Callable[[Harness], None]) -> None:
     local snapshot onto a device, *on that device's worker thread*, returning a loaded model that
     renders chat templates, tokenizes, decodes, starts step-wise generations (one token per
     ``step``, cancellable between steps), resets its KV cache, reports its memory and unloads.
-    See :mod:`cortex.harness` for the protocol.
+    See :mod:`cortex.harness` for the protocol. Each registration is checked against it; one
+    that is not a ``Harness`` makes this plugin broken (reported, never fatal to the others).
+    When several harnesses accept a repo, the highest optional integer ``priority`` wins, then
+    the name that sorts first (:mod:`cortex.harness_choice`).
 
     Plugin modules import heavy libraries (torch, llama_cpp) inside these methods, never at module
     import, so a gateway with every plugin installed stays light.
@@ -59,7 +62,9 @@ def cortex_register_sources(register: Callable[[SourcePlugin], None]) -> None:
     raises typed :class:`cortex.source.SourceError` subclasses that carry the scheme-qualified id.
 
     A ``[sources.<scheme>]`` table may name the plugin that serves it, so one plugin can serve any
-    number of schemes (a private mirror served by the huggingface plugin).
+    number of schemes (a private mirror served by the huggingface plugin). A ``create`` that
+    raises makes the plugin broken and leaves that scheme unserved; the neuron starts anyway.
+    Sources never ask which harness accepts a repo: they describe its files, the neuron decides.
     """
 
 

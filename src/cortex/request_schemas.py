@@ -104,6 +104,26 @@ MESSAGES: dict[str, Any] = {
     },
 }
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+
+EMBEDDINGS: dict[str, Any] = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": _MODEL,
+        "input": {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                _TOKEN_IDS,
+                {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+            ]
+        },
+        "encoding_format": {"enum": ["float", "base64"]},
+        "dimensions": {"type": "integer", "minimum": 1},
+    },
+}
+
 MODEL_ID = {"type": "string", "minLength": 1, "description": "scheme:org/name or org/name"}
 
 LOAD: dict[str, Any] = {
@@ -154,6 +174,7 @@ ADMIN_MODEL: dict[str, Any] = {
 BY_PATH: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": CHAT_COMPLETIONS,
     "/v1/completions": COMPLETIONS,
+    "/v1/embeddings": EMBEDDINGS,
     "/v1/messages": MESSAGES,
     "/models/load": LOAD,
     "/models/unload": UNLOAD,
@@ -168,7 +189,7 @@ def document_request_bodies(app: FastAPI, schemas: dict[str, dict[str, Any]] = B
     """Attach a JSON request-body schema to every POST route of ``app`` listed in ``schemas``.
     Must run before the OpenAPI document is first built (FastAPI caches it)."""
     for route in app.routes:
-        if not isinstance(route, APIRoute) or "POST" not in route.methods:
+        if not isinstance(route, APIRoute) or "POST" not in (route.methods or ()):
             continue
         schema = schemas.get(route.path)
         if schema is None:

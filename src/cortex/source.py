@@ -416,8 +416,15 @@ class ModelSource(Protocol):
 class SourcePlugin(Protocol):
     """What ``cortex_register_sources`` registers: a factory for one or more schemes."""
 
-    name: str
-    schemes: tuple[str, ...]
+    @property
+    def name(self) -> str:
+        """The plugin's name (what ``[sources.<scheme>] plugin`` names)."""
+        ...
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """The schemes it serves when nothing is configured."""
+        ...
 
     def defaults(self, scheme: str) -> SourceDefaults:
         """Endpoint, token env var and cache dir for ``scheme`` when the operator set none."""

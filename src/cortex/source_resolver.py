@@ -16,14 +16,15 @@ API (used by the neuron for ``/models/load``, ``/models/estimate`` and ``/discov
 
 Errors: a malformed id raises :class:`cortex.source.ModelIdError` (a 400); a scheme nobody
 configured raises :class:`cortex.source.UnknownSchemeError` naming the configured schemes; a
-scheme whose plugin is not installed raises :class:`SourcePluginMissingError` naming the plugin.
-Neither of the last two stops the neuron from starting: the other schemes keep working.
+scheme whose plugin is not installed
+or whose plugin failed to create it raises :class:`SourcePluginMissingError` naming the plugin.
+None of the last two stops the neuron from starting: the other schemes keep working.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cortex.config import ConfigError, NeuronConfig, effective_sources
@@ -47,6 +48,10 @@ class SourcePluginMissingError(SourceError):
     http_status = 400
 
 
+SourceBroken = Callable[[SourcePlugin, SourceSettings, Exception], None]
+"""Told when a source plugin's ``create`` raised (the plugin registry marks it broken)."""
+
+
 class SourceResolver:
     """The configured sources of one process, one :class:`ModelSource` per scheme."""
 
@@ -55,6 +60,7 @@ class SourceResolver:
         default_source: str,
         settings: Mapping[str, SourceSettings],
         plugins: Mapping[str, SourcePlugin],
+        on_broken: SourceBroken | None = None,
     ) -> None:
         if default_source not in settings:
             raise ConfigError(
@@ -65,6 +71,7 @@ class SourceResolver:
         self.settings = dict(settings)
         self._sources: dict[str, ModelSource] = {}
         self._missing: dict[str, str] = {}
+        self._broken: dict[str, str] = {}  # scheme -> why its plugin could not create it
         for scheme, scheme_settings in self.settings.items():
             plugin = plugins.get(scheme_settings.plugin)
             if plugin is None:
@@ -76,7 +83,22 @@ class SourceResolver:
                     scheme,
                 )
                 continue
-            self._sources[scheme] = plugin.create(scheme_settings)
+            try:
+                source = plugin.create(scheme_settings)
+            except Exception as exc:  # one plugin that cannot start never stops the neuron
+                self._missing[scheme] = scheme_settings.plugin
+                self._broken[scheme] = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "source %r could not be created by the plugin %r (%s); ids %s:... will fail",
+                    scheme,
+                    scheme_settings.plugin,
+                    self._broken[scheme],
+                    scheme,
+                )
+                if on_broken is not None:
+                    on_broken(plugin, scheme_settings, exc)
+                continue
+            self._sources[scheme] = source
 
     @classmethod
     def from_config(
@@ -84,17 +106,22 @@ class SourceResolver:
         config: NeuronConfig,
         plugins: list[SourcePlugin] | None = None,
         environ: Mapping[str, str] | None = None,
+        on_broken: SourceBroken | None = None,
     ) -> SourceResolver:
         """Build the sources ``config`` describes, over the installed plugins' defaults.
 
-        ``plugins`` defaults to every installed source plugin (cortex.plugins.get_registry()).
+        ``plugins`` defaults to every installed source plugin (cortex.plugins.get_registry()),
+        ``on_broken`` to that registry's ``source_broken`` (a plugin whose ``create`` fails is
+        reported broken and its scheme refused; the other schemes work).
         Raises :class:`ConfigError` for an unusable configuration (a scheme without an endpoint,
         two schemes sharing a cache dir, a default source that is not configured).
         """
         if plugins is None:
             from cortex.plugins import get_registry
 
-            plugins = get_registry().source_plugins()
+            registry = get_registry()
+            plugins = registry.source_plugins()
+            on_broken = on_broken or registry.source_broken
         by_name = {plugin.name: plugin for plugin in plugins}
         defaults: dict[str, tuple[str, SourceDefaults]] = {}
         for plugin in plugins:
@@ -104,7 +131,7 @@ class SourceResolver:
         # no defaults at all: it must name its endpoint, and it gets no token and a cache of its
         # own unless configured, so a Hugging Face token never travels to a mirror by accident.
         settings = effective_sources(config, defaults, environ)
-        return cls(config.default_source, settings, by_name)
+        return cls(config.default_source, settings, by_name, on_broken)
 
     # ---- lookups ---------------------------------------------------------------------------
 
@@ -122,6 +149,14 @@ class SourceResolver:
         shown = model_id or f"{scheme}:"
         if scheme in self._sources:
             return self._sources[scheme]
+        if scheme in self._broken:
+            raise SourcePluginMissingError(
+                shown,
+                f"source {scheme!r} is served by the plugin {self._missing[scheme]!r}, which "
+                f"failed to start it ({self._broken[scheme]}); `neuron plugins` shows why",
+                scheme=scheme,
+                plugin=self._missing[scheme],
+            )
         if scheme in self._missing:
             raise SourcePluginMissingError(
                 shown,

@@ -90,17 +90,39 @@ def test_concurrency_quick(tmp_path: Path) -> None:
         assert set(rows) == {"1", "2", "4"}, label
         for streams, r in rows.items():
             assert r["requests"] == int(streams), (label, streams)  # every stream completed
-            for key in ("tokens_per_s", "raw_tokens_per_s", "ttft_p50_ms", "itl_p99_ms"):
+            for key in ("tokens_per_s", "raw_tokens_per_s", "ttft_p50_ms"):
                 assert positive(r[key]), (label, streams, key)
+            # a fast model's tokens can all arrive in one write: gaps of 0 are real
+            assert math.isfinite(r["itl_p99_ms"]) and r["itl_p99_ms"] >= 0
         turns = result["multi_turn"]
         assert turns["prompt_tokens"] >= 300
         assert positive(turns["ttft_cached_ms"]) and positive(turns["ttft_uncached_ms"])
 
 
+def test_structured_output_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "structured_output", timeout=300)
+    for label, r in report["results"].items():
+        assert positive(r["free_us_per_token"]) and positive(r["constrained_us_per_token"]), label
+        assert all(n > 1 for n in r["constrained_tokens"]), label
+
+
 def test_cold_start_quick(tmp_path: Path) -> None:
-    report = run_benchmark(tmp_path, "cold_start")
+    report = run_benchmark(tmp_path, "cold_start", timeout=400)
     echo = report["results"]["bench/echo"]
     assert positive(echo["direct_s"]) and positive(echo["gateway_s"])
+    if "fetch" not in report:  # no torch harness installed: the echo rows only
+        return
+    for repo in ("bench/sharded", "bench/single"):
+        fetched = report["fetch"][repo]
+        assert fetched["bytes"] > 16 * 2**20
+        for variant, row in fetched["variants"].items():
+            assert positive(row["mb_per_s"]), (repo, variant)
+        assert positive(fetched["pull_vs_curl"])
+    harness = report["load"]["bench/sharded"]["modes"]["harness"]
+    assert positive(harness["load_s"]) and positive(harness["peak_over_kept"])
+    split = report["cold_split"]
+    for key in ("empty_cache_s", "cached_s", "loaded_s"):
+        assert positive(split[key]), key
 
 
 def test_scale_quick(tmp_path: Path) -> None:

@@ -406,7 +406,7 @@ def hold_a_slow_request(gw: GatewayUnderTest) -> threading.Thread:
         target=post_stream, args=(gw, {"model": "ant/slow", "max_tokens": 64, "messages": ASK})
     )
     thread.start()
-    gw.wait_for(lambda: any(gw.gateway.usage.node_busy(n) for n in ("n1", "n2", "n3")))
+    gw.wait_for(lambda: any(gw.gateway.scheduler.usage.node_busy(n) for n in ("n1", "n2", "n3")))
     return thread
 
 
@@ -517,8 +517,8 @@ def test_a_client_leaving_a_kept_alive_stream_frees_everything(gw: GatewayUnderT
             if line == "event: ping":
                 break  # leave while the model is still loading
     gate = "huggingface:ant/cold"
-    gw.wait_for(lambda: gw.gateway.admission.gate(gate).active == 0)
-    gw.wait_for(lambda: "huggingface:ant/cold" not in gw.gateway.loader.loads)  # load goes on
+    gw.wait_for(lambda: gw.gateway.scheduler.admission.gate(gate).active == 0)
+    gw.wait_for(lambda: "huggingface:ant/cold" not in gw.gateway.scheduler.loads)  # load goes on
     slow = {"model": "ant/slow", "max_tokens": 64, "messages": ASK, "stream": True}
     with (
         httpx.Client(timeout=30) as client,
@@ -527,8 +527,10 @@ def test_a_client_leaving_a_kept_alive_stream_frees_everything(gw: GatewayUnderT
         for line in response.iter_lines():
             if line == "event: content_block_delta":
                 break  # leave mid-answer
-    gw.wait_for(lambda: gw.gateway.admission.gate("huggingface:ant/slow").active == 0)
-    gw.wait_for(lambda: not any(gw.gateway.usage.node_busy(n) for n in ("n1", "n2", "n3")))
+    gw.wait_for(lambda: gw.gateway.scheduler.admission.gate("huggingface:ant/slow").active == 0)
+    gw.wait_for(
+        lambda: not any(gw.gateway.scheduler.usage.node_busy(n) for n in ("n1", "n2", "n3"))
+    )
 
 
 EPHEMERAL = {"type": "ephemeral"}

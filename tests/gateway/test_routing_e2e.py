@@ -204,7 +204,7 @@ def test_client_disconnect_stops_upstream_generation(fleet) -> None:
     gw.wait_for(lambda: fleet.neuron_models("n2")[model]["in_flight"] == 0, timeout=5)
     # 600 tokens at 20/s would keep it busy for 30 s; it stopped within a few steps.
     assert time.monotonic() - started < 5
-    assert gw.gateway.usage.busy("n2", model) == 0
+    assert gw.gateway.scheduler.usage.busy("n2", model) == 0
 
 
 def test_completions_route_streamed_and_whole(fleet) -> None:
@@ -246,7 +246,7 @@ def test_idle_timeout_bounds_silence_not_the_whole_stream(fleet) -> None:
     assert resp.status_code == 200
     assert b'"code":"upstream_timeout"' in body
     assert b"late words" not in body
-    gw.wait_for(lambda: gw.gateway.usage.busy("n1", silent) == 0, timeout=5)
+    gw.wait_for(lambda: gw.gateway.scheduler.usage.busy("n1", silent) == 0, timeout=5)
 
 
 def test_cold_load_without_memory_mb_uses_the_neuron_estimate(fleet) -> None:
@@ -254,8 +254,8 @@ def test_cold_load_without_memory_mb_uses_the_neuron_estimate(fleet) -> None:
     gw = fleet.gateway(models=[ModelProfile(id="acme/unsized")])
     reply = gw.client().chat.completions.create(model="acme/unsized", messages=HELLO)
     assert reply.choices[0].message.content == "sized by the neuron"
-    assert model in gw.gateway.loader._estimates  # asked POST /models/estimate once
-    assert gw.gateway.loader._estimates[model] > 0
+    assert model in gw.gateway.scheduler.estimates  # asked POST /models/estimate once
+    assert gw.gateway.scheduler.estimates[model] > 0
 
 
 def test_upstream_errors_pass_through_with_status_and_envelope(fleet) -> None:

@@ -35,14 +35,19 @@ def echo_repo(**spec: Any) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def model_registry(
-    tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_qwen2_dir: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_llama_dir: Path,
+    tiny_qwen2_dir: Path,
+    tiny_embedding_dir: Path,
 ) -> Iterator[RunningRegistry]:
-    """acme/tiny-llama, acme/tiny-qwen2 (transformers), acme/echo (instant), acme/slow-echo
+    """acme/tiny-llama, acme/tiny-qwen2 (transformers), acme/tiny-embedder (a
+    sentence-transformers embedding model), acme/echo (instant), acme/slow-echo
     (20 tokens/s, long), acme/readme-only (nothing loadable) and
     acme/weights-only (weights no harness accepts)."""
     root = tmp_path_factory.mktemp("repos")
     publish_repo(root, "acme/tiny-llama", tiny_llama_dir)
     publish_repo(root, "acme/tiny-qwen2", tiny_qwen2_dir)
+    publish_repo(root, "acme/tiny-embedder", tiny_embedding_dir)
     publish_repo(root, "acme/echo", echo_repo(reply=ECHO_REPLY))
     slow_reply = " ".join(f"word{i}" for i in range(SLOW_WORDS))
     publish_repo(root, "acme/slow-echo", echo_repo(reply=slow_reply, tokens_per_second=20))

@@ -42,7 +42,8 @@ def chat(**overrides: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        (chat(n=2), "n"),
+        (chat(n=17), "n"),  # at most 16
+        (chat(n=0), "n"),
         (chat(temperature=3), "temperature"),
         (chat(temperature="hot"), "temperature"),
         (chat(max_tokens=-1), "max_tokens"),
@@ -51,8 +52,9 @@ def chat(**overrides: Any) -> dict[str, Any]:
         (chat(top_p=1.5), "top_p"),
         (chat(stop=7), "stop"),
         (chat(stream="yes"), "stream"),
-        (chat(logprobs=True), "logprobs"),
-        (chat(response_format={"type": "json_schema"}), "response_format"),
+        (chat(logprobs="yes"), "logprobs"),
+        (chat(top_logprobs=3), "top_logprobs"),
+        (chat(response_format={"type": "json_schema"}), "response_format.json_schema"),
         (chat(messages=[]), "messages"),
         (chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
         (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
@@ -236,7 +238,9 @@ def test_a_full_device_refuses_new_requests_and_never_cuts_a_running_stream(
     stream = client.chat.completions.create(
         model="acme/slow-echo",
         messages=[{"role": "user", "content": "go"}],
-        max_tokens=12,
+        # 2 s of tokens: the stream is still running on the neuron while this client, however
+        # slow a loaded machine makes it, reads its third to ninth chunks
+        max_tokens=40,
         stream=True,
     )
     pieces: list[str] = []
@@ -255,7 +259,7 @@ def test_a_full_device_refuses_new_requests_and_never_cuts_a_running_stream(
             refused += 1
     assert refused == 3
     assert finish == "length"
-    assert "".join(pieces).split() == [f"word{i}" for i in range(12)]
+    assert "".join(pieces).split() == [f"word{i}" for i in range(40)]
     worker = live.node.workers.get("cpu")
     assert worker is not None
     live.wait_for(lambda: worker.requests_in_progress == 0 and worker.queue_depth == 0)

@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cortex.neuron.api import text_frame_encoder
+from cortex.neuron.framing import text_frame_encoder
 from cortex.wire import sse
 
 BASE = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "a/b"}

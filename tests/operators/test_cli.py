@@ -120,7 +120,10 @@ def test_admin_commands_status_and_json_logs(served, fleet: Fleet, tmp_path: Pat
     entries = {e["id"]: e for e in json.loads(listed.stdout)}
     assert entries[pinned]["state"] == "ready" and entries["plain"]["alias_for"] == plain
     table = cli("cortex", "models", env=admin).stdout
-    assert re.search(rf"{re.escape(pinned)}\s+ready\s+n1:ready", table)
+    # the echo model's context window and what it can do, from the loaded copy
+    assert re.search(
+        rf"{re.escape(pinned)}\s+ready\s+n1:ready\s+4096\s+chat, logprobs, tools", table
+    )
 
     status = cli("cortex", "status", env=admin)
     assert status.returncode == 0, status.stderr
@@ -128,7 +131,11 @@ def test_admin_commands_status_and_json_logs(served, fleet: Fleet, tmp_path: Pat
     assert "2/2 nodes up" in out
     assert re.search(r"n1\s+up\s+cpu", out) and re.search(r"n2\s+up\s+cpu", out)
     assert "[" in out and "/ 1000.0 MiB" in out  # memory bars: used / total
-    assert re.search(rf"{re.escape(pinned)}\s+n1\s+cpu\s+ready\s+30\.0 MiB\s+0\s+\S+\s+yes", out)
+    assert re.search(
+        rf"{re.escape(pinned)}\s+n1\s+cpu\s+ready\s+30\.0 MiB\s+0\s+\S+\s+yes"
+        r"\s+chat, logprobs, tools",
+        out,
+    )
     assert re.search(rf"{re.escape(plain)}\s+n2\s+cpu\s+ready\s+20\.0 MiB\s+0\s+\S+\s+-", out)
     assert re.search(rf"load\s+{re.escape(plain)}\s+n2\s+ok", out)
 

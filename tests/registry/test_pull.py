@@ -66,6 +66,7 @@ def test_pull_gguf_with_an_upper_case_quant(setup) -> None:
     assert pulled["model_id"] == "helexa:acme/gguf"
     assert pulled["harness"] == "llamacpp"
     assert pulled["gguf_file"] == "tiny.Q8_0.gguf"
+    assert 0 <= pulled["fetch_seconds"] < 60
     assert [f["path"] for f in pulled["files"]] == ["tiny.Q8_0.gguf"]
     local = Path(pulled["files"][0]["local_path"])
     assert local.read_bytes() == b"8" * 600

@@ -89,7 +89,7 @@ def test_failed_load_is_shared_reported_and_backed_off(parts, cause: str) -> Non
     time.sleep(2.1)
     retried = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": model, "messages": HELLO})
     assert retried.json()["error"]["message"] == reason
-    assert gw.gateway.loader.failures[canonical].attempts == 2
-    assert gw.gateway.loader.failures[canonical].backoff == 4
+    assert gw.gateway.scheduler.failures[canonical].attempts == 2
+    assert gw.gateway.scheduler.failures[canonical].backoff == 4
     if before:
         assert attempts(gw) == before + 1

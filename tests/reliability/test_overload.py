@@ -38,7 +38,7 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[in
 
 def test_cancelled_waiters_free_their_slots(parts, slow_neuron) -> None:
     gw = parts.gateway({"n1": slow_neuron.url}, max_in_flight_per_model=1, model_queue_size=100)
-    gate = gw.gateway.admission.gate(SLOW)
+    gate = gw.gateway.scheduler.admission.gate(SLOW)
 
     async def scenario() -> None:
         connector = aiohttp.TCPConnector(limit=0)
@@ -98,7 +98,7 @@ def test_queue_timeout_and_per_node_limit(parts, slow_neuron) -> None:
                 assert time.monotonic() - started < 5
                 holder.close()
                 # Capacity comes back once the holder is gone.
-                await wait_until(lambda gw=gw: gw.gateway.usage.node_busy("n1") == 0)
+                await wait_until(lambda gw=gw: gw.gateway.scheduler.usage.node_busy("n1") == 0)
                 got, _headers, body = await post(session, gw.url, QUICK)
                 assert got == 200, body
 
@@ -139,7 +139,7 @@ def test_the_gateway_holds_what_a_full_neuron_cannot_take_yet(parts) -> None:
     assert [status for status, _ in results] == [200] * 40, [r for r in results if r[0] != 200][:2]
     assert all("w7" in text and "[DONE]" in text for _, text in results)
     assert gw.metric("cortex_request_errors_total", route="/v1/chat/completions") == 0
-    assert gw.gateway.usage.node_busy("n1") == 0
+    assert gw.gateway.scheduler.usage.node_busy("n1") == 0
 
 
 def test_held_requests_are_refused_once_the_queue_timeout_is_spent(parts) -> None:
@@ -162,9 +162,9 @@ def test_held_requests_are_refused_once_the_queue_timeout_is_spent(parts) -> Non
             for task in held:
                 task.cancel()
             await asyncio.gather(*held, return_exceptions=True)
-            await wait_until(lambda: gw.gateway.usage.node_busy("n1") == 1, timeout=5)
+            await wait_until(lambda: gw.gateway.scheduler.usage.node_busy("n1") == 1, timeout=5)
             holder.close()
-            await wait_until(lambda: gw.gateway.usage.node_busy("n1") == 0)
+            await wait_until(lambda: gw.gateway.scheduler.usage.node_busy("n1") == 0)
             status, _headers, body = await post(session, gw.url, QUICK)
             assert status == 200, body
 

@@ -65,22 +65,30 @@ def test_method_not_allowed_is_a_client_error() -> None:
 # ---- Anthropic -------------------------------------------------------------------------------
 
 
-def test_structured_output_is_refused_not_ignored() -> None:
-    schema = {"type": "json_schema", "schema": {"type": "object"}}
+def test_structured_output_becomes_the_chat_response_format() -> None:
+    """Anthropic structured output (issue 19: it was ignored, then refused) is enforced now:
+    it travels as the chat request's response_format, which the harness decodes under."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    expected = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     for body in (
-        {"output_config": {"format": schema}},
-        {"output_config": {"effort": "low", "format": schema}},
-        {"output_format": schema},  # the older beta field
+        {"output_config": {"format": {"type": "json_schema", "schema": schema}}},
+        {"output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}},
+        {"output_format": {"type": "json_schema", "schema": schema}},  # the older beta field
+    ):
+        parsed = parse_messages_request({"model": "m", "max_tokens": 5, "messages": ASK, **body})
+        assert parsed.chat["response_format"] == expected
+    for body, param in (
+        ({"output_config": {"format": {"type": "regex"}}}, "output_config.format"),
+        ({"output_format": {"type": "json_schema"}}, "output_format.schema"),
     ):
         with pytest.raises(ApiError) as caught:
             parse_messages_request({"model": "m", "max_tokens": 5, "messages": ASK, **body})
-        assert caught.value.status == 400
-        assert caught.value.code == "unsupported_parameter"
-        assert caught.value.param in ("output_config.format", "output_format")
+        assert (caught.value.status, caught.value.param) == (400, param)
     # effort alone (Claude Code sends it on every request) is accepted
-    parse_messages_request(
+    plain = parse_messages_request(
         {"model": "m", "max_tokens": 5, "messages": ASK, "output_config": {"effort": "high"}}
     )
+    assert "response_format" not in plain.chat
 
 
 def test_server_tools_follow_the_hosted_tools_policy() -> None:
@@ -201,10 +209,43 @@ def test_hosted_tools_are_refused_in_strict_mode() -> None:
     assert (caught.value.code, caught.value.param) == ("unsupported_tool", "tools[1].type")
 
 
-def test_top_logprobs_is_refused_on_responses_too() -> None:
-    with pytest.raises(ApiError) as caught:
-        parse_responses_request({"model": "m", "input": "x", "top_logprobs": 2})
-    assert caught.value.param == "top_logprobs"
+def test_responses_logprobs_ask_the_chat_request_and_come_back_in_the_output_text() -> None:
+    request = parse_responses_request(
+        {"model": "m", "input": "x", "include": ["message.output_text.logprobs"]}
+    )
+    assert (request.chat["logprobs"], request.chat["top_logprobs"]) == (True, 0)
+    asked = parse_responses_request({"model": "m", "input": "x", "top_logprobs": 2})
+    assert (asked.chat["logprobs"], asked.chat["top_logprobs"]) == (True, 2)
+    plain = parse_responses_request({"model": "m", "input": "x"})
+    assert "logprobs" not in plain.chat
+    entry = {"token": "hi", "logprob": -0.5, "bytes": [104, 105], "top_logprobs": []}
+    completion = {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": "hi"},
+                "finish_reason": "stop",
+                "logprobs": {"content": [entry], "refusal": None},
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+    }
+    whole = response_from_chat_completion(completion, request)
+    assert whole["output"][0]["content"][0]["logprobs"] == [entry]
+    translator = ResponsesStreamTranslator(request, created_at=1700000000)
+    chunk = {
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"content": "hi"},
+                "logprobs": {"content": [entry], "refusal": None},
+                "finish_reason": "stop",
+            }
+        ]
+    }
+    kinds = events([*translator.start(), *translator.feed(chunk), *translator.finish()])
+    delta = next(e for name, e in kinds if name == "response.output_text.delta")
+    done = next(e for name, e in kinds if name == "response.output_text.done")
+    assert delta["logprobs"] == [entry] and done["logprobs"] == [entry]
 
 
 def test_response_objects_match_the_schema_types() -> None:

@@ -78,11 +78,11 @@ def test_every_spec_field_is_classified(dialect: str) -> None:
 # A value cortex cannot honour for every field it refuses when set (the 400 names the field).
 REFUSED: dict[str, dict[str, Any]] = {
     "chat": {
-        "n": 2,
-        "logprobs": True,
-        "top_logprobs": 2,
+        "n": 17,  # at most 16
+        "logprobs": "yes",  # a boolean
+        "top_logprobs": 21,  # at most 20 (and it needs logprobs: true)
         "logit_bias": {"1": 5},
-        "response_format": {"type": "json_object"},
+        "response_format": {"type": "xml"},
         "store": True,
         "functions": [{"name": "f"}],
         "function_call": "auto",
@@ -91,11 +91,11 @@ REFUSED: dict[str, dict[str, Any]] = {
         "modalities": ["text", "audio"],
     },
     "completions": {
-        "n": 3,
+        "n": 0,  # at least 1
         "best_of": 2,
         "echo": True,
         "suffix": "end",
-        "logprobs": 2,
+        "logprobs": 6,  # at most 5
         "logit_bias": {"1": 5},
     },
     "responses": {
@@ -104,13 +104,13 @@ REFUSED: dict[str, dict[str, Any]] = {
         "prompt": {"id": "pmpt_1"},
         "store": True,
         "background": True,
-        "top_logprobs": 3,
-        "include": ["message.output_text.logprobs"],
-        "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}},
+        "top_logprobs": 21,  # at most 20
+        "include": "message.output_text.logprobs",  # a list
+        "text": {"format": {"type": "xml"}},
     },
     "messages": {
-        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
-        "output_format": {"type": "json_schema", "schema": {"type": "object"}},
+        "output_config": {"format": {"type": "regex", "pattern": "a+"}},
+        "output_format": {"type": "json_schema"},  # no schema
         "container": "container_1",
         "mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "m"}],
         "compaction": {"type": "auto"},

@@ -12,6 +12,7 @@ import pytest
 from cortex_source_local.source import LocalSource, StoreEndpointError, store_root
 
 from cortex.config import effective_sources, load_neuron_config
+from cortex.harness_choice import choose_harness
 from cortex.plugins import PluginRegistry
 from cortex.source import (
     FetchError,
@@ -25,6 +26,7 @@ from cortex.source import (
     UnauthorizedError,
     WeightFormat,
 )
+from cortex.wire.errors import ApiError
 
 SAFETENSORS_REPO = {
     "config.json": b'{"model_type": "llama"}',
@@ -132,10 +134,15 @@ def test_missing_repo_and_repo_without_weights_are_typed(local: LocalSource) -> 
         local.preflight(ModelSourceId.parse("local:acme/nope"))
     assert missing.value.to_json()["model_id"] == "local:acme/nope"
     assert missing.value.http_status == 404
-    with pytest.raises(NoLoadableWeightsError) as no_weights:
-        local.preflight(ModelSourceId.parse("local:acme/no-weights"))
-    assert "pytorch_model.bin" in no_weights.value.to_json()["files"]
-    json.dumps(no_weights.value.to_json())
+    # described, not refused: which harness loads it is the neuron's question
+    described = local.preflight(ModelSourceId.parse("local:acme/no-weights"))
+    assert described.weight_format == WeightFormat.NONE
+    with pytest.raises(ApiError) as no_weights:
+        choose_harness(PluginRegistry(allowed=set()).harnesses(), described)
+    assert no_weights.value.code == NoLoadableWeightsError.kind
+    assert no_weights.value.details is not None
+    assert "pytorch_model.bin" in no_weights.value.details["files"]
+    json.dumps(no_weights.value.details)
 
 
 def test_unmounted_store_is_unreachable(tmp_path: Path) -> None:

@@ -395,3 +395,41 @@ def test_cuda_offload_matches_cpu_greedy(tiny_gguf_repo: Path) -> None:
     finally:
         on_gpu.unload()
         on_cpu.unload()
+
+
+def test_logprobs_are_log_softmax_of_llama_cpps_logits(tiny_gguf_repo: Path) -> None:
+    """Each step's log-probabilities (asked for with SamplingParams.logprobs) equal a
+    log_softmax of the logits llama-cpp-python's own Llama computes for the same tokens."""
+    import llama_cpp
+    import numpy as np
+
+    loaded = load(tiny_gguf_repo, "F32")
+    try:
+        prompt = loaded.tokenize("the cat runs and the dog walks")
+        generation = loaded.start(prompt, SamplingParams(temperature=0.0, logprobs=3))
+        steps = [generation.step() for _ in range(8)]
+        generation.close()
+        llm = llama_cpp.Llama(
+            str(tiny_gguf_repo / "tiny-F32.gguf"),
+            n_ctx=256,
+            n_threads=1,
+            logits_all=True,
+            flash_attn=False,
+            verbose=False,
+        )
+        try:
+            llm.eval(prompt + [s.token_id for s in steps[:-1]])
+            scores = np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
+        finally:
+            llm.close()
+        for i, step in enumerate(steps):
+            row = scores[len(prompt) - 1 + i]
+            log_probs = row - row.max() - np.log(np.exp(row - row.max()).sum())
+            assert step.logprob == pytest.approx(log_probs[step.token_id], abs=1e-3)
+            assert [t for t, _ in step.top_logprobs] == list(np.argsort(-log_probs)[:3])
+            assert step.top_logprobs[0][0] == step.token_id  # greedy took the most likely
+        plain = loaded.start(prompt, SamplingParams(temperature=0.0))
+        assert plain.step().logprob is None  # not asked for: not computed
+        plain.close()
+    finally:
+        loaded.unload()

@@ -291,3 +291,39 @@ def test_prompt_longer_than_the_context_is_a_400(client: openai.OpenAI) -> None:
         greedy(client, "the cat runs " * 200, max_tokens=4)
     assert caught.value.status_code == 400
     assert "context" in str(caught.value)
+
+
+def test_parse_returns_a_validated_object(client: openai.OpenAI) -> None:
+    """Structured output through llama.cpp's grammar sampler (GBNF from the JSON Schema):
+    the random model's answer validates, whole and streamed."""
+    from typing import Literal
+
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        name: str = pydantic.Field(max_length=12)
+        age: int = pydantic.Field(ge=0, le=120)
+        role: Literal["admin", "user", "guest"]
+
+    ask = [{"role": "user", "content": "Describe a person as JSON."}]
+    whole = client.chat.completions.parse(
+        model=MODEL,
+        messages=ask,
+        response_format=Person,
+        max_tokens=160,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert isinstance(whole.choices[0].message.parsed, Person)
+    with client.chat.completions.stream(
+        model=MODEL,
+        messages=ask,
+        response_format=Person,
+        max_tokens=160,
+        temperature=0.8,
+        seed=1,  # type: ignore[arg-type]
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Person)

@@ -140,3 +140,36 @@ def test_memory_counts_the_kv_cache_at_capacity(tiny_llama_dir: Path) -> None:
         assert loaded.memory_bytes() == weights + (2048 + prefixes) * per_token
     finally:
         loaded.unload()
+
+
+def test_rows_of_one_batch_keep_their_own_constraints(model: BatchedTorchModel) -> None:
+    """Structured output inside continuous batching: each row decodes under its own grammar
+    (or none); a constrained row's answer validates, the free row gives what it gives alone."""
+    import json
+
+    from cortex.harness import ResponseFormat
+
+    ages = {"type": "object", "properties": {"age": {"type": "integer", "maximum": 99}}}
+    ages |= {"required": ["age"], "additionalProperties": False}
+    names = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}}
+    names |= {"required": ["name"], "additionalProperties": False}
+    prompts = [model.render_chat([{"role": "user", "content": t}]) for t in TEXTS[:3]]
+    params = [
+        SamplingParams(
+            temperature=0, response_format=ResponseFormat("json_schema", json.dumps(ages))
+        ),
+        SamplingParams(
+            temperature=0.8,
+            seed=2,
+            response_format=ResponseFormat("json_schema", json.dumps(names)),
+        ),
+        SamplingParams(temperature=0),
+    ]
+    seqs = [sequence(model, p, 80, s) for p, s in zip(prompts, params, strict=True)]
+    drive(Scheduler(), {0: seqs})
+    assert set(json.loads(collected(seqs[0]).text)) == {"age"}
+    assert set(json.loads(collected(seqs[1]).text)) == {"name"}
+    assert (
+        collected(seqs[2]).tokens
+        == reference(model, prompts[2], 80)[: len(collected(seqs[2]).tokens)]
+    )

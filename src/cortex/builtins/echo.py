@@ -45,7 +45,16 @@ import attrs
 import cattrs
 
 from cortex.devices import Device
-from cortex.harness import HarnessError, LoadedModel, LoadOptions, SamplingParams, Step
+from cortex.harness import (
+    CHAT,
+    LOGPROBS,
+    TOOLS,
+    HarnessError,
+    LoadedModel,
+    LoadOptions,
+    SamplingParams,
+    Step,
+)
 from cortex.hookspecs import hookimpl
 from cortex.source import Preflight
 
@@ -118,10 +127,15 @@ class EchoGeneration:
     streams interleaved on one device worker do not slow each other down."""
 
     def __init__(
-        self, reply_ids: list[int], tokens_per_second: float | None, fail_after: int | None = None
+        self,
+        reply_ids: list[int],
+        tokens_per_second: float | None,
+        fail_after: int | None = None,
+        logprobs: int | None = None,
     ) -> None:
         self._ids = reply_ids
         self._fail_after = fail_after
+        self._logprobs = logprobs
         self._interval = 1.0 / tokens_per_second if tokens_per_second else 0.0
         self._next = 0
         self._due: float | None = None
@@ -138,10 +152,18 @@ class EchoGeneration:
         if self._fail_after is not None and self._next >= self._fail_after:
             raise HarnessError(SCRIPTED_FAILURE)
         if self._next >= len(self._ids):
-            return Step(EOS_ID, is_eos=True)
+            return self._step(EOS_ID, is_eos=True)
         token = self._ids[self._next]
         self._next += 1
-        return Step(token)
+        return self._step(token)
+
+    def _step(self, token: int, is_eos: bool = False) -> Step:
+        """A scripted token is certain: log-probability 0, and no other token is possible (so
+        the top list holds just that one, however many were asked for)."""
+        if self._logprobs is None:
+            return Step(token, is_eos=is_eos)
+        top = ((token, 0.0),) if self._logprobs > 0 else ()
+        return Step(token, is_eos=is_eos, logprob=0.0, top_logprobs=top)
 
     @property
     def tokens_produced(self) -> int:
@@ -153,6 +175,9 @@ class EchoGeneration:
 
 class EchoModel:
     """A loaded echo model: a growing vocabulary and the scripted behaviour of its spec."""
+
+    # the echo "template" renders tools (its scripted tool calls answer them)
+    capabilities = frozenset({LOGPROBS, CHAT, TOOLS})
 
     def __init__(self, spec: EchoSpec, context_length: int) -> None:
         self.spec = spec
@@ -245,7 +270,9 @@ class EchoModel:
         if self.spec.fail_after == 0:
             raise HarnessError(SCRIPTED_FAILURE)
         reply_ids = self.tokenize(self.reply_text(prompt_ids))
-        return EchoGeneration(reply_ids, self.spec.tokens_per_second, self.spec.fail_after)
+        return EchoGeneration(
+            reply_ids, self.spec.tokens_per_second, self.spec.fail_after, sampling.logprobs
+        )
 
     def reset(self) -> None:
         """No KV cache to drop."""

@@ -130,7 +130,8 @@ def _print_json(payload: Any) -> None:
 @gateway_options
 @click.option("--json", "as_json", is_flag=True, help="Print the gateway's JSON answer.")
 def models(endpoint: str, admin_key: str | None, as_json: bool) -> None:
-    """List the models the fleet serves: state, where they are loaded, aliases.
+    """List the models the fleet serves: state, where they are loaded, context window, what
+    they can do (chat, tools, logprobs, structured_output, embeddings), aliases.
 
     Example: cortex models --endpoint http://10.0.0.10:31313
     """
@@ -148,8 +149,20 @@ def models(endpoint: str, admin_key: str | None, as_json: bool) -> None:
             note = f"alias for {entry['alias_for']}"
         elif isinstance(entry.get("error"), dict):
             note = f"{entry['error'].get('code')}: {entry['error'].get('message')}"
-        rows.append([entry.get("id", "?"), entry.get("state", "?"), where, note])
-    console().print(table("models", ["model", "state", "loaded on", "note"], rows))
+        context = entry.get("context_length")
+        can_do = ", ".join(entry.get("capabilities") or []) or "-"
+        rows.append(
+            [
+                entry.get("id", "?"),
+                entry.get("state", "?"),
+                where,
+                str(context) if context else "-",
+                can_do,
+                note,
+            ]
+        )
+    columns = ["model", "state", "loaded on", "context", "can do", "note"]
+    console().print(table("models", columns, rows))
 
 
 @click.command("load")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import attrs
@@ -31,16 +30,20 @@ def log_format_option(command: Any) -> Any:
 
 
 def plugins_command() -> click.Command:
-    """``plugins [--json]``: every loaded plugin with version, hooks and whether it is built in."""
+    """``plugins [--json]``: every loaded plugin with version, hooks, what it provides and
+    whether it is built in; then every broken plugin with its error."""
 
     @click.command("plugins")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def plugins(as_json: bool) -> None:
-        """List installed plugins: name, version, hooks, built-in or not.
+        """List installed plugins: name, version, hooks, what each provides (harnesses,
+        sources and their schemes, eviction strategies), built-in or not; and broken plugins
+        with their errors.
 
         Example: cortex plugins --json
         """
         registry = get_registry()
+        registry.check_sources()  # a source plugin that cannot create its source is broken
         infos = registry.plugin_infos()
         if as_json:
             payload = {
@@ -52,6 +55,8 @@ def plugins_command() -> click.Command:
         for info in infos:
             kind = "built-in" if info.builtin else "plugin"
             click.echo(f"{info.name} {info.version} ({kind}): {', '.join(info.hooks)}")
+            for what, names in info.provides.items():
+                click.echo(f"  {what.replace('_', ' ')}: {', '.join(names)}")
         for broken in registry.broken:
             click.echo(f"{broken.name}: BROKEN: {broken.error}", err=True)
 
@@ -59,8 +64,6 @@ def plugins_command() -> click.Command:
 
 
 def add_plugin_commands(cli: click.Group, program: str) -> None:
-    """Let plugins add their commands; a plugin that fails here is reported, not fatal."""
-    try:
-        get_registry().register_commands(cli, program)
-    except Exception as exc:  # a broken plugin must not take the CLI down
-        logging.getLogger(__name__).error("a plugin failed to add commands: %s", exc)
+    """Let plugins add their commands; a plugin that fails here is reported broken (by name, in
+    ``plugins``), never fatal to the CLI or to the other plugins' commands."""
+    get_registry().register_commands(cli, program)

@@ -2,8 +2,8 @@
 traffic arrives (and an air-gapped node can be filled while it still has a network).
 
 It does what a load does up to the device: resolve the id, preflight (one registry round trip),
-pick the harness (``--harness`` or the first installed one that accepts the repo), and fetch
-exactly the files that harness needs. It prints where the files are.
+pick the harness (``--harness``, else the one a load would pick: :mod:`cortex.harness_choice`),
+and fetch exactly the files that harness needs. It prints where the files are.
 """
 
 from __future__ import annotations
@@ -12,16 +12,19 @@ import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cortex import harness_choice
 from cortex.cli.common import configure_logging
 from cortex.config import ConfigError, load_neuron_config
-from cortex.harness import Harness, accepting_harnesses
+from cortex.harness import Harness
 from cortex.source import InvalidRepoIdError, ModelIdError, Preflight, SourceError
 from cortex.source_resolver import SourceResolver
+from cortex.wire.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +39,13 @@ class PullError(Exception):
 
 
 def choose_harness(harnesses: list[Harness], preflight: Preflight, wanted: str | None) -> Harness:
-    """The named harness if it accepts the repo, else the first installed one that does."""
-    names = [h.name for h in harnesses]
-    if wanted is not None:
-        chosen = next((h for h in harnesses if h.name == wanted), None)
-        if chosen is None:
-            raise PullError(
-                f"no harness named {wanted!r} is installed (installed: {', '.join(names)})"
-            )
-        if not chosen.accepts(preflight):
-            raise PullError(
-                f"harness {wanted!r} cannot load {preflight.model_id} "
-                f"(weight format {preflight.weight_format})"
-            )
-        return chosen
-    accepting = accepting_harnesses(harnesses, preflight)
-    if not accepting:
+    """The harness the neuron would load the repo with (:mod:`cortex.harness_choice`)."""
+    try:
+        return harness_choice.choose_harness(harnesses, preflight, wanted)
+    except ApiError as exc:
         raise PullError(
-            f"no installed harness can load {preflight.model_id} (weight format "
-            f"{preflight.weight_format}; installed harnesses: {', '.join(names) or 'none'})"
-        )
-    return accepting[0]
+            exc.message, {**(exc.details or {}), "kind": exc.code, "message": exc.message}
+        ) from None
 
 
 def pull_model(
@@ -65,15 +54,18 @@ def pull_model(
     """Preflight, choose a harness, fetch its files; returns what ``neuron pull`` reports."""
     from cortex.plugins import get_registry
 
+    registry = get_registry()
     config = load_neuron_config(config_path)
-    resolver = SourceResolver.from_config(config)
+    resolver = SourceResolver.from_config(config, registry.source_plugins())
     model_id, source = resolver.resolve(raw_id)
     preflight = source.preflight(model_id, quant)
-    harness = choose_harness(get_registry().harnesses(), preflight, harness_name)
+    harness = choose_harness(registry.harnesses(), preflight, harness_name)
     files = harness.files_needed(preflight)
     if not files:
         raise PullError(f"harness {harness.name!r} needs no files of {preflight.model_id}")
+    started = time.monotonic()
     snapshot = source.fetch(model_id, files, revision=preflight.revision)
+    fetch_seconds = time.monotonic() - started
     local = [
         p
         for p in sorted(snapshot.rglob("*"))
@@ -89,6 +81,8 @@ def pull_model(
         "gguf_file": preflight.gguf_file,
         "download_bytes": preflight.download_bytes,
         "snapshot": str(snapshot),
+        # the fetch alone (no preflight, no start-up): benchmarks/cold_start.py reads it
+        "fetch_seconds": round(fetch_seconds, 4),
         "files": [
             {
                 "path": p.relative_to(snapshot).as_posix(),
@@ -130,7 +124,7 @@ def _human(size: int) -> str:
     "--harness",
     "harness_name",
     default=None,
-    help="Harness to fetch for (default: the first that accepts the repo).",
+    help="Harness to fetch for (default: the one a load would pick, docs/plugins.md).",
 )
 @click.option(
     "-c",
@@ -176,7 +170,8 @@ def pull(
         return
     click.echo(
         f"pulled {result['model_id']} for harness {result['harness']} "
-        f"(commit {result['revision'][:12]}, {_human(result['download_bytes'])})"
+        f"(commit {result['revision'][:12]}, {_human(result['download_bytes'])}, "
+        f"fetched in {result['fetch_seconds']:.2f} s)"
     )
     click.echo(f"snapshot: {result['snapshot']}")
     for entry in result["files"]:

@@ -56,7 +56,9 @@ def _with_overrides(
     for spec in neurons:
         name, sep, endpoint = spec.partition("=")
         if not sep or not name or not endpoint.startswith(("http://", "https://")):
-            raise click.BadParameter(f"expected NAME=http://HOST:PORT, got {spec!r}", "--neuron")
+            raise click.BadParameter(
+                f"expected NAME=http://HOST:PORT, got {spec!r}", param_hint="--neuron"
+            )
         extra.append(NeuronRef(name=name, endpoint=endpoint))
     return attrs.evolve(config, gateway=gateway, neurons=[*config.neurons, *extra])
 
@@ -154,7 +156,7 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
     # own handlers would re-raise the signal after shutdown.
     loop = asyncio.get_running_loop()
     for server in (api, metrics_server):
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stop_all, api, metrics_server)
     metrics_task = asyncio.create_task(metrics_server.serve())

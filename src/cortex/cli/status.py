@@ -98,10 +98,21 @@ def render_fleet(endpoint: str, view: dict[str, Any]) -> None:
             str(m.get("in_flight", 0)),
             human_seconds(m.get("idle_s")),
             _yes(bool(m.get("pinned"))),
+            ", ".join(m.get("capabilities") or []) or "-",
         ]
         for m in models
     ]
-    columns = ["model", "node", "device", "state", "memory", "in-flight", "idle", "pinned"]
+    columns = [
+        "model",
+        "node",
+        "device",
+        "state",
+        "memory",
+        "in-flight",
+        "idle",
+        "pinned",
+        "can do",
+    ]
     out.print(table("models", columns, model_rows))
     loading = view.get("loads_in_progress") or []
     if loading:

@@ -140,6 +140,8 @@ models_config = "models.toml"
 listen = "127.0.0.1:{ports.gateway}"
 metrics_listen = "127.0.0.1:{ports.metrics}"
 poll_interval = "1s"
+# The fleet dashboard at /ui: no keys on this loopback demo, so its buttons work for anyone here.
+dashboard = "admin"
 
 [eviction]
 strategy = "lru"

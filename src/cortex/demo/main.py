@@ -98,6 +98,7 @@ def start_fleet(
     metrics = gateway.metrics_url() or f"http://127.0.0.1:{ports.metrics}/metrics"
     say(f"gateway   {gateway.url}  (cortex serve -c {configs.path('cortex.toml')})")
     say(f"metrics   {metrics}")
+    say(f"dashboard {gateway.url}/ui/  (open it in a browser)")
     say(f"logs      {logs}/*.log")
     fleet = Fleet(
         gateway=gateway.url,
@@ -124,6 +125,7 @@ def print_serving(fleet: Fleet, models: DemoModels, data_dir: Path) -> None:
     say(f"Anthropic API  {fleet.gateway}/v1/messages")
     say(f"Metrics        {fleet.metrics}")
     say(f"Health         {fleet.gateway}/health")
+    say(f"Dashboard      {fleet.gateway}/ui/   (in a browser: the fleet live; load, unload, pin)")
     say(f"Fleet status   .venv/bin/cortex status --endpoint {fleet.gateway}")
     say(f"               .venv/bin/cortex models --endpoint {fleet.gateway}")
     say("")
@@ -185,7 +187,7 @@ def run_demo(data_dir: Path, once: bool, port: int | None) -> int:
         for child in dead:
             say(f"{child.name} exited ({child.proc.returncode}); its log:\n{child.log_tail()}")
         return 1
-    except (ChildFailed, StepFailed, OSError, *_client_errors()) as exc:
+    except (ChildFailed, StepFailed, OSError, *_client_errors()) as exc:  # type: ignore[misc]
         say(f"demo failed: {type(exc).__name__}: {exc}")
         for child in children:
             say(f"  log of {child.name}: {child.log_path}")

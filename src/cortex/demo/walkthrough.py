@@ -2,8 +2,9 @@
 
 Every step talks to the running fleet the way a user would: plain HTTP for ``/v1/models`` and
 ``/health``, the official ``openai`` and ``anthropic`` SDKs for generation, the neurons' own API to
-show where models are loaded, and the gateway's Prometheus endpoint for the metrics that traffic
-produced. A step that fails says why and the walkthrough stops (exit code 1); nothing is faked.
+show where models are loaded, the dashboard's page and the data it draws, and the gateway's
+Prometheus endpoint for the metrics that traffic produced. A step that fails says why and the
+walkthrough stops (exit code 1); nothing is faked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cortex.demo.configs import BETA
 from cortex.demo.models import DemoModels
 
 Printer = Callable[[str], None]
-HELLO = [{"role": "user", "content": "Tell me about the river and the mountain."}]
+HELLO: list[Any] = [{"role": "user", "content": "Tell me about the river and the mountain."}]
 
 
 class StepFailed(RuntimeError):
@@ -147,6 +148,41 @@ def step_status(out: Printer, fleet: Fleet) -> None:
         out(f"  {line}")
 
 
+def step_dashboard(out: Printer, fleet: Fleet) -> dict[str, Any]:
+    """The dashboard: its page answers, and what it draws now, from the same data it reads."""
+    url = f"{fleet.gateway}/ui/"
+    page = httpx.get(url, timeout=10)
+    answer = httpx.get(f"{fleet.gateway}/ui/api/state", timeout=10)
+    if page.status_code != 200 or "cortex fleet" not in page.text or answer.status_code != 200:
+        raise StepFailed(f"the dashboard did not answer: {page.status_code} / {answer.status_code}")
+    state = answer.json()
+    health = state["health"]
+    every = state["dashboard"]["poll_s"]
+    out(f"open {url} in a browser: this fleet, live (refreshed every {every:g} s),")
+    out("with load, unload, pin and unpin buttons (docs/operators.md: the dashboard)")
+    out(f"GET {fleet.gateway}/ui/api/state, what the page draws now:")
+    out(
+        f"  gateway {health['status']}: {health['nodes_up']}/{health['nodes_total']} nodes up, "
+        f"{health['models_ready']} model(s) ready"
+    )
+    for node in state["status"]["nodes"]:
+        for device in node["devices"]:
+            out(
+                f"  node {node['name']} {device['key']}: {device['used_bytes'] / 2**20:.0f} MiB "
+                f"of {device['total_bytes'] / 2**20:.0f} MiB used, queue {device['queue_depth']}"
+            )
+    for model in state["status"]["models"]:
+        left = model["keep_alive_left_s"]
+        out(
+            f"  {model['id']} on {model['node']}: {model['state']}, {model['running']} running, "
+            f"{model['waiting']} waiting (max_batch {model['max_batch']}), keep_alive "
+            + ("never" if model["keep_alive_s"] is None else f"{left:.0f}s left")
+        )
+    charts = [f"{s['model']} on {s['node']}" for s in state["series"]]
+    out(f"  tok/s and TTFT charts: {', '.join(charts) or 'none yet (sampled every 5 s)'}")
+    return state
+
+
 def neuron_models(fleet: Fleet, node: str) -> list[dict[str, Any]]:
     return httpx.get(f"{fleet.neurons[node]}/models", timeout=10).json()["models"]
 
@@ -237,6 +273,9 @@ def run_walkthrough(out: Printer, fleet: Fleet, models: DemoModels, memory_mb: i
     number += 1
     banner(out, number, "fleet status")
     step_status(out, fleet)
+    number += 1
+    banner(out, number, "the same fleet in the browser: the dashboard")
+    step_dashboard(out, fleet)
     number += 1
     banner(out, number, "an eviction when a third model needs room")
     step_eviction(out, fleet, models.echo_models, memory_mb)

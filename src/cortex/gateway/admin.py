@@ -3,7 +3,8 @@
 Why here and not only on the neurons: an operator (or a script warming a fleet before office
 hours) should not need the cluster token or know which node to ask; the gateway places a load
 exactly as it would for a request (profile, free memory, eviction) and unloads wherever a model
-is. These routes need an admin key when keys are configured (docs/security.md).
+is, and pins or unpins a model for as long as the gateway runs (:mod:`cortex.gateway.pins`).
+These routes need an admin key when keys are configured (docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,11 +16,27 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from cortex.config import ModelProfile
-from cortex.gateway.router import resolve
+from cortex.gateway.pins import set_pinned
 from cortex.gateway.service import Gateway
 from cortex.gateway.status_view import fleet_status
 from cortex.wire.errors import ApiError, bad_request, model_not_found
 from cortex.wire.http import read_json_object
+
+# Fetch Metadata: a browser says where a request comes from; curl, the SDKs and `cortex load`
+# send nothing. An action asked by another site's page (another port of the same host counts as
+# "same-site") is refused, so a gateway with auth off (a laptop on loopback) cannot be driven by
+# a page its operator happens to visit. The dashboard's own requests are "same-origin".
+CROSS_SITE = frozenset({"cross-site", "same-site"})
+
+
+def _refuse_cross_site(request: Request) -> None:
+    if request.headers.get("sec-fetch-site", "").strip().lower() in CROSS_SITE:
+        raise ApiError(
+            403,
+            "cross_site_request",
+            "admin actions are refused when another site's page asks for them "
+            "(Sec-Fetch-Site); use the gateway's own dashboard, the CLI or curl",
+        )
 
 
 def _model_field(body: dict[str, Any]) -> str:
@@ -35,8 +52,7 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/admin/models")
     async def admin_models() -> JSONResponse:
         """The fleet view: every node, its models, loads in progress and failed loads."""
-        loader = gateway.loader
-        failures = loader.failures if loader is not None else {}
+        failures = gateway.scheduler.failures
         return JSONResponse(
             {
                 **gateway.health(),
@@ -54,14 +70,14 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/admin/events")
     async def admin_events(limit: int = 50) -> JSONResponse:
         """The gateway's recent loads and evictions, newest first (``cortex status``)."""
-        loader = gateway.loader
-        events = loader.events.latest(min(max(limit, 0), 200)) if loader is not None else []
+        events = gateway.scheduler.events.latest(min(max(limit, 0), 200))
         return JSONResponse({"events": events})
 
     @app.post("/admin/models/load")
     async def admin_load(request: Request) -> JSONResponse:
         """Load a model where a request for it would (a no-op when it is ready somewhere), or
         on ``node`` when given (a no-op when it is ready there)."""
+        _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
         model = _model_field(body)
         only = body.get("node")
@@ -75,9 +91,8 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
                 f"no node named {only!r} (known: {known_nodes})",
                 param="node",
             )
-        resolved = resolve(model, gateway.models, gateway.default_source)
-        assert gateway.loader is not None
-        known, _only_down = gateway._known(resolved)
+        resolved = gateway.resolve(model)
+        known, _only_down = gateway.scheduler.known(resolved)
         if not known:
             raise model_not_found(model, "not loaded anywhere and not in models.toml")
         ready = [
@@ -94,18 +109,18 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             # The profile as configured, placed on that node only.
             profile = resolved.profile or ModelProfile(id=resolved.canonical)
             resolved = attrs.evolve(resolved, profile=attrs.evolve(profile, nodes=[only]))
-        node = await gateway.loader.ensure_loaded(resolved)
+        node = await gateway.scheduler.ensure_loaded(resolved)
         return JSONResponse({"model": resolved.canonical, "nodes": [node], "loaded": True})
 
     @app.post("/admin/models/unload")
     async def admin_unload(request: Request) -> JSONResponse:
         """Unload a model from every node (or only ``node``) where it is loaded."""
+        _refuse_cross_site(request)
         body = await read_json_object(request, max_bytes)
-        resolved = resolve(_model_field(body), gateway.models, gateway.default_source)
+        resolved = gateway.resolve(_model_field(body))
         only = body.get("node")
         if only is not None and not isinstance(only, str):
             raise bad_request("'node' must be a node name", param="node")
-        assert gateway.loader is not None and gateway.fleet is not None
         targets = [
             n
             for n in gateway.nodes()
@@ -120,8 +135,28 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
                 param="model",
             )
         for node in targets:
-            await gateway.loader.unload(node, resolved.canonical, reason="admin")
-            await gateway.fleet.refresh(node.name)
+            await gateway.scheduler.unload(node.name, resolved.canonical, reason="admin")
         return JSONResponse(
             {"model": resolved.canonical, "unloaded_from": [n.name for n in targets]}
         )
+
+    async def pin(request: Request, pinned: bool) -> JSONResponse:
+        _refuse_cross_site(request)
+        body = await read_json_object(request, max_bytes)
+        resolved = gateway.resolve(_model_field(body))
+        was = bool(resolved.profile is not None and resolved.profile.pinned)
+        profile = set_pinned(gateway, resolved, pinned)
+        return JSONResponse(
+            {"model": resolved.canonical, "pinned": profile.pinned, "changed": was != pinned}
+        )
+
+    @app.post("/admin/models/pin")
+    async def admin_pin(request: Request) -> JSONResponse:
+        """Pin a model of models.toml until the gateway restarts: never evicted, never
+        unloaded by keep_alive."""
+        return await pin(request, True)
+
+    @app.post("/admin/models/unpin")
+    async def admin_unpin(request: Request) -> JSONResponse:
+        """Unpin a model of models.toml until the gateway restarts."""
+        return await pin(request, False)

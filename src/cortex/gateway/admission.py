@@ -8,8 +8,9 @@ and the requests behind it time out too. With one, excess requests get a fast 42
 is served at full speed. A waiter whose client disconnected is removed at once, so cancelled
 requests never hold capacity (tests/reliability/test_overload.py cancels 100 of them).
 
-The per-node bound is enforced by the router (a node at its limit is not picked; when every
-replica is at its limit the request gets 503 + Retry-After).
+The gates belong to the scheduler (:mod:`cortex.gateway.scheduler`), which also enforces the
+per-node bound (a node at its limit is not picked; when every replica is at its limit the
+request gets 503 + Retry-After).
 
 A neuron has a bound of its own (``max_queue`` per device: 503 ``queue_full``). A request it
 refuses that way is *held* by the gateway (:func:`cortex.gateway.proxy.open_upstream`) and sent
@@ -34,8 +35,9 @@ from cortex.wire.errors import ApiError
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
-# The ASGI ``receive`` of the request being handled (set by :class:`ClientWatch`): after the
-# body was read, it returns ``http.disconnect`` when the client goes away.
+# The ASGI ``receive`` of the request being handled (set by the generation routes' endpoint,
+# :mod:`cortex.gateway.fast_path`): after the body was read, it returns ``http.disconnect`` when
+# the client goes away.
 CURRENT_RECEIVE: contextvars.ContextVar[Receive | None] = contextvars.ContextVar(
     "cortex_current_receive", default=None
 )
@@ -46,20 +48,6 @@ CURRENT_RECEIVE: contextvars.ContextVar[Receive | None] = contextvars.ContextVar
 HOLD_UNTIL: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "cortex_hold_until", default=None
 )
-
-
-class ClientWatch:
-    """Plain ASGI middleware that makes the request's ``receive`` visible to queued waiters."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        token = CURRENT_RECEIVE.set(receive if scope["type"] == "http" else None)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            CURRENT_RECEIVE.reset(token)
 
 
 class ClientGone(ApiError):
@@ -199,5 +187,5 @@ async def pause_unless_client_left(wake: asyncio.Event, seconds: float) -> None:
             if not future.done():
                 future.cancel()
     left = watch is not None and watch in done and not watch.cancelled()
-    if left and watch.result().get("type") == "http.disconnect":
+    if left and watch is not None and watch.result().get("type") == "http.disconnect":
         raise ClientGone(499, "client_closed", "the client went away while held")

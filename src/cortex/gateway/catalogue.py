@@ -30,6 +30,43 @@ def _overall_state(states: list[str], loadable: bool) -> str:
     return states[0] if states else UNAVAILABLE
 
 
+# Request parameters every model takes, and those a capability adds (OpenRouter's
+# ``supported_parameters`` vocabulary, which OpenAI-style clients read to decide what to send).
+_BASE_PARAMETERS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
+_CAPABILITY_PARAMETERS = {
+    "tools": ("tools", "tool_choice"),
+    "structured_output": ("response_format", "structured_outputs"),
+    "logprobs": ("logprobs", "top_logprobs"),
+}
+
+
+def _description(context: int | None, capabilities: tuple[str, ...]) -> dict[str, Any]:
+    """What a client needs to budget and shape requests, as a loaded copy reports it (null and
+    empty until one is loaded): the context window under the names clients read (OpenRouter's
+    ``context_length``, vLLM's ``max_model_len``), the most a completion can be, and what the
+    model can do."""
+    parameters = list(_BASE_PARAMETERS)
+    for capability in capabilities:
+        parameters += _CAPABILITY_PARAMETERS.get(capability, ())
+    return {
+        "context_length": context,
+        "max_model_len": context,
+        "max_output_tokens": context - 1 if context else None,
+        "capabilities": sorted(capabilities),
+        "supported_parameters": parameters if context else [],
+    }
+
+
 def build_catalogue(
     nodes: list[NodeState], models: ModelsConfig, usage: Usage, default_source: str
 ) -> list[dict[str, Any]]:
@@ -37,10 +74,13 @@ def build_catalogue(
     up = [n for n in nodes if n.up]
     placements: dict[str, list[dict[str, Any]]] = {}
     created: dict[str, float] = {}
+    described: dict[str, tuple[int | None, tuple[str, ...]]] = {}
     for node in up:
         for m in node.models:
             if m.state == FAILED:
                 continue
+            if m.context_length is not None:  # a loaded copy says what the model is
+                described[m.id] = (m.context_length, m.capabilities)
             placements.setdefault(m.id, []).append(
                 {
                     "node": node.name,
@@ -77,6 +117,7 @@ def build_catalogue(
             "loaded_on": where,
             "alias_for": alias_for,
             "pinned": bool(profile.pinned) if profile else False,
+            **_description(*described.get(target, (None, ()))),
         }
 
     entries = {model_id: entry(model_id, model_id, None) for model_id in placements}

@@ -1,37 +1,38 @@
-"""The generation routes served as plain ASGI, ahead of FastAPI.
+"""The generation routes served as plain ASGI, ahead of FastAPI: the one path from a request's
+bytes to its answer ("read JSON -> answer -> record failure" happens here and nowhere else).
 
-Why: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/messages`` (and its
-``count_tokens``) and ``/v1/responses`` are the gateway's hot path, and under
-load most of a request's CPU went to the layers around the handler, not to the work (profile
-in docs/benchmarks.md): Starlette's routing and request object, FastAPI's dependency machinery
-and exit stacks, five middlewares each wrapping ``send`` -- a wrapper that every streamed chunk
-passed through again. Here one plain ASGI callable does what those layers did for these two
-routes, in the same order and with the same answers: the key check (401/403), the body limit
-(413 before a byte is read when ``Content-Length`` says so, else at the first byte over it),
-the JSON body (typed 400s), the client watch for queued waiters, then the route's answer
-(:meth:`cortex.gateway.service.Gateway.generate`, or a dialect's in
-:mod:`cortex.gateway.dialects`), and every failure in the route's envelope (Anthropic's on
-``/v1/messages*``, else OpenAI's).
+Why plain ASGI: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/messages`` (and its
+``count_tokens``) and ``/v1/responses`` are the gateway's hot path, and under load most of a
+request's CPU went to the layers around the handler, not to the work (profile in
+docs/benchmarks.md): Starlette's routing and request object, FastAPI's dependency machinery and
+exit stacks, five middlewares each wrapping ``send`` -- a wrapper that every streamed chunk
+passed through again. Here one plain ASGI callable does what those layers did, in the same order
+and with the same answers: the key check (401/403), the body limit (413 before a byte is read
+when ``Content-Length`` says so, else at the first byte over it), the JSON body (typed 400s), the
+client watch for queued waiters, then the route's answer (:mod:`cortex.gateway.routes`), and
+every failure in the route's envelope (Anthropic's on ``/v1/messages*``, else OpenAI's),
+recorded on the request's tally (:mod:`cortex.gateway.tally`).
 
-The FastAPI routes for the same paths stay registered: they serve requests under a
-``root_path`` and document the request bodies (:mod:`cortex.request_schemas`).
+These paths have no FastAPI route: a request under a ``root_path`` is matched here too
+(:class:`cortex.gateway.app.GatewayApp` strips it), another method gets 405 here, and the
+OpenAPI document describes them from the same table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
 
 from cortex.auth import GatewayAuth
 from cortex.gateway.admission import CURRENT_RECEIVE
-from cortex.gateway.service import Gateway
+from cortex.gateway.dispatch import Dispatcher
+from cortex.gateway.routes import GenerationRoute
+from cortex.gateway.tally import Recorder, Tally
 from cortex.wire.asgi import content_length, scope_headers, send_error
-from cortex.wire.errors import OPENAI, ApiError
+from cortex.wire.errors import ApiError
 from cortex.wire.http import parse_json_object
 from cortex.wire.limits import BodyTooLarge, too_large
 
@@ -71,54 +72,65 @@ def _body_too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(error.status, error.code, error.message)
 
 
-# What a route does once its JSON body is read: (route, payload, headers) -> the answer.
-Answer = Callable[[str, dict[str, Any], dict[str, str]], Awaitable[Response]]
-
-
 class PlainEndpoint:
-    """One ``POST`` route as an ASGI callable (see the module docstring)."""
+    """One generation route as an ASGI callable (see the module docstring)."""
 
     def __init__(
-        self, gateway: Gateway, auth: GatewayAuth, answer: Answer, dialect: str = OPENAI
+        self,
+        route: GenerationRoute,
+        dispatcher: Dispatcher,
+        recorder: Recorder,
+        auth: GatewayAuth,
+        max_body_bytes: int,
     ) -> None:
-        self.gateway = gateway
+        self.route = route
+        self.answer = route.answer
+        self.dialect = route.dialect
+        self.dispatcher = dispatcher
+        self.recorder = recorder
         self.auth = auth
-        self.answer = answer
-        self.dialect = dialect
+        self.limit = max_body_bytes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        route: str = scope["path"]
+        path = self.route.path
         dialect = self.dialect
         headers = scope_headers(scope)
-        error = self.auth.check(route, headers)
+        error = self.auth.check(path, headers)
         if error is not None:
+            self.recorder.open(path).fail(error)
             extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
             await send_error(send, error, dialect, extra)
             return
-        gateway = self.gateway
-        limit = gateway.config.gateway.max_body_bytes
+        if scope["method"] != "POST":
+            await send_error(
+                send, ApiError(405, "method_not_allowed", "Method Not Allowed"), dialect
+            )
+            return
+        limit = self.limit
         declared = content_length(scope)
         if declared is not None and declared > limit:
             await send_error(send, too_large(limit), dialect, close=True)
             return
 
-        payload: dict[str, Any] | None = None
+        tally: Tally | None = None
         watching = CURRENT_RECEIVE.set(receive)  # queued waiters see their client leave
         try:
             payload = parse_json_object(await read_body(receive, limit))
-            response = await self.answer(route, payload, headers)
+            tally = self.recorder.open(path)
+            tally.requested = payload.get("model")
+            response = await self.answer(self.dispatcher, tally, payload, headers)
         except ClientLeft:
             return
         except ApiError as exc:
-            gateway.record_failure(route, payload.get("model") if payload else None, exc)
+            (tally or self.recorder.open(path)).fail(exc)
             await send_error(send, exc, dialect, close=isinstance(exc, BodyTooLarge))
             return
         except Exception as exc:
-            log.exception("unexpected error on POST %s", route)
+            log.exception("unexpected error on POST %s", path)
             internal = ApiError(
                 500, "internal_error", f"internal error ({type(exc).__name__}); see the server log"
             )
-            gateway.record_failure(route, payload.get("model") if payload else None, internal)
+            (tally or self.recorder.open(path)).fail(internal)
             await send_error(send, internal, dialect)
             return
         finally:

@@ -7,6 +7,10 @@ neuron that stops answering is down within ``down_after x (poll_interval + reque
 (docs/gateway.md). The gateway also refreshes a node right after it loads or unloads there, so
 routing never acts on a view older than its own last action. A poll result older than one
 already applied is dropped (two polls can overlap when a refresh races the periodic one).
+
+The fleet is also how the gateway acts on neurons: the scheduler's side effects (estimate, load,
+unload, release memory, refresh) go out through the methods below, which implement
+:class:`cortex.gateway.scheduler.Neurons` (the scheduler's tests use a fake of it, no sockets).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import aiohttp
 
 from cortex.config import NeuronRef
+from cortex.gateway.neuron_client import post_json
 from cortex.gateway.nodes import (
     Discovery,
     Health,
@@ -28,6 +34,7 @@ from cortex.gateway.nodes import (
     NodeState,
     parse_models,
 )
+from cortex.gateway.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +50,26 @@ class Fleet:
     def __init__(
         self,
         neurons: list[NeuronRef],
-        session: aiohttp.ClientSession,
+        client: Transport | aiohttp.ClientSession,
         *,
         poll_interval: float = 2.0,
         down_after: int = 3,
         request_timeout: float = 5.0,
         on_health_change: HealthListener | None = None,
+        call_timeout: float | None = None,
+        load_timeout: float | None = None,
+        retry_after: float = 5.0,
     ) -> None:
         self.nodes: dict[str, NodeState] = {
             n.name: NodeState(n.name, n.endpoint.rstrip("/"), Health(down_after=down_after))
             for n in neurons
         }
-        self._session = session
+        self._client = client
+        # the admin calls: estimate, unload, release memory (call_timeout) and loads
+        self._call_timeout = aiohttp.ClientTimeout(total=call_timeout, sock_connect=request_timeout)
+        self._load_timeout = aiohttp.ClientTimeout(total=load_timeout, sock_connect=request_timeout)
+        self._retry_after = retry_after
+        self._background: set[asyncio.Task[Any]] = set()
         self._poll_interval = poll_interval
         self._timeout_s = request_timeout
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
@@ -88,8 +103,13 @@ class Fleet:
 
     # ---- polling ----------------------------------------------------------------------------
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        client = self._client
+        return client if isinstance(client, aiohttp.ClientSession) else client.session
+
     async def _get_json(self, url: str) -> object:
-        async with self._session.get(url, timeout=self._timeout) as resp:
+        async with self.session.get(url, timeout=self._timeout) as resp:
             if resp.status != 200:
                 raise NodeAnswerError(f"GET {url} answered {resp.status}")
             return await resp.json(content_type=None)
@@ -152,6 +172,55 @@ class Fleet:
         """Poll every neuron once, together (start-up, and callers that need a fresh view)."""
         await asyncio.gather(*(self.refresh(name) for name in self.nodes))
 
+    def refresh_soon(self, name: str) -> None:
+        """Poll one neuron now, without waiting for the answer (a request found it unreachable
+        or its view stale)."""
+        task = asyncio.get_running_loop().create_task(self.refresh(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def refresh_within(self, names: Iterable[str], seconds: float) -> None:
+        """Poll ``names`` together and wait up to ``seconds`` for them: a neuron that is slow to
+        answer keeps the view it had (its poll finishes in the background, within
+        connect_timeout), so one hanging neuron never holds up a placement for long."""
+        tasks = [asyncio.get_running_loop().create_task(self.refresh(n)) for n in names]
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=seconds)
+        for task in pending:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # ---- actions on neurons (the scheduler's side effects) ----------------------------------
+
+    async def _post(
+        self, name: str, route: str, payload: dict[str, Any], load: bool = False
+    ) -> dict[str, Any]:
+        return await post_json(
+            self.session,
+            f"{self.nodes[name].endpoint}{route}",
+            payload,
+            self._load_timeout if load else self._call_timeout,
+            retry_after=self._retry_after,
+        )
+
+    async def estimate(self, name: str, payload: dict[str, Any]) -> int:
+        """``POST /models/estimate``: the bytes a load of ``payload`` would need there."""
+        answer = await self._post(name, "/models/estimate", payload)
+        return int(answer.get("memory_bytes") or 0)
+
+    async def load(self, name: str, payload: dict[str, Any]) -> None:
+        """``POST /models/load`` and wait until it is ready (or failed: an ApiError)."""
+        await self._post(name, "/models/load", payload, load=True)
+
+    async def unload(self, name: str, model_id: str) -> None:
+        """``POST /models/unload`` (the neuron lets requests in flight finish first)."""
+        await self._post(name, "/models/unload", {"model_id": model_id})
+
+    async def release_memory(self, name: str) -> None:
+        """``POST /admin/release-memory``: give cached allocator memory back while idle."""
+        await self._post(name, "/admin/release-memory", {})
+
     async def _poll_loop(self, name: str) -> None:
         """One neuron's poller: refresh, sleep, forever; never waits on another neuron."""
         while True:
@@ -170,8 +239,9 @@ class Fleet:
                 )
 
     async def stop(self) -> None:
-        """Cancel every poll loop and wait for them to end."""
-        tasks, self._tasks = list(self._tasks.values()), {}
+        """Cancel every poll loop (and background poll) and wait for them to end."""
+        tasks, self._tasks = [*self._tasks.values(), *self._background], {}
+        self._background = set()
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -32,6 +32,7 @@ KNOWN_ROUTES = frozenset(
     {
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
         "/v1/messages",
         "/v1/messages/count_tokens",
         "/v1/responses",

@@ -47,6 +47,11 @@ class NodeDevice:
     state: str = "ok"
     # the multi-device model this device is a secondary of (nothing else is placed here)
     reserved_by: str | None = None
+    # the device worker's load (shown by /admin/status and the dashboard; routing ignores it):
+    # jobs waiting or running, and requests admitted out of max_queue
+    queue_depth: int = 0
+    requests_in_progress: int = 0
+    max_queue: int = 0
 
     @property
     def is_accelerator(self) -> bool:
@@ -63,6 +68,9 @@ class NodeDevice:
             free_memory=_int(data, "free_memory"),
             state=str(data.get("state") or "ok"),
             reserved_by=data["reserved_by"] if isinstance(data.get("reserved_by"), str) else None,
+            queue_depth=_int(data, "queue_depth", 0),
+            requests_in_progress=_int(data, "requests_in_progress", 0),
+            max_queue=_int(data, "max_queue", 0),
         )
 
 
@@ -114,6 +122,8 @@ class NodeModel:
     running: int = 0
     waiting: int = 0
     max_batch: int = 1
+    # what it can serve beyond plain completions (chat, tools, logprobs, structured_output)
+    capabilities: tuple[str, ...] = ()
     # every device a multi-device replica spans (primary first); () for one device
     devices: tuple[str, ...] = ()
 
@@ -147,6 +157,9 @@ class NodeModel:
             waiting=_int(data, "waiting", 0),
             max_batch=max(1, _int(data, "max_batch", 1)),
             devices=_device_list(data.get("devices")),
+            capabilities=tuple(
+                str(c) for c in data.get("capabilities") or () if isinstance(c, str)
+            ),
         )
 
 

@@ -1,4 +1,10 @@
-"""Streaming pass-through from a neuron to the client.
+"""Talking to a neuron for a client's request: sending it, holding it while the neuron's queue is
+full, and relaying a streamed answer.
+
+What is done with the answer once its headers arrived (passed through with the ``model`` field
+rewritten, or translated into another dialect) is an answer policy's job
+(:mod:`cortex.gateway.policies`); choosing the neuron and sending again elsewhere is the
+dispatcher's (:mod:`cortex.gateway.dispatch`).
 
 Chunks are forwarded as they arrive, never buffered: a streamed answer (``text/event-stream``)
 is forwarded frame by frame, ``[DONE]`` included. The only change made on the way is the
@@ -20,11 +26,10 @@ import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
-from starlette.responses import Response
 
 from cortex.gateway.admission import HOLD_UNTIL, ClientGone, pause_unless_client_left
 from cortex.gateway.redact import public_details, public_message
@@ -108,26 +113,18 @@ class UpstreamUnreachable(ApiError):
     never_connected: bool = False
 
 
-class StreamObserver:
-    """Callbacks a proxied answer reports to (metrics, in-flight bookkeeping)."""
+class Observer(Protocol):
+    """What a relayed answer reports to: :class:`cortex.gateway.tally.Tally` (metrics, the
+    request log, the request's lease)."""
 
-    def __init__(
-        self,
-        on_first_token: Callable[[], None] | None = None,
-        on_usage: UsageCallback | None = None,
-        on_end: Callable[[str | None], None] | None = None,
-    ) -> None:
-        # Streamed answers only: called at the first chunk carrying content, not the first byte.
-        self.on_first_token = on_first_token or (lambda: None)
-        self.on_usage = on_usage or (lambda _u: None)
-        self._on_end = on_end or (lambda _e: None)
-        self.ended = False
+    def on_first_token(self) -> None:
+        """Streamed answers only: the first chunk carrying content, not the first byte."""
+
+    def on_usage(self, usage: dict[str, Any]) -> None:
+        """Token counts the neuron reported."""
 
     def on_end(self, error: str | None) -> None:
         """The answer is over (idempotent: the first report wins)."""
-        if not self.ended:
-            self.ended = True
-            self._on_end(error)
 
 
 class UpstreamStreamingResponse(WatchedStreamingResponse):
@@ -140,7 +137,7 @@ class UpstreamStreamingResponse(WatchedStreamingResponse):
         self,
         content: AsyncIterator[bytes],
         upstream: aiohttp.ClientResponse,
-        observer: StreamObserver,
+        observer: Observer,
         **kwargs: Any,
     ) -> None:
         super().__init__(content, **kwargs)
@@ -157,10 +154,10 @@ def _stream_error_frame(code: str, message: str) -> bytes:
     return encode_data({"error": {"message": message, "type": "upstream_error", "code": code}})
 
 
-async def _relay_sse(
+async def relay_sse(
     resp: aiohttp.ClientResponse,
     rewrite: ModelRewriter,
-    observer: StreamObserver,
+    observer: Observer,
     drop_usage_only: bool = False,
 ) -> AsyncIterator[bytes]:
     buffer = b""
@@ -413,78 +410,6 @@ def _unreachable(
     return error
 
 
-async def forward(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    client_headers: Mapping[str, str],
-    timeout: aiohttp.ClientTimeout,
-    rewrite: ModelRewriter,
-    observer: StreamObserver,
-    extra_headers: Mapping[str, str],
-    retry_after: float,
-    drop_usage_only: bool = False,
-) -> Response:
-    """POST ``body`` to ``url`` and relay the answer.
-
-    Before answer headers arrive, failures raise :class:`UpstreamUnreachable` and the observer
-    hears nothing (the caller may try another replica). Once headers arrived, everything is
-    relayed as is (errors keep status, envelope and Retry-After) and ``observer.on_end`` is
-    called exactly once, when the answer is over."""
-    resp = await open_upstream(session, url, body, client_headers, timeout, retry_after)
-    headers = {**downstream_headers(resp.headers), **extra_headers}
-    content_type = resp.headers.get("content-type", "")
-    if resp.status == 200 and content_type.startswith("text/event-stream"):
-        headers.setdefault("cache-control", "no-cache")
-        headers["x-accel-buffering"] = "no"
-        return UpstreamStreamingResponse(
-            _relay_sse(resp, rewrite, observer, drop_usage_only),
-            resp,
-            observer,
-            status_code=200,
-            headers=headers,
-        )
-
-    try:
-        raw = await resp.read()
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        resp.close()
-        observer.on_end("upstream_timeout")
-        raise ApiError(
-            504,
-            "upstream_timeout",
-            "the neuron did not finish its answer within the idle timeout",
-            retry_after=retry_after,
-        ) from None
-    except aiohttp.ClientError as exc:
-        resp.close()
-        observer.on_end("upstream_connection_error")
-        log.warning("the connection to %s broke mid-answer: %r", url, exc)
-        raise ApiError(
-            502,
-            "upstream_connection_error",
-            f"the neuron connection broke mid-answer ({type(exc).__name__})",
-            retry_after=retry_after,
-        ) from None
-    finally:
-        resp.release()
-    if resp.status >= 400:
-        raw = public_error_body(raw)
-    if resp.status == 200:
-        raw = rewrite(raw)
-        try:
-            usage = json.loads(raw).get("usage")
-        except (ValueError, AttributeError):
-            usage = None
-        if isinstance(usage, dict):
-            observer.on_usage(usage)
-    # The neuron is done once its answer is read: end the in-flight count now, not after the
-    # client got the bytes (its next request must not see this one as still running).
-    answer_ended(url)
-    observer.on_end(None if resp.status == 200 else f"upstream_{resp.status}")
-    return Response(raw, status_code=resp.status, headers=headers)
-
-
 def public_error_body(raw: bytes) -> bytes:
     """A neuron's error envelope with its message and ``details`` redacted
     (:mod:`cortex.gateway.redact`); anything else as it came."""
@@ -503,7 +428,3 @@ def public_error_body(raw: bytes) -> bytes:
     if details is not None:
         error["details"] = details
     return json.dumps(body).encode()
-
-
-def elapsed_since(started: float) -> float:
-    return time.monotonic() - started

@@ -80,7 +80,6 @@ def public(error: ApiError) -> ApiError:
         details=details or None,
         error_type=error.error_type,
     )
-    for name in ("never_connected", "recorded"):  # flags callers set on the original
-        if hasattr(error, name):
-            setattr(copy, name, getattr(error, name))
+    if hasattr(error, "never_connected"):  # a flag the proxy sets on the original
+        copy.never_connected = error.never_connected  # type: ignore[attr-defined]
     return copy

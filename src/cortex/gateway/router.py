@@ -90,6 +90,23 @@ class Resolver:
             self._known[key] = found
         return found
 
+    def clear(self) -> None:
+        """Forget every name: a profile changed at run time (a pin from the admin API)."""
+        self._known.clear()
+
+
+def known_on(nodes: list[NodeState], resolved: Resolved) -> tuple[bool, bool]:
+    """(known at all: a profile, or on some node's model list; known only on neurons that are
+    down)."""
+    on_up = on_down = False
+    for node in nodes:
+        if node.model(resolved.canonical) is not None:
+            if node.up:
+                on_up = True
+            else:
+                on_down = True
+    return resolved.profile is not None or on_up or on_down, on_down and not on_up
+
 
 # ---- replicas ---------------------------------------------------------------------------------
 
@@ -242,9 +259,9 @@ def place(
     for node in capable:
         entry = node.model(canonical)
         if entry is not None and entry.state == LOADING:
-            device = entry.device or next((d.key for d in placement_devices(node)), "")
-            if device:
-                return Placement(node.name, device)
+            joined = entry.device or next((d.key for d in placement_devices(node)), "")
+            if joined:
+                return Placement(node.name, joined)
 
     if not capable:
         if down:

@@ -3,7 +3,8 @@
 Why one route: an operator's terminal should not need five round trips (and five chances to see
 a fleet change half way) to draw one picture. The view joins what the poller knows (devices,
 models and their state on each node) with what only the gateway knows (requests in flight now,
-last use, pinned profiles, loads in progress, failed loads, recent loads and evictions).
+last use, pinned profiles, loads in progress, failed loads, recent loads and evictions, recent
+request errors). The dashboard (:mod:`cortex.gateway.ui`) draws the same answer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from cortex.gateway.nodes import READY
 from cortex.gateway.router import find_profile
 
 if TYPE_CHECKING:
@@ -18,12 +20,23 @@ if TYPE_CHECKING:
     from cortex.gateway.service import Gateway
 
 RECENT_EVENTS = 20
+RECENT_ERRORS = 20
 
 
 def _model_view(gateway: Gateway, node: NodeState, model: NodeModel, now: float) -> dict[str, Any]:
     key = (node.name, model.id)
     profile = find_profile(gateway.models, model.id, gateway.default_source)
-    last = max(model.last_used, model.loaded_at, gateway.usage.last_used.get(key, 0.0))
+    usage = gateway.scheduler.usage
+    last = max(model.last_used, model.loaded_at, usage.last_used.get(key, 0.0))
+    in_flight = max(model.in_flight, usage.busy(node.name, model.id))
+    pinned = bool(profile is not None and profile.pinned)
+    keep_alive = profile.keep_alive.seconds if profile is not None else None
+    idle = round(max(0.0, now - last), 1) if last else None
+    # seconds until keep_alive unloads it if it stays idle (None: it never does; keep_alive
+    # only unloads ready models)
+    left = None
+    if keep_alive is not None and not pinned and model.state == READY:
+        left = keep_alive if in_flight or idle is None else round(max(0.0, keep_alive - idle), 1)
     return {
         "id": model.id,
         "node": node.name,
@@ -32,20 +45,28 @@ def _model_view(gateway: Gateway, node: NodeState, model: NodeModel, now: float)
         "harness": model.harness,
         "state": model.state,
         "memory_bytes": model.memory_bytes,
-        "in_flight": max(model.in_flight, gateway.usage.busy(node.name, model.id)),
-        "idle_s": round(max(0.0, now - last), 1) if last else None,
-        "pinned": bool(profile is not None and profile.pinned),
+        "context_length": model.context_length,
+        "capabilities": sorted(model.capabilities),
+        "in_flight": in_flight,
+        "running": model.running,
+        "waiting": model.waiting,
+        "max_batch": model.max_batch,
+        "idle_s": idle,
+        "pinned": pinned,
+        "keep_alive_s": keep_alive,
+        "keep_alive_left_s": left,
         "error": model.error,
     }
 
 
-def _node_view(node: NodeState) -> dict[str, Any]:
+def _node_view(gateway: Gateway, node: NodeState) -> dict[str, Any]:
     devices = node.discovery.devices if node.discovery is not None else ()
     return {
         "name": node.name,
         "endpoint": node.endpoint,
         "up": node.up,
         "last_error": node.health.last_error,
+        "in_flight": gateway.scheduler.usage.node_busy(node.name),
         "devices": [
             {
                 "key": d.key,
@@ -54,6 +75,9 @@ def _node_view(node: NodeState) -> dict[str, Any]:
                 "reserved_by": d.reserved_by,
                 "total_bytes": d.total_memory,
                 "used_bytes": max(0, d.total_memory - d.free_memory),
+                "queue_depth": d.queue_depth,
+                "requests_in_progress": d.requests_in_progress,
+                "max_queue": d.max_queue,
             }
             for d in devices
         ],
@@ -78,16 +102,13 @@ def public_health(gateway: Gateway) -> dict[str, Any]:
 def fleet_status(gateway: Gateway) -> dict[str, Any]:
     now = time.time()
     nodes = gateway.nodes()
-    loader = gateway.loader
+    scheduler = gateway.scheduler
     return {
         "status": gateway.health()["status"],
-        "nodes": [_node_view(n) for n in nodes],
+        "nodes": [_node_view(gateway, n) for n in nodes],
         "models": [_model_view(gateway, n, m, now) for n in nodes if n.up for m in n.models],
-        "loads_in_progress": sorted(loader.loads) if loader is not None else [],
-        "failed_loads": (
-            {k: f.to_json(public=False) for k, f in loader.failures.items()}
-            if loader is not None
-            else {}
-        ),
-        "events": loader.events.latest(RECENT_EVENTS) if loader is not None else [],
+        "loads_in_progress": scheduler.loads_in_progress(),
+        "failed_loads": {k: f.to_json(public=False) for k, f in scheduler.failures.items()},
+        "events": scheduler.events.latest(RECENT_EVENTS),
+        "errors": gateway.recent_errors.latest(RECENT_ERRORS),
     }

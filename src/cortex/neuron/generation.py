@@ -25,23 +25,30 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from cortex.harness import DeviceFault, DeviceOutOfMemory, HarnessError, PromptError
+from cortex.harness import (
+    ConstraintError,
+    DeviceFault,
+    DeviceOutOfMemory,
+    HarnessError,
+    PromptError,
+    SamplingParams,
+)
 from cortex.logging import NEURON_REQUEST_LOGGER
-from cortex.neuron.models import READY, ModelEntry
+from cortex.neuron.models import ModelEntry
 from cortex.neuron.node import Node
 from cortex.neuron.requests import GenerationOptions
-from cortex.neuron.scheduler import LENGTH, STOP, Output, Sequence
+from cortex.neuron.scheduler import LENGTH, STOP, Output, Sequence, TokenLogprob
 from cortex.neuron.textstream import IncrementalDecoder, StopMatcher
 from cortex.neuron.workers import Admission, DevicePoisonedError, WorkerError
-from cortex.wire.errors import ApiError, model_not_found
+from cortex.wire.errors import ApiError
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(NEURON_REQUEST_LOGGER)
 
-__all__ = ["LENGTH", "STOP", "GenerationStream", "check_context", "ready_entry", "start_admitted"]
+__all__ = ["LENGTH", "STOP", "GenerationStream", "run_on_worker", "worker_api_error"]
 
 
 def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
@@ -54,6 +61,8 @@ def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
         return ApiError(
             503, "queue_full", f"{exc}; retry shortly", retry_after=2, error_type="overloaded_error"
         )
+    if isinstance(exc, ConstraintError):
+        return ApiError(400, "invalid_response_format", str(exc), param=exc.param)
     if isinstance(exc, PromptError):
         return ApiError(400, "invalid_prompt", str(exc))
     if isinstance(exc, DeviceOutOfMemory):
@@ -66,27 +75,6 @@ def worker_api_error(exc: BaseException, entry: ModelEntry) -> ApiError:
     return ApiError(500, "generation_failed", f"{entry.id}: {type(exc).__name__}: {exc}")
 
 
-def ready_entry(node: Node, raw_model: str) -> ModelEntry:
-    """The ready model a request names, or 404 ``model_not_found`` / 503 while loading."""
-    from cortex.neuron.loader import parse_model_id
-
-    model_id = str(parse_model_id(node, raw_model, param="model"))
-    entry = node.models.get(model_id)
-    if entry is None:
-        raise model_not_found(model_id, "it is not loaded on this node (POST /models/load)")
-    if entry.state != READY or entry.handle is None:
-        if entry.state == "loading":
-            raise ApiError(503, "model_loading", f"{model_id} is still loading", retry_after=5)
-        reason = (entry.error or {}).get("message", "")
-        raise ApiError(
-            503,
-            f"model_{entry.state}",
-            f"{model_id} is {entry.state}{': ' + reason if reason else ''}",
-            retry_after=30,
-        )
-    return entry
-
-
 async def run_on_worker(entry: ModelEntry, fn: Any, *, internal: bool = False) -> Any:
     try:
         return await entry.worker.run(fn, internal=internal)
@@ -94,73 +82,6 @@ async def run_on_worker(entry: ModelEntry, fn: Any, *, internal: bool = False) -
         if isinstance(exc, Exception):
             raise worker_api_error(exc, entry) from None
         raise
-
-
-async def start_admitted(
-    entry: ModelEntry, build: Callable[[], GenerationStream]
-) -> GenerationStream:
-    """Admit one generation request on the model's device (503 ``queue_full`` at
-    ``max_queue`` requests in progress) and run ``build`` as its first worker job: it creates
-    the stream and its generation there (:meth:`GenerationStream.start_on_worker`), and the
-    same job queues the generation on the device's scheduler. The stream holds the admission
-    until it is closed, and its generation, once queued, is never refused, so an answer that
-    started is never cut because other requests filled the device."""
-    try:
-        admission = entry.worker.admit()
-    except Exception as exc:
-        raise worker_api_error(exc, entry) from None
-    built: list[GenerationStream] = []
-    loop = asyncio.get_running_loop()
-
-    def job() -> GenerationStream:
-        stream = build()
-        stream.admitted(admission, loop)
-        built.append(stream)
-        return stream
-
-    try:
-        return await run_on_worker(entry, job, internal=True)  # type: ignore[no-any-return]
-    except BaseException:
-        if built:  # started, but the request was cancelled before it heard so
-            built[0].cancelled = True
-            built[0].close()
-        admission.release()
-        raise
-
-
-def check_context(
-    entry: ModelEntry, prompt_tokens: int, max_tokens: int | None, clamp: bool = False
-) -> int:
-    """The effective max_tokens, or 400 ``context_length_exceeded`` naming both numbers.
-
-    ``clamp`` (the ``cortex.clamp_max_tokens`` request extension, set by the gateway on the
-    Anthropic and Responses routes) turns a budget larger than the context left into that
-    context: Claude Code asks for 32000 tokens whatever the model, and Anthropic's API treats
-    max_tokens as a ceiling. OpenAI chat keeps the 400 the OpenAI spec requires."""
-    context = entry.context_length or 0
-    if prompt_tokens >= context:
-        # the prompt alone does not fit: say so, whatever max_tokens asked for (a client that
-        # sent a 56k-token prompt to a 4k model needs to hear about the prompt, not max_tokens)
-        raise ApiError(
-            400,
-            "context_length_exceeded",
-            f"the prompt has {prompt_tokens} tokens but the model's context is {context} "
-            "tokens; shorten the prompt or use a model with a longer context",
-            param="messages",
-        )
-    if clamp and max_tokens is not None:
-        max_tokens = min(max_tokens, context - prompt_tokens)
-    if max_tokens is None:
-        return context - prompt_tokens
-    if prompt_tokens + max_tokens > context:
-        raise ApiError(
-            400,
-            "context_length_exceeded",
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
-            f"{prompt_tokens + max_tokens} tokens, over the model's context of {context} tokens",
-            param="max_tokens",
-        )
-    return max_tokens
 
 
 class GenerationStream:
@@ -177,11 +98,15 @@ class GenerationStream:
         options: GenerationOptions,
         max_tokens: int,
         started_at: float,
+        sampling: SamplingParams | None = None,
     ) -> None:
         self.node = node
         self.entry = entry
         self.prompt_ids = prompt_ids
         self.options = options
+        # this choice's sampling (the request's, with a seed of its own for choices after the
+        # first)
+        self.sampling = sampling or options.sampling
         self.max_tokens = max_tokens
         self.started_at = started_at
         self.finish_reason: str | None = None
@@ -191,6 +116,14 @@ class GenerationStream:
         self.first_token_at: float | None = None
         self._closed = False
         self.cancelled = False
+        # whether close() ends the request (the first choice's stream does)
+        self.owns_request = True
+        # With logprobs asked for: the log-probabilities of the tokens behind each text of the
+        # last list delta_batches yielded (aligned with it), and those of tokens whose text is
+        # still held back (they go with the next text).
+        self.wants_logprobs = self.sampling.logprobs is not None
+        self.batch_logprobs: list[list[TokenLogprob]] = []
+        self._held_logprobs: list[TokenLogprob] = []
         # The scheduler's record of this generation (set on the worker by start_on_worker).
         self._sequence: Sequence | None = None
         # OutputSink: the event loop this stream lives on (set by admitted()), and what the
@@ -212,32 +145,22 @@ class GenerationStream:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
 
-    async def start(self) -> None:
-        """Admit the request and start the generation (see :func:`start_admitted`)."""
-        handle = self.entry.handle
-        if handle is None:
-            raise ApiError(503, "model_unloading", f"{self.entry.id} is being unloaded")
-
-        def build() -> GenerationStream:
-            self.start_on_worker(handle)
-            return self
-
-        await start_admitted(self.entry, build)
-
-    def admitted(self, admission: Admission, loop: asyncio.AbstractEventLoop) -> None:
-        """On the worker, right after :meth:`start_on_worker`: keep the request's admission
-        until :meth:`close`, and queue the generation on the device's scheduler, whose outputs
-        come back on ``loop``."""
+    def start_on_worker(
+        self,
+        handle: Any,
+        loop: asyncio.AbstractEventLoop,
+        admission: Admission | None = None,
+        follows: GenerationStream | None = None,
+    ) -> None:
+        """On the device worker, in the request's start job (``cortex.neuron.start``): create
+        the generation and queue it on the device's scheduler, whose outputs come back on
+        ``loop``. The request's first stream holds its ``admission`` (and its in-flight count)
+        until :meth:`close`; another choice ``follows`` it on the device (it joins once the
+        first has evaluated the prompt, and reuses that KV)."""
+        generation = handle.start(self.prompt_ids, self.sampling)
         self._admission = admission
+        self.owns_request = follows is None
         self.loop = loop
-        if self._sequence is not None:
-            self.entry.worker.scheduler.add(self._sequence)
-
-    def start_on_worker(self, handle: Any) -> None:
-        """:meth:`start`'s work, on the device worker thread (a request that has more to do
-        there first, such as rendering the chat template, runs it in the same job): create the
-        generation (:meth:`admitted` queues it)."""
-        generation = handle.start(self.prompt_ids, self.options.sampling)
         self._sequence = Sequence(
             model=handle,
             generation=generation,
@@ -246,7 +169,9 @@ class GenerationStream:
             max_tokens=self.max_tokens,
             sink=self,
             max_batch=self.entry.max_batch,
+            leader=follows._sequence if follows is not None else None,
         )
+        self.entry.worker.scheduler.add(self._sequence)
 
     def deliver(self, output: Output) -> None:
         """OutputSink: the scheduler's next output (on the event loop, from the outbox). Outputs
@@ -282,7 +207,7 @@ class GenerationStream:
         finally:
             await batches.aclose()
 
-    async def delta_batches(self) -> AsyncIterator[list[str]]:
+    async def delta_batches(self) -> AsyncGenerator[list[str], None]:
         """The text deltas of each hand-off from the scheduler, as one list (never empty): one
         delta per token that produced text, in order, exactly what :meth:`deltas` yields one by
         one. The last one (with ``finish_reason`` already set) also holds the tail the stop
@@ -302,17 +227,24 @@ class GenerationStream:
                         self.first_token_at - self.started_at
                     )
                 texts: list[str] = []
+                logprobs: list[list[TokenLogprob]] = []
                 for result in output.results:
                     self.completion_tokens += 1
+                    if result.logprob is not None:
+                        self._held_logprobs.append(result.logprob)
                     text = result.text
                     if text and matching:
                         text = stops.feed(text)
                     if text:
                         texts.append(text)
+                        if self.wants_logprobs:
+                            logprobs.append(self._held_logprobs)
+                            self._held_logprobs = []
                     if result.is_eos or stops.stopped:
                         self.finish_reason = STOP
                         self.stop_sequence = stops.matched
                         break
+                self.batch_logprobs = logprobs
                 if self.finish_reason is None:
                     if output.error is not None:
                         if texts:
@@ -326,6 +258,9 @@ class GenerationStream:
                         end = (stops.feed(tail) if tail else "") + stops.flush()
                         if end:
                             texts.append(end)
+                            if self.wants_logprobs:
+                                logprobs.append(self._held_logprobs)
+                                self._held_logprobs = []
                     if texts:
                         # finish_reason is set: the consumer knows this list is the last one
                         yield texts
@@ -337,22 +272,32 @@ class GenerationStream:
                 self.cancelled = True
             raise
         finally:
-            self.close()
+            self._stop()
+
+    def _stop(self) -> None:
+        """No more tokens are wanted (the end, a stop string, an error, a consumer that left):
+        the scheduler closes the generation at its next iteration if it still runs, which
+        frees its KV cache. The request itself ends in :meth:`close`."""
+        if self._sequence is not None:
+            self._sequence.cancelled = True
 
     def close(self) -> None:
-        """Let the generation go (without waiting: this also runs when the request task is
-        being cancelled): the scheduler closes it at its next iteration if it still runs,
-        which frees its KV cache. Records metrics. Safe to call twice."""
+        """End the request, once, from its owner (the route for a whole answer, the streaming
+        response's ``release`` for a stream): let the generation go (the scheduler closes it at
+        its next iteration if it still runs, freeing its KV cache), give back its place on the
+        device and its in-flight count, record metrics and the request log line. Never waits:
+        it also runs while the request task is being cancelled."""
         if self._closed:
             return
         self._closed = True
-        sequence = self._sequence
-        if sequence is not None:
-            sequence.cancelled = True
+        self._stop()
         if self._admission is not None:
             self._admission.release()
         model = self.entry.id
         metrics = self.node.metrics
+        if self.owns_request:
+            self.entry.end_request()
+            metrics.series(metrics.in_flight, model).dec()
         metrics.series(metrics.prompt_tokens, model).inc(self.prompt_tokens)
         metrics.series(metrics.completion_tokens, model).inc(self.completion_tokens)
         reason = self.finish_reason or ("cancelled" if self.cancelled else "error")

@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 
+from cortex import harness_choice
 from cortex.harness import (
     DEFAULT_MAX_BATCH,
     DeviceFault,
@@ -28,7 +29,6 @@ from cortex.harness import (
     Harness,
     HarnessError,
     LoadOptions,
-    accepting_harnesses,
 )
 from cortex.neuron.models import FAILED, LOADING, READY, UNLOADING, ModelEntry
 from cortex.neuron.node import Node
@@ -117,33 +117,7 @@ async def preflight(
 
 
 def choose_harness(node: Node, requested: str | None, result: Preflight) -> Harness:
-    if requested is not None:
-        harness = node.harnesses.get(requested)
-        if harness is None:
-            raise bad_request(
-                f"harness {requested!r} is not installed on this node "
-                f"(installed: {', '.join(sorted(node.harnesses)) or 'none'})",
-                param="harness",
-            )
-        if not harness.accepts(result):
-            raise ApiError(
-                422,
-                "harness_rejects_repo",
-                f"harness {requested!r} cannot load {result.model_id} "
-                f"(weights: {result.weight_format})",
-                param="harness",
-            )
-        return harness
-    candidates = accepting_harnesses(list(node.harnesses.values()), result)
-    if not candidates:
-        raise ApiError(
-            422,
-            "no_harness",
-            f"no installed harness can load {result.model_id} (weights: "
-            f"{result.weight_format}; installed: {', '.join(sorted(node.harnesses)) or 'none'})",
-            param="model_id",
-        )
-    return candidates[0]
+    return harness_choice.choose_harness(node.harnesses, result, requested)  # the one rule
 
 
 async def prefetch_config(

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from cortex.harness import LoadedModel, LoadOptions
+from cortex.harness import LoadedModel, LoadOptions, capabilities_of
 from cortex.neuron.scheduler import ModelLoad
 from cortex.neuron.workers import DeviceWorker
 
@@ -105,6 +105,9 @@ class ModelEntry:
             "last_used": self.last_used,
             "in_flight": self.in_flight,
             "context_length": self.context_length,
+            # what requests it can serve beyond plain completions (cortex.harness names):
+            # chat, tools, logprobs, structured_output
+            "capabilities": sorted(capabilities_of(self.handle)),
             "error": self.error,
             **(load.to_json() if load is not None else ModelLoad().to_json()),
         }

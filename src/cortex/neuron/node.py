@@ -234,3 +234,24 @@ class Node:
             # a secondary device of a multi-device model: no other model is placed here
             "reserved_by": reserved.id if (reserved := self.models.reserved_by(key)) else None,
         }
+
+    def refresh_gauges(self) -> None:
+        """Set the gauges ``/metrics`` reads at scrape time (devices, schedulers, models)."""
+        metrics = self.metrics
+        for key in self.devices:
+            worker = self.workers.get(key)
+            metrics.queue_depth.labels(key).set(worker.queue_depth if worker else 0)
+            metrics.device_poisoned.labels(key).set(
+                1 if worker is not None and worker.poisoned else 0
+            )
+            metrics.device_memory.labels(key, "total").set(self.budget(key))
+            metrics.device_memory.labels(key, "used").set(self.used(key))
+            metrics.device_memory.labels(key, "free").set(max(0, self.budget(key) - self.used(key)))
+        metrics.refresh_schedulers(
+            {entry.id: load for entry in self.models.all() if (load := entry.load()) is not None}
+        )
+        counts: dict[str, int] = {"loading": 0, "ready": 0, "failed": 0, "unloading": 0}
+        for entry in self.models.all():
+            counts[entry.state] = counts.get(entry.state, 0) + 1
+        for state, count in counts.items():
+            metrics.models.labels(state).set(count)

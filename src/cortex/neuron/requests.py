@@ -1,7 +1,7 @@
 """OpenAI ``/v1/chat/completions`` and ``/v1/completions`` bodies -> attrs types, or a clear 400.
 
 Parsed by hand from the raw JSON (no pydantic on the hot path): each wrong type or value gets a
-400 naming the parameter, and parameters we do not implement (``n > 1``, ``logprobs``, ``echo``,
+400 naming the parameter, and parameters we do not implement (``best_of``, ``echo``,
 ``functions``, ``audio``, ...) are refused loudly instead of being silently ignored. Every field
 of the OpenAI spec is either handled, refused when set, or in :data:`IGNORED_FIELDS` with the
 reason docs/clients.md gives (tests/wire/test_request_fields.py walks the spec). Keys outside the
@@ -15,11 +15,12 @@ were none.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
 
-from cortex.harness import SamplingParams
+from cortex.harness import ResponseFormat, SamplingParams, ToolCallFormat, ToolSchema
 from cortex.wire.errors import ApiError, bad_request
 
 MAX_STOPS = 16
@@ -36,11 +37,9 @@ IGNORED_FIELDS = {
     "verbosity": "a hint for OpenAI's models; open models answer as they do",
     "prediction": "predicted output only speeds up OpenAI's decoding; the answer is the same",
     "parallel_tool_calls": "the model may call several tools; false is a hint it may not follow",
-    "tool_choice": "'auto' and 'none' are honoured; 'required' or a named function offer the "
-    "tools but cannot force a call without constrained decoding",
 }
-# Spec fields cortex reads: honoured, or refused when set to what it cannot do (n > 1,
-# logprobs, response_format other than text, functions, web_search_options, audio, ...).
+# Spec fields cortex reads: honoured, or refused when set to what it cannot do (best_of,
+# functions, web_search_options, audio, ...).
 HANDLED_FIELDS = frozenset(
     {
         "model",
@@ -59,6 +58,7 @@ HANDLED_FIELDS = frozenset(
         "frequency_penalty",
         "seed",
         "tools",
+        "tool_choice",
         "logprobs",
         "top_logprobs",
         "logit_bias",
@@ -91,6 +91,8 @@ class GenerationOptions:
     # ``"cortex": {"report_prompt_tokens": true}``: the first chunk of a stream carries
     # ``usage`` with the prompt's length (the gateway's Anthropic message_start needs it).
     report_prompt_tokens: bool = False
+    # how many answers (choices) to generate for the prompt
+    n: int = 1
 
 
 @attrs.frozen
@@ -155,31 +157,88 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
     raise bad_request("'stop' must be a string or a list of strings", param="stop")
 
 
-def _options(body: dict[str, Any]) -> GenerationOptions:
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound)
+MAX_N = 16  # choices per request (each is a generation of its own on the device)
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' integer logprobs (OpenAI's bound)
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat: ``logprobs: true`` asks for the tokens' log-probabilities, ``top_logprobs: k``
+    (0-20, needs ``logprobs``) for the k most likely alternatives too."""
+    wanted = _bool(body, "logprobs")
+    top = _integer(body, "top_logprobs", low=0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise bad_request(
+            f"'top_logprobs' must be at most {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs"
+        )
+    if top and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    """Completions: ``logprobs: k`` (0-5) asks for the tokens' log-probabilities and the k most
+    likely alternatives of each."""
+    value = _integer(body, "logprobs", low=0)
+    if value is not None and value > MAX_COMPLETION_LOGPROBS:
+        raise bad_request(
+            f"'logprobs' must be at most {MAX_COMPLETION_LOGPROBS}, got {value}",
+            param="logprobs",
+        )
+    if body.get("top_logprobs") is not None:
+        raise bad_request(
+            "'top_logprobs' is a chat parameter; /v1/completions takes 'logprobs': <k>",
+            param="top_logprobs",
+        )
+    return value
+
+
+def _response_format(value: Any) -> ResponseFormat | None:
+    """``response_format``: ``text`` (nothing to enforce), ``json_object``, or ``json_schema``
+    with ``json_schema.schema`` (the JSON Schema the answer must validate against)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request(
+                "response_format.json_schema must be an object with a 'schema'",
+                param="response_format.json_schema",
+            )
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "response_format.json_schema.schema must be a JSON Schema object",
+                param="response_format.json_schema.schema",
+            )
+        return ResponseFormat("json_schema", json.dumps(schema))
+    raise bad_request(
+        f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+        param="response_format",
+    )
+
+
+def _options(body: dict[str, Any], completion: bool = False) -> GenerationOptions:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string", param="model")
-    n = _integer(body, "n")
-    if n is not None and n != 1:
-        raise _unsupported(f"only n=1 is supported, got n={n}", "n")
+    n = _integer(body, "n", low=1) or 1
+    if n > MAX_N:
+        raise bad_request(f"'n' must be at most {MAX_N}, got {n}", param="n")
     best_of = _integer(body, "best_of")
     if best_of is not None and best_of != 1:
         raise _unsupported(f"best_of is not supported (got {best_of})", "best_of")
-    if body.get("logprobs") not in (None, False):
-        raise _unsupported("logprobs are not supported by this server", "logprobs")
-    if body.get("top_logprobs") not in (None, 0):
-        raise _unsupported("top_logprobs are not supported by this server", "top_logprobs")
+    logprobs = _completion_logprobs(body) if completion else _chat_logprobs(body)
     if body.get("logit_bias") not in (None, {}):
         raise _unsupported("logit_bias is not supported by this server", "logit_bias")
     if body.get("store") not in (None, False):
         raise _unsupported("store: cortex does not store completions", "store")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            raise _unsupported(
-                f"response_format {kind!r} is not supported (only 'text')", "response_format"
-            )
+    response_format = _response_format(body.get("response_format"))
     max_tokens = _integer(body, "max_completion_tokens", low=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", low=1)
@@ -193,6 +252,8 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
         repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, 1.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        logprobs=logprobs,
+        response_format=response_format,
     )
     if sampling.top_p == 0.0:
         raise bad_request("'top_p' must be greater than 0", param="top_p")
@@ -206,6 +267,7 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
     extension = _extension(body)
     return GenerationOptions(
         model=model,
+        n=n,
         sampling=sampling,
         max_tokens=max_tokens,
         stop=_stops(body),
@@ -341,13 +403,70 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     return tools or None
 
 
+def _tool_call_format(
+    body: dict[str, Any], tools: list[dict[str, Any]] | None
+) -> ToolCallFormat | None:
+    """What the harness must hold tool calls to: with ``tool_choice`` ``required`` (or
+    ``any``) the answer is calls to any tool, with a named function calls to that one, and
+    with ``auto`` a call the model starts follows its tool's schema when some tool is
+    ``strict`` (OpenAI's structured outputs for function calling). None: nothing to hold."""
+    choice = body.get("tool_choice", "auto")
+    if tools is None:
+        if choice not in ("auto", "none", None) and not body.get("tools"):
+            raise bad_request("'tool_choice' needs 'tools'", param="tool_choice")
+        return None
+    required = False
+    chosen = tools
+    if choice in ("required", "any"):
+        required = True
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise bad_request(
+                "'tool_choice' must be 'none', 'auto', 'required' or "
+                '{"type": "function", "function": {"name": ...}}',
+                param="tool_choice",
+            )
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise bad_request(
+                f"tool_choice names {name!r}, which is not in 'tools'", param="tool_choice"
+            )
+        required = True
+    elif choice not in ("auto", None):
+        raise bad_request(
+            f"'tool_choice' must be 'none', 'auto', 'required' or a named function, got {choice!r}",
+            param="tool_choice",
+        )
+    strict = [bool(t["function"].get("strict")) for t in chosen]
+    if not required and not any(strict):
+        return None
+    schemas = []
+    for tool, is_strict in zip(chosen, strict, strict=True):
+        parameters = tool["function"].get("parameters")
+        if parameters is None or not is_strict:
+            parameters = {"type": "object"}
+        if not isinstance(parameters, dict):
+            raise bad_request("a tool's 'parameters' must be a JSON Schema object", param="tools")
+        schemas.append(ToolSchema(tool["function"]["name"], json.dumps(parameters)))
+    return ToolCallFormat(tuple(schemas), required=required)
+
+
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     _refuse_unsupported_chat_fields(body)
-    return ChatRequest(options=_options(body), messages=_messages(body), tools=_tools(body))
+    options = _options(body)
+    tools = _tools(body)
+    tool_calls = _tool_call_format(body, tools)
+    if tool_calls is not None:
+        options = attrs.evolve(
+            options, sampling=attrs.evolve(options.sampling, tool_calls=tool_calls)
+        )
+    return ChatRequest(options=options, messages=_messages(body), tools=tools)
 
 
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    options = _options(body)
+    options = _options(body, completion=True)
     if body.get("echo"):
         raise _unsupported("echo is not supported by this server", "echo")
     if body.get("suffix"):

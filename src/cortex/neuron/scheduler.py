@@ -58,12 +58,24 @@ MIN_PREFILL_CHUNK = 16
 
 
 @attrs.define(slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives', with each
+    token's text (decoded alone, here on the worker where the tokenizer lives)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@attrs.define(slots=True)
 class StepResult:
-    """One generated token: its id, whether it is EOS, and the text it completes."""
+    """One generated token: its id, whether it is EOS, the text it completes, and (when the
+    request asked for them) its log-probabilities."""
 
     token_id: int
     is_eos: bool
     text: str
+    logprob: TokenLogprob | None = None
 
 
 @attrs.define(slots=True)
@@ -105,6 +117,9 @@ class Sequence:
     # the load's max_batch, for a model that does not batch itself (a batched model says its
     # own); None: the device's default
     max_batch: int | None = None
+    # another choice of the same request and prompt: this one joins once the leader evaluated
+    # the prompt, so it reuses that KV instead of evaluating the prompt again
+    leader: Sequence | None = None
     produced: int = 0
     state: str = WAITING
     # Set by the event loop when the stream no longer wants tokens (client left, stop string);
@@ -273,6 +288,9 @@ class Scheduler:
 
     def _admit(self, lane: ModelLane, out: list[Delivery]) -> None:
         while lane.waiting and lane.fits(lane.waiting[0]):
+            leader = lane.waiting[0].leader
+            if leader is not None and leader.state == RUNNING and leader.produced == 0:
+                break  # its leader's prompt is still being evaluated: join next iteration
             sequence = lane.waiting.popleft()
             if sequence.max_tokens <= 0:
                 self._finish(lane, sequence, Output(finish=LENGTH), out, running=False)
@@ -352,6 +370,13 @@ class Scheduler:
             self._end(lane, sequence, Output([result], finish=STOP), out)
             return True
         result = StepResult(step.token_id, False, sequence.decoder.push(step.token_id))
+        if step.logprob is not None:  # the end token is not part of the answer: none for it
+            decode = sequence.model.decode
+            result.logprob = TokenLogprob(
+                decode([step.token_id]),
+                step.logprob,
+                [(decode([token]), value) for token, value in step.top_logprobs],
+            )
         if sequence.produced >= sequence.max_tokens:
             output = Output([result], finish=LENGTH, tail=sequence.decoder.flush())
             self._end(lane, sequence, output, out)

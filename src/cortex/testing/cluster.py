@@ -26,6 +26,7 @@ import attrs
 import httpx
 import openai
 
+from cortex.auth import GatewayAuth
 from cortex.config import (
     CortexConfig,
     Duration,
@@ -119,8 +120,10 @@ class Fleet:
         aliases: dict[str, str] | None = None,
         strategy: str = "lru",
         defrag_after_cycles: int = 0,
+        auth: GatewayAuth | None = None,
         **gateway_settings: Any,
     ) -> GatewayUnderTest:
+        """A gateway in front of every neuron; ``auth`` (default: no keys) is the key check."""
         settings = {
             "poll_interval": Duration(0.2),
             "load_timeout": Duration(60.0),
@@ -138,7 +141,7 @@ class Fleet:
             ModelsConfig(models=models or [], aliases=aliases or {}),
             load_strategy(strategy),
         )
-        server = UvicornThread(create_app(gateway)).start()
+        server = UvicornThread(create_app(gateway, auth)).start()
         self.gateways.append(server)
         return GatewayUnderTest(gateway, server)
 
@@ -154,7 +157,8 @@ class Fleet:
 
     def unload_everything(self) -> None:
         for name in self.neurons:
-            if self.neurons[name].proc is None or self.neurons[name].proc.poll() is not None:
+            proc = self.neurons[name].proc
+            if proc is None or proc.poll() is not None:
                 continue
             for model_id in self.neuron_models(name):
                 httpx.post(

@@ -60,6 +60,15 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("tiny-models"), arch="qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_embedding_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT embedding model in the sentence-transformers layout (mean pooling,
+    normalised), with the tiny tokenizer."""
+    from cortex.testing.tiny_models import build_tiny_embedding_model
+
+    return build_tiny_embedding_model(tmp_path_factory.mktemp("tiny-embedder") / "bert")
+
+
 @pytest.fixture
 def hf_registry() -> Iterator[Callable[..., RunningRegistry]]:
     """Factory: ``hf_registry(root, token=None) -> RunningRegistry`` serving ``root`` on

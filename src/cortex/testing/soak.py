@@ -289,6 +289,7 @@ def _request(kind: str, index: int, late: bool) -> tuple[str, bytes, bool]:
         return route, template.replace(b"%s", MODEL.encode()), False
     stream = kind.endswith("_stream") or kind.startswith("cut_")
     user = [{"role": "user", "content": text}]
+    body: dict[str, Any]
     if kind.startswith(("chat", "late", "cut_chat")):
         route, body = "/v1/chat/completions", {"model": model, "messages": user}
     elif kind.startswith("completions"):

@@ -196,6 +196,51 @@ def build_tiny_model(
     return out
 
 
+def build_tiny_embedding_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random BERT encoder laid out as a sentence-transformers repo (``modules.json``
+    with Transformer, mean Pooling and Normalize, ``1_Pooling/config.json``) with the tiny
+    tokenizer: what the torch harness serves on ``/v1/embeddings``."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = Path(out_dir)
+    train_tiny_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(out, safe_serialization=True)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {
+            "idx": 2,
+            "name": "2",
+            "path": "2_Normalize",
+            "type": "sentence_transformers.models.Normalize",
+        },
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True}
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    return out
+
+
 _CACHE: dict[tuple[str, int], Path] = {}
 
 

@@ -96,7 +96,7 @@ IGNORED_FIELDS = {
     "fallback_credit_token": "a provider account setting",
 }
 # ``output_config`` keys: ``effort`` is a hint open models cannot take; ``format`` (structured
-# output) needs constrained decoding cortex does not have yet, so it is refused.
+# output) becomes the chat request's ``response_format``, enforced while decoding.
 _OUTPUT_CONFIG_IGNORED = {"effort"}
 
 
@@ -168,7 +168,9 @@ def parse_messages_request(body: Any, *, hosted_tools: str = DROP) -> MessagesRe
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata: must be an object", param="metadata")
-    _check_output_config(body)
+    response_format = _output_format(body)
+    if response_format is not None:
+        chat["response_format"] = response_format
     for name, what in (
         ("container", "code execution containers run on Anthropic's servers"),
         ("mcp_servers", "remote MCP servers are called by Anthropic's servers"),
@@ -199,31 +201,41 @@ def parse_messages_request(body: Any, *, hosted_tools: str = DROP) -> MessagesRe
     )
 
 
-def _check_output_config(body: dict[str, Any]) -> None:
-    """Structured output (``output_config.format``, the older ``output_format``) is refused:
-    answering unconstrained text to a client that asked for a schema would be silent."""
+def _output_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Structured output (``output_config.format``, or the older ``output_format``: ``{"type":
+    "json_schema", "schema": {...}}``) as the chat request's ``response_format``, which the
+    harness enforces while decoding; what cortex cannot do is refused, never ignored."""
     config = body.get("output_config")
+    fmt: Any = None
+    param = "output_format"
     if config is not None:
         if not isinstance(config, dict):
             raise bad_request("output_config: must be an object", param="output_config")
         for key, value in config.items():
-            if key in _OUTPUT_CONFIG_IGNORED or value is None:
+            if key in _OUTPUT_CONFIG_IGNORED or value is None or key == "format":
                 continue
             raise bad_request(
-                f"output_config.{key}: structured output is not supported by cortex yet "
-                "(the model would answer unconstrained text)"
-                if key == "format"
-                else f"output_config.{key}: not supported by cortex",
+                f"output_config.{key}: not supported by cortex",
                 param=f"output_config.{key}",
                 code="unsupported_parameter",
             )
-    if body.get("output_format") is not None:
+        if config.get("format") is not None:
+            fmt, param = config["format"], "output_config.format"
+    if fmt is None and body.get("output_format") is not None:
+        fmt = body["output_format"]
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
         raise bad_request(
-            "output_format: structured output is not supported by cortex yet "
-            "(the model would answer unconstrained text)",
-            param="output_format",
+            f"{param}: type {kind!r} is not supported (only json_schema)",
+            param=param,
             code="unsupported_parameter",
         )
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise bad_request(f"{param}.schema: must be a JSON Schema object", param=f"{param}.schema")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
 @attrs.frozen
@@ -447,6 +459,11 @@ def _tools(raw: Any, hosted_tools: str = DROP, dropped: list[str] | None = None)
         if not isinstance(schema, dict):
             raise bad_request(f"{param}.input_schema: must be a JSON schema object", param=param)
         function: dict[str, Any] = {"name": name, "parameters": schema}
+        strict = tool.get("strict")
+        if strict is not None:
+            if not isinstance(strict, bool):
+                raise bad_request(f"{param}.strict: must be a boolean", param=param)
+            function["strict"] = strict  # calls held to the schema while decoding
         description = tool.get("description")
         if description is not None:
             if not isinstance(description, str):
@@ -632,7 +649,7 @@ class AnthropicStreamTranslator:
         if self.started or self.closed:
             return []
         self.started = True
-        message = {
+        message: dict[str, Any] = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",

@@ -1,7 +1,8 @@
-"""Builders for the OpenAI chat shapes the neuron emits and the translators consume.
+"""Builders for the OpenAI shapes the neuron emits and the translators consume.
 
-One place builds ``chat.completion`` and ``chat.completion.chunk`` dicts, so the neuron, the
-gateway and the Anthropic/Responses translators agree on every field (tests parse the results
+One place builds ``chat.completion``, ``chat.completion.chunk`` and ``text_completion`` dicts
+(the neuron's answers: ``cortex.neuron.framing``), so the neuron, the gateway and the
+Anthropic/Responses translators agree on every field (tests parse the results
 with the ``openai`` SDK's own models). Plain dicts, not classes: they go straight to JSON on the
 hot path.
 
@@ -62,32 +63,55 @@ def assistant_message(
     return message
 
 
+def chat_choice(
+    *,
+    index: int = 0,
+    message: dict[str, Any],
+    finish_reason: str,
+    stop_sequence: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One choice of a whole ``chat.completion``."""
+    return {
+        "index": index,
+        "message": message,
+        "finish_reason": finish_reason,
+        "logprobs": logprobs,
+        "stop_sequence": stop_sequence,
+    }
+
+
 def chat_completion(
     *,
     id: str,
     model: str,
-    message: dict[str, Any],
-    finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    message: dict[str, Any] | None = None,
+    finish_reason: str = "stop",
     created: int | None = None,
     stop_sequence: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A whole ``chat.completion`` with one choice and usage."""
+    """A whole ``chat.completion`` with usage: ``choices`` (:func:`chat_choice`), or one
+    choice from ``message`` / ``finish_reason`` / ``stop_sequence`` / ``logprobs``."""
+    if choices is None:
+        assert message is not None
+        choices = [
+            chat_choice(
+                message=message,
+                finish_reason=finish_reason,
+                stop_sequence=stop_sequence,
+                logprobs=logprobs,
+            )
+        ]
     return {
         "id": id,
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": finish_reason,
-                "logprobs": None,
-                "stop_sequence": stop_sequence,
-            }
-        ],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -100,13 +124,15 @@ def chat_chunk(
     finish_reason: str | None = None,
     created: int | None = None,
     stop_sequence: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` with one choice (role, content, reasoning or tool deltas)."""
     choice: dict[str, Any] = {
-        "index": 0,
+        "index": index,
         "delta": delta,
         "finish_reason": finish_reason,
-        "logprobs": None,
+        "logprobs": logprobs,
     }
     if finish_reason is not None:
         choice["stop_sequence"] = stop_sequence
@@ -120,16 +146,117 @@ def chat_chunk(
 
 
 def usage_chunk(
-    *, id: str, model: str, prompt_tokens: int, completion_tokens: int, created: int | None = None
+    *,
+    id: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    created: int | None = None,
+    object: str = "chat.completion.chunk",
 ) -> dict[str, Any]:
-    """The final chunk of a stream with ``stream_options.include_usage``: no choices, usage."""
+    """The final chunk of a stream with ``stream_options.include_usage``: no choices, usage
+    (``object`` is ``text_completion`` on ``/v1/completions``)."""
     return {
         "id": id,
-        "object": "chat.completion.chunk",
+        "object": object,
         "created": int(time.time()) if created is None else created,
         "model": model,
         "choices": [],
         "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_choice(
+    *, index: int = 0, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One choice of a ``text_completion`` (whole, or a streamed chunk's)."""
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def text_completion(
+    *,
+    id: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    text: str = "",
+    finish_reason: str = "stop",
+    created: int | None = None,
+    logprobs: dict[str, Any] | None = None,
+    choices: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A whole ``text_completion`` (``/v1/completions``) with usage: ``choices``
+    (:func:`completion_choice`), or one choice from ``text`` / ``finish_reason`` /
+    ``logprobs``."""
+    if choices is None:
+        choices = [completion_choice(text=text, finish_reason=finish_reason, logprobs=logprobs)]
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_chunk(
+    *,
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    created: int | None = None,
+    logprobs: dict[str, Any] | None = None,
+    index: int = 0,
+) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk."""
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [
+            completion_choice(
+                index=index, text=text, finish_reason=finish_reason, logprobs=logprobs
+            )
+        ],
+    }
+
+
+def token_logprob(token: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:
+    """One entry of a chat choice's ``logprobs.content`` (and of a Responses output_text's
+    ``logprobs``): the token, its log-probability, its UTF-8 bytes, and the alternatives."""
+    return {
+        "token": token,
+        "logprob": logprob,
+        "bytes": list(token.encode("utf-8")),
+        "top_logprobs": [
+            {"token": t, "logprob": value, "bytes": list(t.encode("utf-8"))} for t, value in top
+        ],
+    }
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chat choice's ``logprobs`` object over ``entries`` (:func:`token_logprob`)."""
+    return {"content": entries, "refusal": None}
+
+
+def completion_logprobs(
+    tokens: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0
+) -> dict[str, Any]:
+    """The legacy ``/v1/completions`` logprobs object: parallel lists of the tokens, their
+    log-probabilities, a {token: logprob} map of the alternatives each, and each token's
+    character offset in the completion text (from ``offset``, where the last part ended)."""
+    offsets = []
+    for token, _, _ in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": [token for token, _, _ in tokens],
+        "token_logprobs": [value for _, value, _ in tokens],
+        "top_logprobs": [dict(top) for _, _, top in tokens],
+        "text_offset": offsets,
     }
 
 
@@ -228,9 +355,14 @@ def message_text(content: Any) -> str:
 __all__ = [
     "FINISH_REASONS",
     "assistant_message",
+    "chat_choice",
     "chat_chunk",
     "chat_completion",
+    "chat_logprobs",
+    "completion_choice",
+    "completion_chunk",
     "completion_id",
+    "completion_logprobs",
     "count",
     "items",
     "message_text",
@@ -238,6 +370,8 @@ __all__ = [
     "random_id",
     "stream_error",
     "text",
+    "text_completion",
+    "token_logprob",
     "tool_call_arguments_as_objects",
     "usage",
     "usage_chunk",

@@ -187,18 +187,19 @@ def parse_responses_request(body: Any, *, hosted_tools: str = DROP) -> Responses
     tool_choice = body.get("tool_choice")
     if tool_choice is not None:
         chat["tool_choice"] = _tool_choice(tool_choice, tools, flat_names)
-    _check_text_format(body.get("text"))
+    response_format = _text_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata: must be an object", param="metadata")
     top_logprobs = body.get("top_logprobs")
-    if top_logprobs not in (None, 0):
-        raise bad_request(
-            "top_logprobs: log probabilities are not supported by cortex",
-            param="top_logprobs",
-            code="unsupported_parameter",
-        )
-    _check_include(body.get("include"))
+    if top_logprobs is not None and (not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20):
+        raise bad_request("top_logprobs: must be an integer from 0 to 20", param="top_logprobs")
+    # log-probabilities come back when include names them (top_logprobs alone asks too)
+    if _check_include(body.get("include")) or top_logprobs:
+        chat["logprobs"] = True
+        chat["top_logprobs"] = top_logprobs or 0
     truncation = body.get("truncation")
     if truncation not in (None, "auto", "disabled"):
         raise bad_request("truncation: must be 'auto' or 'disabled'", param="truncation")
@@ -210,7 +211,7 @@ def parse_responses_request(body: Any, *, hosted_tools: str = DROP) -> Responses
         "parallel_tool_calls": True if parallel is None else parallel,
         "reasoning": _reasoning_echo(body.get("reasoning")),
         "temperature": chat.get("temperature"),
-        "text": {"format": {"type": "text"}},
+        "text": body.get("text") if response_format is not None else {"format": {"type": "text"}},
         "tool_choice": tool_choice if tool_choice is not None else "auto",
         "tools": body.get("tools") or [],
         "top_p": chat.get("top_p"),
@@ -221,18 +222,24 @@ def parse_responses_request(body: Any, *, hosted_tools: str = DROP) -> Responses
     return ResponsesRequest(model, stream, chat, echo, tuple(ignored), tuple(dropped), namespaced)
 
 
-def _check_include(include: Any) -> None:
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def _check_include(include: Any) -> bool:
+    """Refuse what cortex cannot include; True when the output text's logprobs are asked
+    for."""
     if include is None:
-        return
+        return False
     if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
         raise bad_request("include: must be a list of strings", param="include")
     for value in include:
-        if value not in _INCLUDE_IGNORED:
+        if value not in _INCLUDE_IGNORED and value != LOGPROBS_INCLUDE:
             raise bad_request(
                 f"include: {value!r} is not supported by cortex",
                 param="include",
                 code="unsupported_parameter",
             )
+    return LOGPROBS_INCLUDE in include
 
 
 _EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
@@ -430,6 +437,11 @@ def _function_tool(tool: dict[str, Any], param: str) -> dict[str, Any]:
     if not isinstance(parameters, dict):
         raise bad_request(f"{param}.parameters: must be a JSON schema object", param=param)
     function: dict[str, Any] = {"name": name, "parameters": parameters}
+    strict = tool.get("strict")
+    if strict is not None:
+        if not isinstance(strict, bool):
+            raise bad_request(f"{param}.strict: must be a boolean", param=param)
+        function["strict"] = strict  # calls held to the schema while decoding
     description = tool.get("description")
     if description is not None:
         if not isinstance(description, str):
@@ -477,19 +489,35 @@ def _tool_choice(
     )
 
 
-def _check_text_format(text: Any) -> None:
-    if text is None:
-        return
-    fmt = text.get("format") if isinstance(text, dict) else None
+def _text_format(value: Any) -> dict[str, Any] | None:
+    """``text.format``: ``text`` (nothing to enforce), ``json_object``, or ``json_schema``
+    (``name``, ``schema``, ``strict``) as the chat request's ``response_format``, enforced
+    while decoding."""
+    if value is None:
+        return None
+    fmt = value.get("format") if isinstance(value, dict) else None
     if fmt is None:
-        return
-    if not isinstance(fmt, dict) or fmt.get("type") != "text":
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise bad_request(
-            f"text.format: {kind!r} is not supported; cortex produces plain text",
-            param="text.format",
-            code="unsupported_parameter",
-        )
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "text.format.schema: must be a JSON Schema object", param="text.format.schema"
+            )
+        spec = {"name": text(fmt.get("name"), "output"), "schema": schema}
+        if isinstance(fmt.get("strict"), bool):
+            spec["strict"] = fmt["strict"]
+        return {"type": "json_schema", "json_schema": spec}
+    raise bad_request(
+        f"text.format: {kind!r} is not supported (text, json_object or json_schema)",
+        param="text.format",
+        code="unsupported_parameter",
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -562,18 +590,26 @@ def response_object(
     return response
 
 
-def _message_item_object(item_id: str, text: str, status: str) -> dict[str, Any]:
+def _message_item_object(
+    item_id: str, text: str, status: str, logprobs: list[Any] | None = None
+) -> dict[str, Any]:
     return {
         "type": "message",
         "id": item_id,
         "status": status,
         "role": "assistant",
-        "content": [_output_text(text)],
+        "content": [_output_text(text, logprobs)],
     }
 
 
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _output_text(text: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    """An ``output_text`` part; ``logprobs`` are the chat answer's entries (the same shape:
+    token, logprob, bytes, top_logprobs)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def _logprob_entries(choice: dict[str, Any]) -> list[Any]:
+    return [e for e in items(obj(choice.get("logprobs")).get("content")) if isinstance(e, dict)]
 
 
 def _reasoning_item_object(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -631,7 +667,11 @@ def response_from_chat_completion(
         )
     answer = text(message.get("content"))
     if answer:
-        output.append(_message_item_object(_item_id(id, "msg", len(output)), answer, item_status))
+        output.append(
+            _message_item_object(
+                _item_id(id, "msg", len(output)), answer, item_status, _logprob_entries(choice)
+            )
+        )
     for call in items(message.get("tool_calls")):
         function = obj(obj(call).get("function"))
         output.append(
@@ -669,6 +709,7 @@ class _OpenItem:
     output_index: int
     id: str
     text: str = ""  # message text, reasoning text, or function arguments
+    logprobs: list[Any] = attrs.field(factory=list)  # a message's, when asked for
     call_id: str = ""
     name: str = ""
     tool_index: int = -1
@@ -745,7 +786,7 @@ class ResponsesStreamTranslator:
             answer = text(delta.get("content"))
             if answer:
                 self._content_chunks += 1
-                frames += self._text_delta("message", answer)
+                frames += self._text_delta("message", answer, _logprob_entries(choice))
             for call in items(delta.get("tool_calls")):
                 if isinstance(call, dict):
                     frames += self._tool_delta(call)
@@ -845,7 +886,7 @@ class ResponsesStreamTranslator:
     def _item_object(self, item: _OpenItem, status: str) -> dict[str, Any]:
         if item.kind == "message":
             done = status != "in_progress"
-            obj = _message_item_object(item.id, item.text, status)
+            obj = _message_item_object(item.id, item.text, status, item.logprobs)
             if not done:
                 obj["content"] = []
             return obj
@@ -868,7 +909,11 @@ class ResponsesStreamTranslator:
         if item.kind == "message":
             frames.append(
                 self._event(
-                    "response.output_text.done", **ids, content_index=0, text=item.text, logprobs=[]
+                    "response.output_text.done",
+                    **ids,
+                    content_index=0,
+                    text=item.text,
+                    logprobs=item.logprobs,
                 )
             )
             frames.append(
@@ -876,7 +921,7 @@ class ResponsesStreamTranslator:
                     "response.content_part.done",
                     **ids,
                     content_index=0,
-                    part=_output_text(item.text),
+                    part=_output_text(item.text, item.logprobs),
                 )
             )
         elif item.kind == "reasoning":
@@ -913,7 +958,7 @@ class ResponsesStreamTranslator:
         )
         return frames
 
-    def _text_delta(self, kind: str, text: str) -> list[bytes]:
+    def _text_delta(self, kind: str, text: str, logprobs: list[Any] | None = None) -> list[bytes]:
         frames: list[bytes] = []
         if self._open is None or self._open.kind != kind:
             frames += self._close_item()
@@ -923,10 +968,11 @@ class ResponsesStreamTranslator:
         item = self._open
         assert item is not None
         item.text += text
+        item.logprobs.extend(logprobs or ())
         name = (
             "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
         )
-        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
+        extra: dict[str, Any] = {"logprobs": logprobs or []} if kind == "message" else {}
         frames.append(
             self._event(
                 name,
@@ -948,15 +994,16 @@ class ResponsesStreamTranslator:
             self._tool_items.add(index)
             frames += self._close_item()
             output_index = len(self._output)
-            item = _OpenItem(
-                "function_call",
-                output_index,
-                _item_id(self.id, "fc", output_index),
-                call_id=text(call.get("id")) or random_id("call_"),
-                name=text(function.get("name")),
-                tool_index=index,
+            frames += self._open_item(
+                _OpenItem(
+                    "function_call",
+                    output_index,
+                    _item_id(self.id, "fc", output_index),
+                    call_id=text(call.get("id")) or random_id("call_"),
+                    name=text(function.get("name")),
+                    tool_index=index,
+                )
             )
-            frames += self._open_item(item)
         elif self._open is None or self._open.tool_index != index:
             log.warning("tool call %s continued after another began; arguments dropped", index)
             return frames

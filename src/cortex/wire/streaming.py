@@ -66,16 +66,16 @@ async def translate_sse(
                 data = read.result()
             except StopAsyncIteration:
                 break
-            except ApiError as error:
-                for frame in translator.fail(error):
+            except ApiError as failed:
+                for frame in translator.fail(failed):
                     yield frame
                 return
             except Exception as exc:  # a broken upstream connection, an idle timeout
                 log.warning("upstream stream failed: %r", exc)
-                error = ApiError(
+                broken = ApiError(
                     502, "upstream_error", f"the upstream stream failed ({type(exc).__name__})"
                 )
-                for frame in translator.fail(error):
+                for frame in translator.fail(broken):
                     yield frame
                 return
             for _event, text in decoder.feed(data):

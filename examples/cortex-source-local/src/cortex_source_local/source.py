@@ -22,7 +22,6 @@ from cortex.config import ConfigError
 from cortex.source import (
     FetchError,
     ModelSourceId,
-    NoLoadableWeightsError,
     Preflight,
     ProgressCallback,
     QuantNotFoundError,
@@ -31,7 +30,6 @@ from cortex.source import (
     RepoNotFoundError,
     SourceSettings,
     UnauthorizedError,
-    WeightFormat,
 )
 from cortex_source_local.weights import choose_quant, classify, gguf_quants
 
@@ -64,15 +62,6 @@ def store_root(endpoint: str) -> Path:
             f"endpoint {endpoint!r} is not an absolute path; use file:///absolute/path"
         )
     return Path(path)
-
-
-def _a_harness_accepts(preflight: Preflight) -> bool:
-    """Whether an installed harness loads a repo without weight files by name (the built-in
-    ``echo`` harness loads an ``echo.json``; a third-party harness may have a format of its
-    own). Only a repo that nothing accepts is refused here."""
-    from cortex.plugins import get_registry
-
-    return any(harness.accepts(preflight) for harness in get_registry().harnesses())
 
 
 class LocalSource:
@@ -172,22 +161,15 @@ class LocalSource:
 
         ``download_bytes`` is 0: a fetch downloads nothing. A ``quant`` is checked against the
         GGUF files; for a repo without GGUF files it is left to the harness. A repo without
-        weight files passes only if an installed harness accepts it (e.g. an ``echo.json``).
+        weight files by name is described all the same (``weight_format = "none"``): whether an
+        installed harness loads it (the ``echo`` harness loads an ``echo.json``) is the neuron's
+        one harness choice, which answers ``no_loadable_weights`` when none does.
         """
         qualified = self._qualified(model_id)
         repo = self.repo_dir(model_id)
         files = self._list_files(model_id, repo)
         names = [f.path for f in files]
         weight_format = classify(names)
-        if weight_format == WeightFormat.NONE and not _a_harness_accepts(
-            Preflight(qualified, "0" * 40, weight_format, tuple(files))
-        ):
-            raise NoLoadableWeightsError(
-                qualified,
-                "the repo has no *.safetensors or *.gguf weights and no installed harness "
-                "accepts its files",
-                files=names[:50],
-            )
         quants = gguf_quants(names)
         chosen = choose_quant(quants, quant)
         if quants and quant is not None and chosen is None:

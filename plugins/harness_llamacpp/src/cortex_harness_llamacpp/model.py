@@ -34,13 +34,17 @@ import attrs
 
 from cortex.devices import Device
 from cortex.harness import (
+    LOGPROBS,
+    STRUCTURED_OUTPUT,
     BatchRow,
     HarnessError,
     PromptError,
     SamplingParams,
     Step,
     common_prefix,
+    template_capabilities,
 )
+from cortex.tool_grammar import tool_call_style
 from cortex_harness_llamacpp import native
 from cortex_harness_llamacpp.sampling import build_sampler
 from cortex_harness_llamacpp.settings import LlamaCppSettings
@@ -109,6 +113,10 @@ class LlamaCppModel:
         self.settings = settings
         self.context_length = context_length
         self.metadata = metadata
+        self.capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT}) | template_capabilities(
+            metadata.get("tokenizer.chat_template")
+        )
+        self.tool_call_style = tool_call_style(metadata.get("tokenizer.chat_template"))
         self.kv_cells = int(lib.llama_n_ctx(ctx))
         self.kv_tokens = self.kv_cells
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
@@ -202,13 +210,19 @@ class LlamaCppModel:
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary ({self.n_vocab})")
         sampler = build_sampler(
-            self._lib, self.n_vocab, sampling, prompt_ids, history=self.context_length
+            self._lib,
+            self.n_vocab,
+            sampling,
+            prompt_ids,
+            history=self.context_length,
+            vocab=self._vocab,
+            tool_style=self.tool_call_style,
         )
-        generation = LlamaCppGeneration(self, list(prompt_ids), sampler)
+        generation = LlamaCppGeneration(self, list(prompt_ids), sampler, sampling.logprobs)
         self._generations.add(generation)
         return generation
 
-    def admit(self, generation: LlamaCppGeneration) -> None:  # type: ignore[override]
+    def admit(self, generation: LlamaCppGeneration) -> None:
         """Give ``generation`` a slot, keeping (or copying) the longest cached prefix of its
         prompt; at least its last prompt token stays pending, for the logits of its first
         token."""
@@ -256,9 +270,9 @@ class LlamaCppModel:
         slots: set[Slot] = set()
         for index, (generation, count) in enumerate(rows):
             slot = generation.slot  # type: ignore[attr-defined]
-            if slot is None or slot.owner is not generation or generation.closed:  # type: ignore[attr-defined]
+            if slot is None or slot.owner is not generation or generation.closed:
                 raise HarnessError("step_batch() with a generation that is not running")
-            tokens = generation.tokens  # type: ignore[attr-defined]
+            tokens = generation.tokens
             start = len(slot.tokens)
             if not 1 <= count <= len(tokens) - start:
                 raise HarnessError(
@@ -285,18 +299,38 @@ class LlamaCppModel:
                     self._drop(slot)
                 raise
             for token, _, _, _, index in part:
-                rows[index][0].slot.tokens.append(token)  # type: ignore[attr-defined]
+                rows[index][0].slot.tokens.append(token)
             self.stats.tokens_evaluated += len(part)
             self.stats.batched_decodes += 1
             sample = self._lib.llama_sampler_sample
             for position, (_, _, _, wants_logits, index) in enumerate(part):
                 if wants_logits:
                     generation = rows[index][0]
-                    token = int(sample(generation.sampler, self._ctx, position))  # type: ignore[attr-defined]
-                    generation.tokens.append(token)  # type: ignore[attr-defined]
+                    token = int(sample(generation.sampler, self._ctx, position))
+                    generation.tokens.append(token)
                     is_eos = bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-                    results[index] = Step(token_id=token, is_eos=is_eos)
+                    wanted = generation.logprobs
+                    if wanted is None:
+                        results[index] = Step(token_id=token, is_eos=is_eos)
+                    else:
+                        results[index] = self._with_logprobs(token, is_eos, position, wanted)
         return results
+
+    def _with_logprobs(self, token: int, is_eos: bool, position: int, top: int) -> Step:
+        """The step with its log-probabilities: ``log_softmax`` of the raw logits of that batch
+        row (before the sampler chain changed them)."""
+        import numpy as np
+
+        pointer = self._lib.llama_get_logits_ith(self._ctx, position)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        log_probs = shifted - np.log(np.exp(shifted).sum())
+        best: tuple[tuple[int, float], ...] = ()
+        if top > 0:
+            ids = np.argpartition(-log_probs, min(top, self.n_vocab) - 1)[:top]
+            ids = ids[np.argsort(-log_probs[ids], kind="stable")]
+            best = tuple((int(i), float(log_probs[i])) for i in ids)
+        return Step(token, is_eos=is_eos, logprob=float(log_probs[token]), top_logprobs=best)
 
     def _trim(self, slot: Slot, keep: int) -> None:
         """Drop the cached tokens of ``slot`` from position ``keep`` on (all of them when
@@ -379,10 +413,13 @@ def _parts(entries: list[Any], size: int) -> Iterator[list[Any]]:
 class LlamaCppGeneration:
     """One generation (implements :class:`cortex.harness.BatchedGeneration`)."""
 
-    def __init__(self, model: LlamaCppModel, tokens: list[int], sampler: Any) -> None:
+    def __init__(
+        self, model: LlamaCppModel, tokens: list[int], sampler: Any, logprobs: int | None = None
+    ) -> None:
         self.model = model
         self.tokens = tokens
         self.sampler = sampler
+        self.logprobs = logprobs
         self.slot: Slot | None = None
         self.closed = False
 

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
 from cortex.harness import BatchRow, HarnessError, SamplingParams, Step, common_prefix
 from cortex_harness_torch.model import TorchModel, guarded, release_device_cache
-from cortex_harness_torch.prefix import PrefixCache
+from cortex_harness_torch.prefix import PrefixCache, prefix_cache_tokens
 from cortex_harness_torch.rows import RowCache, attention_mask
-from cortex_harness_torch.sampling import TokenSampler
+from cortex_harness_torch.sampling import TokenSampler, step_of
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,11 @@ class BatchedTorchGeneration:
         self.cached = 0  # tokens[:cached] are in the KV cache
         self.row: int | None = None
         self.sampler = TokenSampler(sampling, self.tokens, owner.vocab_size, owner.torch_device)
-        self.plain_greedy = self.sampler.greedy and not self.sampler.penalised
+        self.constraint = owner.constraint_for(sampling)
+        # rows that are greedy with nothing changing their logits share one argmax
+        self.plain_greedy = (
+            self.sampler.greedy and not self.sampler.penalised and self.constraint is None
+        )
         self.closed = False
 
     @property
@@ -132,7 +136,7 @@ class BatchedTorchModel(TorchModel):
         self.check_prompt(prompt_ids)
         return BatchedTorchGeneration(self, prompt_ids, sampling)
 
-    def admit(self, generation: BatchedTorchGeneration) -> None:  # type: ignore[override]
+    def admit(self, generation: BatchedTorchGeneration) -> None:
         """Give ``generation`` the next row and copy in the longest cached prefix of its prompt
         (from a running row or a saved prefix); at least its last prompt token is left to
         evaluate, for the logits of its first token."""
@@ -202,7 +206,8 @@ class BatchedTorchModel(TorchModel):
         results: list[Step | None] = [None] * len(rows)
         decode: list[tuple[int, BatchedTorchGeneration]] = []
         prefill: list[tuple[int, BatchedTorchGeneration, int]] = []
-        for i, (generation, count) in enumerate(rows):
+        for i, (row, count) in enumerate(rows):
+            generation = cast(BatchedTorchGeneration, row)  # rows hold this model's generations
             if generation.row is None or generation.closed:
                 raise HarnessError("step_batch() with a generation that is not running")
             if not 1 <= count <= generation.pending_tokens:
@@ -211,9 +216,9 @@ class BatchedTorchModel(TorchModel):
                     f"{generation.pending_tokens} pending"
                 )
             if count == 1:
-                decode.append((i, generation))  # type: ignore[arg-type]
+                decode.append((i, generation))
             else:
-                prefill.append((i, generation, count))  # type: ignore[arg-type]
+                prefill.append((i, generation, count))
         longest_chunk = max((count for _, _, count in prefill), default=1)
         needed = max(g.cached for g in self._running) + longest_chunk + 1
         self._rows.ensure(len(self._running), needed)
@@ -317,17 +322,23 @@ class BatchedTorchModel(TorchModel):
         if greedy:
             index = torch.tensor([r for _, _, r in greedy], device=logits.device)
             tokens = logits.index_select(0, index).argmax(dim=-1).tolist()
-            for (i, generation, _), token in zip(greedy, tokens, strict=True):
-                results[i] = self._append(generation, int(token))
+            for (i, generation, r), token in zip(greedy, tokens, strict=True):
+                results[i] = self._append(generation, int(token), logits[r])
         for i, generation, r in rows:
             if not generation.plain_greedy:
-                token = generation.sampler.choose(logits[r])
+                row = logits[r]
+                constraint = generation.constraint
+                token = generation.sampler.choose(
+                    row if constraint is None else constraint.mask(row)
+                )
                 generation.sampler.observe(token)
-                results[i] = self._append(generation, token)
+                if constraint is not None:
+                    constraint.accept(token)
+                results[i] = self._append(generation, token, row)
 
-    def _append(self, generation: BatchedTorchGeneration, token: int) -> Step:
+    def _append(self, generation: BatchedTorchGeneration, token: int, logits: Any) -> Step:
         generation.tokens.append(token)
-        return Step(token, is_eos=token in self.eos_ids)
+        return step_of(token, logits, generation.sampler.params.logprobs, self.eos_ids)
 
     # ---- memory -------------------------------------------------------------------------
 
@@ -419,7 +430,10 @@ def serve_model(
         kv_tokens=kv_tokens,
         prefix_cache_tokens=prefix_cache_tokens(context_length, kv_tokens),
     )
-    problem = batched.self_check()
+    signature = architecture_signature(model, torch_device)
+    if signature not in _CHECKED:
+        _CHECKED[signature] = batched.self_check()
+    problem = _CHECKED[signature]
     if problem is None:
         batched.stats = PrefillStats()
         return batched
@@ -431,9 +445,24 @@ def serve_model(
     return TorchModel(model, tokenizer, torch_device, context_length)
 
 
-def prefix_cache_tokens(context_length: int, kv_tokens: int) -> int:
-    """Positions kept for saved prefixes: a quarter of the KV cache, at least one context."""
-    return max(context_length, kv_tokens // 4)
+# The load-time check's verdict per architecture (it tests code paths, not weights), so a
+# process checks each architecture once: on a 1 GB model the check took 1.5-3 s on CPU, most of
+# it the first touch of the weights' pages (which the first request would otherwise pay).
+_CHECKED: dict[tuple[Any, ...], str | None] = {}
+
+
+def architecture_signature(model: Any, torch_device: Any) -> tuple[Any, ...]:
+    """What decides whether the batched path drives a model correctly: its class, attention
+    implementation, layer types and sliding window, dtype and device kind."""
+    config = model.config
+    return (
+        type(model).__qualname__,
+        getattr(config, "_attn_implementation", None),
+        tuple(getattr(config, "layer_types", None) or ()),
+        bool(getattr(config, "sliding_window", None)),
+        str(next(model.parameters()).dtype),
+        getattr(torch_device, "type", str(torch_device)),
+    )
 
 
 def torch_element_size(dtype: Any) -> int:

@@ -2,7 +2,9 @@
 
 Loads only from the fetched local snapshot (``local_files_only``): a neuron never lets
 transformers talk to a hub. On CUDA the weights are bf16 where the device supports it, else fp16;
-on CPU float32 (half precision matmuls on CPU are slow and some ops are missing).
+on CPU float32 (half precision matmuls on CPU are slow and some ops are missing). Weights go
+straight from the safetensors files to the device, one tensor at a time (loading.py): a GPU load
+never stages the model in host memory, and a CPU load never holds two copies of it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,10 @@ from cortex.devices import Device
 from cortex.harness import DeviceOutOfMemory, HarnessError, LoadedModel, LoadOptions
 from cortex.source import Preflight, WeightFormat
 from cortex_harness_torch.batched import serve_model
+from cortex_harness_torch.embedding import EMBEDDING_FILES, is_embedding_repo, load_embedding_model
+from cortex_harness_torch.loading import place_weights, stored_dtype
 from cortex_harness_torch.memory import estimate_bytes
-from cortex_harness_torch.model import TorchModel, classify_torch_error, release_device_cache
+from cortex_harness_torch.model import classify_torch_error, release_device_cache
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,11 @@ class TorchHarness:
         )
 
     def files_needed(self, preflight: Preflight) -> list[str]:
-        return [f for f in preflight.file_names() if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
+        """The top-level config, weights and tokenizer files, and an embedding repo's
+        sentence-transformers layout (its pooling lives in a folder)."""
+        names = preflight.file_names()
+        top = [f for f in names if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
+        return top + [f for f in EMBEDDING_FILES if f in names and f not in top]
 
     def estimate_memory(self, preflight: Preflight, options: LoadOptions) -> int:
         """Weights at the dtype of the target device, the KV cache of the load's batching
@@ -109,6 +118,9 @@ class TorchHarness:
             preflight.size_of(f) for f in preflight.file_names() if f.endswith(".safetensors")
         )
         config = options.extra.get("config")
+        if is_embedding_repo(preflight.file_names(), config if isinstance(config, dict) else None):
+            # no KV cache: the weights at the target dtype and the same headroom
+            return estimate_bytes(weights, config, options.device_kind or "cpu", None, kv_tokens=0)
         return estimate_bytes(
             weights,
             config if isinstance(config, dict) else None,
@@ -145,7 +157,7 @@ class TorchHarness:
         torch_device: Any,
         config: dict[str, Any],
         options: LoadOptions,
-    ) -> TorchModel:
+    ) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = dtype_for(device)
@@ -156,17 +168,35 @@ class TorchHarness:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+        if is_embedding_repo([p.name for p in snapshot.iterdir()], config):
+            context = context_length_of(config, options.context_length)
+            log.info("loading %s on %s as an embedding model", snapshot.name, torch_device)
+            return load_embedding_model(snapshot, torch_device, dtype, context, tokenizer)
+        # At the dtype the weights are stored in, transformers makes every parameter a view of
+        # its file's mapping; place_weights then moves them to the device and dtype one tensor
+        # at a time (loading.py: peak host memory = the model as it stays + about one tensor).
         model = AutoModelForCausalLM.from_pretrained(
-            snapshot, dtype=dtype, local_files_only=True, trust_remote_code=False
+            snapshot,
+            dtype=stored_dtype(snapshot) or dtype,
+            local_files_only=True,
+            trust_remote_code=False,
         )
         try:
-            model.to(torch_device)
+            placed = place_weights(model, torch_device, dtype)
         except Exception as exc:
             mapped = classify_torch_error(exc)
-            del model
+            del model  # and the frames that hold it: the device memory goes back at once
+            traceback.clear_frames(exc.__traceback__)
             if isinstance(mapped, DeviceOutOfMemory):
                 raise mapped from exc
             raise
+        log.debug(
+            "%s: %d tensors placed, %d kept as file views, %.0f MB of source pages released",
+            snapshot.name,
+            placed.moved,
+            placed.kept,
+            placed.released_bytes / 2**20,
+        )
         model.eval()
         context = context_length_of(config, options.context_length)
         log.info("loaded %s on %s as %s (context %d)", snapshot.name, torch_device, dtype, context)

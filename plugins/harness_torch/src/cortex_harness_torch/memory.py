@@ -49,12 +49,12 @@ def estimate_bytes(
     """Weights at the target dtype, the KV cache of the load's capacity and of its saved
     prefixes, and headroom."""
     from cortex.harness import LoadOptions, capacity_of
-    from cortex_harness_torch.batched import prefix_cache_tokens
+    from cortex_harness_torch.prefix import prefix_cache_tokens
 
     target = target_dtype_bytes(device_kind)
     weights = weight_file_bytes * target // stored_dtype_bytes(config)
     kv = 0
-    if config:
+    if config and kv_tokens != 0:  # kv_tokens 0: a model without a KV cache (embeddings)
         context = context_length or int(config.get("max_position_embeddings") or 2048)
         _, capacity = capacity_of(context, LoadOptions(max_batch=max_batch, kv_tokens=kv_tokens))
         positions = capacity + prefix_cache_tokens(context, capacity)

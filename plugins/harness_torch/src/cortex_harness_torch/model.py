@@ -20,15 +20,21 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cortex.harness import (
+    LOGPROBS,
+    STRUCTURED_OUTPUT,
     DeviceFault,
     DeviceOutOfMemory,
+    Generation,
     HarnessError,
     PromptError,
     SamplingParams,
     Step,
+    template_capabilities,
 )
+from cortex.tool_grammar import tool_call_style
 from cortex_harness_torch.chat import render_prompt
-from cortex_harness_torch.sampling import TokenSampler
+from cortex_harness_torch.constraints import GrammarTokenizer, JsonConstraint
+from cortex_harness_torch.sampling import TokenSampler, step_of
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +103,7 @@ class TorchGeneration:
         self._sampler = TokenSampler(
             sampling, self._prompt_ids, owner.vocab_size, owner.torch_device
         )
+        self._constraint = owner.constraint_for(sampling)
         self._cache: Any = None
         self._last: int | None = None
         self.closed = False
@@ -104,12 +111,12 @@ class TorchGeneration:
     def step(self) -> Step:
         if self.closed:
             raise HarnessError("step() on a closed generation")
-        token = guarded(self._forward)
-        self._sampler.observe(token)
-        self._last = token
-        return Step(token, is_eos=token in self._owner.eos_ids)
+        step = guarded(self._forward)
+        self._sampler.observe(step.token_id)
+        self._last = step.token_id
+        return step
 
-    def _forward(self) -> int:
+    def _forward(self) -> Step:
         import torch
         from transformers import DynamicCache
 
@@ -119,6 +126,7 @@ class TorchGeneration:
                 self._cache = DynamicCache(config=owner.model.config)
                 ids = self._prompt_ids
             else:
+                assert self._last is not None, "a step after the first has a last token"
                 ids = [self._last]
             input_ids = torch.tensor([ids], dtype=torch.long, device=owner.torch_device)
             output = owner.model(
@@ -127,7 +135,12 @@ class TorchGeneration:
                 logits_to_keep=1,
                 **{owner.cache_argument: self._cache},
             )
-            return self._sampler.choose(output.logits[0, -1])
+            logits = output.logits[0, -1]
+            constraint = self._constraint
+            token = self._sampler.choose(logits if constraint is None else constraint.mask(logits))
+            if constraint is not None:
+                constraint.accept(token)
+            return step_of(token, logits, self._sampler.params.logprobs, owner.eos_ids)
 
     def close(self) -> None:
         self.closed = True
@@ -146,6 +159,14 @@ class TorchModel:
         self.context_length = context_length
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.cache_argument = cache_argument_of(model)
+        template = getattr(tokenizer, "chat_template", None)
+        self.capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT}) | template_capabilities(
+            template
+        )
+        if isinstance(template, dict):  # named templates: any of them may hold the tool syntax
+            template = "\n".join(str(t) for t in template.values())
+        self.tool_call_style = tool_call_style(template if isinstance(template, str) else None)
+        self._grammar_tokenizer: GrammarTokenizer | None = None
         output_embeddings = model.get_output_embeddings()
         self.vocab_size = int(
             output_embeddings.weight.shape[0]
@@ -166,6 +187,22 @@ class TorchModel:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
+    def constraint_for(self, sampling: SamplingParams) -> JsonConstraint | None:
+        """The grammar a generation decodes under, when its request asked for structured
+        output (a :class:`ConstraintError` when the schema cannot be enforced)."""
+        if sampling.response_format is None and sampling.tool_calls is None:
+            return None
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(
+                self.tokenizer, self.vocab_size, self.eos_ids
+            )
+        return JsonConstraint(
+            self._grammar_tokenizer,
+            sampling.response_format,
+            sampling.tool_calls,
+            self.tool_call_style,
+        )
+
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """A :class:`PromptError` (the client's 400) for an empty prompt or unknown token ids."""
         if not prompt_ids:
@@ -176,7 +213,7 @@ class TorchModel:
                 f"token ids out of this model's vocabulary (0..{self.vocab_size - 1}): {bad[:5]}"
             )
 
-    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> TorchGeneration:
+    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
         self.check_prompt(prompt_ids)
         return TorchGeneration(self, prompt_ids, sampling)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cortex.harness import SamplingParams
+from cortex.harness import SamplingParams, Step
 
 if TYPE_CHECKING:
     import torch
@@ -107,3 +107,21 @@ class TokenSampler:
         keep = min(size, tensor.shape[0])
         out[:keep] = tensor[:keep]
         return out
+
+
+def step_of(
+    token: int, logits: torch.Tensor, logprobs: int | None, eos_ids: frozenset[int]
+) -> Step:
+    """The :class:`Step` for ``token``, with its log-probability and the ``logprobs`` most
+    likely tokens' when asked: ``log_softmax`` of the step's raw logits (before temperature,
+    top-k/p and penalties), in float32."""
+    if logprobs is None:
+        return Step(token, is_eos=token in eos_ids)
+    import torch
+
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if logprobs > 0:
+        values, ids = torch.topk(log_probs, min(logprobs, log_probs.shape[-1]))
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return Step(token, is_eos=token in eos_ids, logprob=float(log_probs[token]), top_logprobs=top)

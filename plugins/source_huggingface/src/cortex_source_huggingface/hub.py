@@ -11,8 +11,9 @@ that scheme's endpoint, token and cache dir, always passed *explicitly* to huggi
 
 Preflight is one request (repo info with file sizes). Fetch serves a complete cached snapshot
 without any network; otherwise it asks for the current commit (one request, which fails fast on a
-dead registry, unlike a file download's retries) and downloads each missing file into the cache
-pinned to that commit. huggingface_hub downloads into a temporary file, resumes a dropped
+dead registry, unlike a file download's retries) and downloads the missing files into the cache
+pinned to that commit, in parallel and in ranges (:mod:`download`, :mod:`transfer`), into the
+layout huggingface_hub writes and reads. A download goes into a temporary file, resumes a dropped
 connection with a ``Range`` request, checks the size and only then moves the file into place, so
 a snapshot never contains a partial file. With the registry unreachable, a cached model still
 preflights and fetches from the cache; an uncached one fails with
@@ -43,7 +44,9 @@ from cortex.source import (
 )
 from cortex_source_huggingface import cache
 from cortex_source_huggingface.classify import classify, gguf_shards
+from cortex_source_huggingface.download import InsufficientSpaceError, Target, fetch_files
 from cortex_source_huggingface.progress import FetchProgress
+from cortex_source_huggingface.transfer import TransferError, TransferSettings
 
 log = logging.getLogger("cortex_source_huggingface")
 
@@ -54,8 +57,10 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 class HubSource:
     """A configured source for one scheme (see the module docstring)."""
 
-    def __init__(self, settings: SourceSettings) -> None:
+    def __init__(self, settings: SourceSettings, transfer: TransferSettings | None = None) -> None:
         self.settings = settings
+        # connections and part size of a fetch ($CORTEX_FETCH_CONNECTIONS, $CORTEX_FETCH_PART_MB)
+        self.transfer = transfer or TransferSettings.from_env()
         token = os.environ.get(settings.auth_env) if settings.auth_env else None
         self._token: str | None = token or None
         # What the latest preflight saw per repo: (commit, files). Fetch pins downloads to that
@@ -105,14 +110,13 @@ class HubSource:
         try:
             found = classify(files, quant, qid)
         except NoLoadableWeightsError:
-            # No weights by file name, but a harness may still load it (the built-in echo
-            # harness loads an ``echo.json``): only a repo nothing accepts is an error.
-            bare = Preflight(
+            # No weights by file name; a harness may still load it (the built-in echo harness
+            # loads an ``echo.json``). Which harness accepts a repo is not this source's question:
+            # the neuron's one harness choice (cortex.harness_choice) answers it, and says
+            # ``no_loadable_weights`` when none does.
+            return Preflight(
                 model_id=qid, revision=commit, weight_format=WeightFormat.NONE, files=files
             )
-            if not _some_harness_accepts(bare):
-                raise
-            return bare
         return Preflight(
             model_id=qid,
             revision=commit,
@@ -189,26 +193,22 @@ class HubSource:
             self._write_ref(repo, ref, commit)
             return cache.snapshot_dir(cache_dir, repo, commit)
 
-        from huggingface_hub import hf_hub_download
-
         reporter = FetchProgress(qid, progress)
         try:
             if commit is None:
                 commit = self._model_info(repo, None if pinned == MAIN else pinned).sha
             assert commit is not None
-            log.info("fetching %s (%d file(s)) from %s", qid, len(wanted), self.settings.endpoint)
-            for file in wanted:
-                if cache.has_files(cache_dir, repo, commit, [file]):
-                    continue
-                hf_hub_download(
-                    repo,
-                    file,
-                    revision=commit,
-                    endpoint=self.settings.endpoint,
-                    cache_dir=cache_dir,
-                    token=self._token_arg,
-                    tqdm_class=reporter.tqdm_class(file),
-                )
+            missing = [f for f in wanted if not cache.has_files(cache_dir, repo, commit, [f])]
+            log.info("fetching %s (%d file(s)) from %s", qid, len(missing), self.settings.endpoint)
+            target = Target(
+                endpoint=self.settings.endpoint,
+                repo_path=repo,
+                commit=commit,
+                cache_dir=Path(cache_dir),
+                token=self._token_arg,
+                timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+            fetch_files(target, missing, reporter, self.transfer)
         except Exception as exc:
             raise self._map_error(exc, qid) from None
         self._write_ref(repo, ref, commit)
@@ -263,6 +263,10 @@ class HubSource:
         if isinstance(exc, hf.HFValidationError):  # an id or revision the hub cannot express
             return InvalidRepoIdError(qid, f"{qid} is not a valid repo: {_first_line(exc)}")
         endpoint = self.settings.endpoint
+        if isinstance(exc, TransferError):
+            return self._transfer_error(exc, qid)
+        if isinstance(exc, InsufficientSpaceError):
+            return FetchError(qid, f"cannot fetch {qid}: {exc}")
         unreachable = httpx2.TransportError | hf.OfflineModeIsEnabled | hf.LocalEntryNotFoundError
         if isinstance(exc, unreachable):
             return RegistryUnreachableError(
@@ -306,6 +310,29 @@ class HubSource:
             qid, f"fetching {qid} from {endpoint} failed: {type(exc).__name__}: {_first_line(exc)}"
         )
 
+    def _transfer_error(self, exc: TransferError, qid: str) -> SourceError:
+        """A failed download of the parallel fetch (:mod:`transfer`), typed like a HEAD's."""
+        endpoint = self.settings.endpoint
+        status = exc.status
+        if status in (401, 403):
+            return UnauthorizedError(
+                qid,
+                f"registry {endpoint} refused a download of {qid} (HTTP {status}): "
+                f"{self._token_hint()}",
+                endpoint=endpoint,
+                status=status,
+            )
+        if status == 404:
+            return FetchError(qid, f"a file of {qid} is missing at {endpoint}: {exc.message}")
+        if status is None or status >= 500:
+            return RegistryUnreachableError(
+                qid,
+                f"downloading {qid} from {endpoint} failed: {exc.message}",
+                endpoint=endpoint,
+                **({"status": status} if status is not None else {}),
+            )
+        return FetchError(qid, f"downloading {qid} from {endpoint} failed: {exc.message}")
+
     def _token_hint(self) -> str:
         env = self.settings.auth_env
         if self.has_token:
@@ -313,17 +340,6 @@ class HubSource:
         if env:
             return f"no token configured (set ${env})"
         return f"no token configured (set auth_env in [sources.{self.settings.scheme}])"
-
-
-def _some_harness_accepts(preflight: Preflight) -> bool:
-    from cortex.harness import accepting_harnesses
-    from cortex.plugins import get_registry
-
-    try:
-        return bool(accepting_harnesses(get_registry().harnesses(), preflight))
-    except Exception as exc:  # a broken harness plugin must not turn into a source error
-        log.warning("could not ask the installed harnesses about %s: %s", preflight.model_id, exc)
-        return False
 
 
 def _first_line(exc: BaseException) -> str:
