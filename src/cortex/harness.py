@@ -355,11 +355,6 @@ def is_batched(model: LoadedModel) -> bool:
     return callable(getattr(model, "step_batch", None)) and callable(getattr(model, "admit", None))
 
 
-def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[Harness]:
-    """The installed harnesses that can load the repo preflight described, in registration order."""
-    return [h for h in harnesses if h.accepts(preflight)]
-
-
 __all__ = [
     "CHAT",
     "DEFAULT_MAX_BATCH",
@@ -385,7 +380,6 @@ __all__ = [
     "Step",
     "ToolCallFormat",
     "ToolSchema",
-    "accepting_harnesses",
     "capabilities_of",
     "capacity_of",
     "common_prefix",
