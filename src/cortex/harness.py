@@ -43,6 +43,11 @@ class LoadOptions:
     # batches sizes its KV cache (and its memory estimate) from these.
     max_batch: int | None = None
     kv_tokens: int | None = None
+    # A load over several devices of one node (docs/harnesses.md#several-devices-for-one-model):
+    # every device it spans, the primary (whose worker runs it) first; empty for a one-device
+    # load. Only a harness whose ``max_devices`` (an optional attribute, 1 when absent) allows
+    # it is given more than one.
+    devices: tuple[Device, ...] = ()
 
 
 @attrs.frozen
@@ -54,6 +59,28 @@ class ResponseFormat:
 
     type: str
     schema: str | None = None
+
+
+@attrs.frozen
+class ToolSchema:
+    """One tool a constrained generation may call: its name and the JSON Schema (JSON text)
+    its arguments must validate against (``{"type": "object"}`` for a tool without ``strict``)."""
+
+    name: str
+    parameters: str
+
+
+@attrs.frozen
+class ToolCallFormat:
+    """Tool calls a generation must write well-formed, in its model's own tool-call syntax:
+    each call names one of ``tools`` and its arguments validate against that tool's schema.
+    ``required``: the answer is tool calls only (``tool_choice`` ``required`` or a named
+    function); otherwise the model may answer in text, and a call it starts is held to the
+    schema (``strict: true`` tools). A harness that enforces it declares
+    ``STRUCTURED_OUTPUT``."""
+
+    tools: tuple[ToolSchema, ...]
+    required: bool = False
 
 
 @attrs.frozen
@@ -71,6 +98,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    tool_calls: ToolCallFormat | None = None
 
 
 @attrs.frozen
@@ -185,7 +213,10 @@ class LoadedModel(Protocol):
 class Harness(Protocol):
     """What ``cortex_register_harnesses`` registers."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The harness's name (``torch``, ``llamacpp``): what a load request names."""
+        ...
 
     def accepts(self, preflight: Preflight) -> bool:
         """Whether this harness can load the repo preflight described (from its file list)."""
@@ -211,7 +242,8 @@ class BatchedGeneration(Generation, Protocol):
     admitted, then 1 (the token just sampled). :meth:`Generation.step` must still work (one
     ``step_batch`` of this generation alone), but the scheduler does not call it."""
 
-    pending_tokens: int
+    @property
+    def pending_tokens(self) -> int: ...
 
 
 @runtime_checkable
@@ -323,11 +355,6 @@ def is_batched(model: LoadedModel) -> bool:
     return callable(getattr(model, "step_batch", None)) and callable(getattr(model, "admit", None))
 
 
-def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[Harness]:
-    """The installed harnesses that can load the repo preflight described, in registration order."""
-    return [h for h in harnesses if h.accepts(preflight)]
-
-
 __all__ = [
     "CHAT",
     "DEFAULT_MAX_BATCH",
@@ -351,7 +378,8 @@ __all__ = [
     "ResponseFormat",
     "SamplingParams",
     "Step",
-    "accepting_harnesses",
+    "ToolCallFormat",
+    "ToolSchema",
     "capabilities_of",
     "capacity_of",
     "common_prefix",

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from cortex.harness import ResponseFormat, SamplingParams
+from cortex.harness import ResponseFormat, SamplingParams, ToolCallFormat, ToolSchema
 from cortex.wire.errors import ApiError, bad_request
 
 MAX_STOPS = 16
@@ -37,8 +37,6 @@ IGNORED_FIELDS = {
     "verbosity": "a hint for OpenAI's models; open models answer as they do",
     "prediction": "predicted output only speeds up OpenAI's decoding; the answer is the same",
     "parallel_tool_calls": "the model may call several tools; false is a hint it may not follow",
-    "tool_choice": "'auto' and 'none' are honoured; 'required' or a named function offer the "
-    "tools but cannot force a call without constrained decoding",
 }
 # Spec fields cortex reads: honoured, or refused when set to what it cannot do (best_of,
 # functions, web_search_options, audio, ...).
@@ -60,6 +58,7 @@ HANDLED_FIELDS = frozenset(
         "frequency_penalty",
         "seed",
         "tools",
+        "tool_choice",
         "logprobs",
         "top_logprobs",
         "logit_bias",
@@ -404,9 +403,66 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     return tools or None
 
 
+def _tool_call_format(
+    body: dict[str, Any], tools: list[dict[str, Any]] | None
+) -> ToolCallFormat | None:
+    """What the harness must hold tool calls to: with ``tool_choice`` ``required`` (or
+    ``any``) the answer is calls to any tool, with a named function calls to that one, and
+    with ``auto`` a call the model starts follows its tool's schema when some tool is
+    ``strict`` (OpenAI's structured outputs for function calling). None: nothing to hold."""
+    choice = body.get("tool_choice", "auto")
+    if tools is None:
+        if choice not in ("auto", "none", None) and not body.get("tools"):
+            raise bad_request("'tool_choice' needs 'tools'", param="tool_choice")
+        return None
+    required = False
+    chosen = tools
+    if choice in ("required", "any"):
+        required = True
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise bad_request(
+                "'tool_choice' must be 'none', 'auto', 'required' or "
+                '{"type": "function", "function": {"name": ...}}',
+                param="tool_choice",
+            )
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise bad_request(
+                f"tool_choice names {name!r}, which is not in 'tools'", param="tool_choice"
+            )
+        required = True
+    elif choice not in ("auto", None):
+        raise bad_request(
+            f"'tool_choice' must be 'none', 'auto', 'required' or a named function, got {choice!r}",
+            param="tool_choice",
+        )
+    strict = [bool(t["function"].get("strict")) for t in chosen]
+    if not required and not any(strict):
+        return None
+    schemas = []
+    for tool, is_strict in zip(chosen, strict, strict=True):
+        parameters = tool["function"].get("parameters")
+        if parameters is None or not is_strict:
+            parameters = {"type": "object"}
+        if not isinstance(parameters, dict):
+            raise bad_request("a tool's 'parameters' must be a JSON Schema object", param="tools")
+        schemas.append(ToolSchema(tool["function"]["name"], json.dumps(parameters)))
+    return ToolCallFormat(tuple(schemas), required=required)
+
+
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     _refuse_unsupported_chat_fields(body)
-    return ChatRequest(options=_options(body), messages=_messages(body), tools=_tools(body))
+    options = _options(body)
+    tools = _tools(body)
+    tool_calls = _tool_call_format(body, tools)
+    if tool_calls is not None:
+        options = attrs.evolve(
+            options, sampling=attrs.evolve(options.sampling, tool_calls=tool_calls)
+        )
+    return ChatRequest(options=options, messages=_messages(body), tools=tools)
 
 
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:

@@ -459,6 +459,11 @@ def _tools(raw: Any, hosted_tools: str = DROP, dropped: list[str] | None = None)
         if not isinstance(schema, dict):
             raise bad_request(f"{param}.input_schema: must be a JSON schema object", param=param)
         function: dict[str, Any] = {"name": name, "parameters": schema}
+        strict = tool.get("strict")
+        if strict is not None:
+            if not isinstance(strict, bool):
+                raise bad_request(f"{param}.strict: must be a boolean", param=param)
+            function["strict"] = strict  # calls held to the schema while decoding
         description = tool.get("description")
         if description is not None:
             if not isinstance(description, str):

@@ -437,6 +437,11 @@ def _function_tool(tool: dict[str, Any], param: str) -> dict[str, Any]:
     if not isinstance(parameters, dict):
         raise bad_request(f"{param}.parameters: must be a JSON schema object", param=param)
     function: dict[str, Any] = {"name": name, "parameters": parameters}
+    strict = tool.get("strict")
+    if strict is not None:
+        if not isinstance(strict, bool):
+            raise bad_request(f"{param}.strict: must be a boolean", param=param)
+        function["strict"] = strict  # calls held to the schema while decoding
     description = tool.get("description")
     if description is not None:
         if not isinstance(description, str):

@@ -24,12 +24,14 @@ from cortex.harness import (
     STRUCTURED_OUTPUT,
     DeviceFault,
     DeviceOutOfMemory,
+    Generation,
     HarnessError,
     PromptError,
     SamplingParams,
     Step,
     template_capabilities,
 )
+from cortex.tool_grammar import tool_call_style
 from cortex_harness_torch.chat import render_prompt
 from cortex_harness_torch.constraints import GrammarTokenizer, JsonConstraint
 from cortex_harness_torch.sampling import TokenSampler, step_of
@@ -124,6 +126,7 @@ class TorchGeneration:
                 self._cache = DynamicCache(config=owner.model.config)
                 ids = self._prompt_ids
             else:
+                assert self._last is not None, "a step after the first has a last token"
                 ids = [self._last]
             input_ids = torch.tensor([ids], dtype=torch.long, device=owner.torch_device)
             output = owner.model(
@@ -156,9 +159,13 @@ class TorchModel:
         self.context_length = context_length
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.cache_argument = cache_argument_of(model)
+        template = getattr(tokenizer, "chat_template", None)
         self.capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT}) | template_capabilities(
-            getattr(tokenizer, "chat_template", None)
+            template
         )
+        if isinstance(template, dict):  # named templates: any of them may hold the tool syntax
+            template = "\n".join(str(t) for t in template.values())
+        self.tool_call_style = tool_call_style(template if isinstance(template, str) else None)
         self._grammar_tokenizer: GrammarTokenizer | None = None
         output_embeddings = model.get_output_embeddings()
         self.vocab_size = int(
@@ -183,13 +190,18 @@ class TorchModel:
     def constraint_for(self, sampling: SamplingParams) -> JsonConstraint | None:
         """The grammar a generation decodes under, when its request asked for structured
         output (a :class:`ConstraintError` when the schema cannot be enforced)."""
-        if sampling.response_format is None:
+        if sampling.response_format is None and sampling.tool_calls is None:
             return None
         if self._grammar_tokenizer is None:
             self._grammar_tokenizer = GrammarTokenizer(
                 self.tokenizer, self.vocab_size, self.eos_ids
             )
-        return JsonConstraint(self._grammar_tokenizer, sampling.response_format)
+        return JsonConstraint(
+            self._grammar_tokenizer,
+            sampling.response_format,
+            sampling.tool_calls,
+            self.tool_call_style,
+        )
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """A :class:`PromptError` (the client's 400) for an empty prompt or unknown token ids."""
@@ -201,7 +213,7 @@ class TorchModel:
                 f"token ids out of this model's vocabulary (0..{self.vocab_size - 1}): {bad[:5]}"
             )
 
-    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> TorchGeneration:
+    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
         self.check_prompt(prompt_ids)
         return TorchGeneration(self, prompt_ids, sampling)
 
