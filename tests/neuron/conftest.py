@@ -61,6 +61,17 @@ def model_registry(
     )
     publish_repo(
         root,
+        "acme/two-tool-echo",
+        echo_repo(
+            reply="Done.",
+            tool_calls=[
+                {"name": "get_weather", "arguments": {"city": "Paris"}},
+                {"name": "get_weather", "arguments": {"city": "Lyon"}},
+            ],
+        ),
+    )
+    publish_repo(
+        root,
         "acme/think-echo",
         echo_repo(reply="The answer.", reasoning="Let me see.", opens_think=True),
     )

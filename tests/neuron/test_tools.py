@@ -51,6 +51,32 @@ def test_tool_calls_come_back_typed(neuron: LiveNeuron) -> None:
     assert final.choices[0].finish_reason == "stop"
 
 
+def test_calls_cut_by_max_tokens_finish_with_length(neuron: LiveNeuron) -> None:
+    """Two calls, the second cut by max_tokens: the answer finishes with ``length`` (not
+    ``tool_calls``, which would invite a client to run an unfinished answer's calls), whole
+    and streamed; the finished call still comes back typed."""
+    neuron.load("acme/two-tool-echo")
+    client = neuron.openai()
+    full = client.chat.completions.create(model="acme/two-tool-echo", messages=ASK, tools=TOOLS)
+    assert full.choices[0].finish_reason == "tool_calls"
+    assert len(full.choices[0].message.tool_calls or []) == 2
+    cut = full.usage.completion_tokens - 3  # type: ignore[union-attr]  # inside the second call
+    whole = client.chat.completions.create(
+        model="acme/two-tool-echo", messages=ASK, tools=TOOLS, max_tokens=cut
+    )
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length", choice
+    calls = choice.message.tool_calls or []
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Paris"}]
+    chunks = list(
+        client.chat.completions.create(
+            model="acme/two-tool-echo", messages=ASK, tools=TOOLS, max_tokens=cut, stream=True
+        )
+    )
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and "tool_calls" not in finishes
+
+
 def test_tools_are_rendered_by_the_chat_template(neuron: LiveNeuron) -> None:
     neuron.load("acme/tiny-llama")
     with neuron.http() as client:

@@ -209,10 +209,17 @@ async def _chat_choice(
     return oai.chat_choice(
         index=index,
         message=message,
-        finish_reason="tool_calls" if calls else stream.finish_reason or "stop",
+        finish_reason=_finish_with_calls(stream) if calls else stream.finish_reason or "stop",
         stop_sequence=None if calls else stream.stop_sequence,
         logprobs=oai.chat_logprobs(entries) if stream.wants_logprobs else None,
     )
+
+
+def _finish_with_calls(stream: GenerationStream) -> str:
+    """An answer with tool calls finishes with ``tool_calls``, unless ``max_tokens`` cut it
+    (perhaps inside a further call, whose text stays content): then ``length``, as OpenAI
+    says, so a client does not run the calls of an answer that was not finished."""
+    return "length" if stream.finish_reason == "length" else "tool_calls"
 
 
 async def chat_frames(
@@ -324,7 +331,7 @@ async def _chat_choice_frames(
             yield frames
         return
     if saw_call:
-        frames.append(chunk({}, "tool_calls"))
+        frames.append(chunk({}, _finish_with_calls(stream)))
     else:
         # an empty answer still assembles to "" (as the whole answer's content says)
         delta = {} if saw_content else {"content": ""}
