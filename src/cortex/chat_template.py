@@ -106,3 +106,34 @@ def render_prompt(
     if not isinstance(text, str):
         raise PromptError("the chat template did not render text")
     return text
+
+
+# Text the neuron parses out of an answer (tool-call blocks, reasoning): a tokenizer may hold
+# these as *special* tokens, which decoding with ``skip_special_tokens`` would drop, so the
+# answer would lose its markers and a tool call would come back as plain text.
+ANSWER_MARKERS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
+
+
+class AnswerDecoder:
+    """Token ids to text for a Hugging Face tokenizer: special tokens dropped, except the
+    answer markers (:data:`ANSWER_MARKERS`) that this tokenizer holds as special tokens."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        special = {int(i) for i, token in added.items() if getattr(token, "special", False)}
+        special.update(int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ())
+        #: marker text -> token id, for the markers held as special tokens
+        self.special_markers: dict[str, int] = {
+            str(token.content): int(i)
+            for i, token in added.items()
+            if int(i) in special and getattr(token, "content", None) in ANSWER_MARKERS
+        }
+        self._kept = frozenset(self.special_markers.values())
+        self._dropped = frozenset(special - self._kept)
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self._kept and not self._kept.isdisjoint(token_ids):
+            kept = [t for t in token_ids if t not in self._dropped]
+            return str(self._tokenizer.decode(kept, skip_special_tokens=False))
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))

@@ -18,6 +18,7 @@ has no style: a harness cannot hold its calls to a schema, and says so when a ca
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from cortex.harness import ConstraintError, ResponseFormat, ToolCallFormat
@@ -83,10 +84,15 @@ def _lark_literal(text: str) -> str:
 
 
 def tool_call_grammar(
-    tool_calls: ToolCallFormat, style: ToolCallStyle | None, text: ResponseFormat | None
+    tool_calls: ToolCallFormat,
+    style: ToolCallStyle | None,
+    text: ResponseFormat | None,
+    special: Mapping[str, int] | None = None,
 ) -> str:
     """The Lark grammar (llguidance's dialect) of an answer with tool calls in ``style``;
-    ``text``: the format the answer must follow when it is not a call."""
+    ``text``: the format the answer must follow when it is not a call; ``special``: the
+    markers (``<tool_call>``, ``</tool_call>``) the tokenizer holds as special tokens, by id
+    (text cannot spell a special token, so the grammar names it: ``<[id]>``)."""
     if style is None:
         raise ConstraintError(
             "this model's chat template writes tool calls in no syntax cortex can hold to a "
@@ -106,7 +112,22 @@ def tool_call_grammar(
     rules = [f"call: %json {call}"]
     if answer:
         rules.append(f"answer: %json {answer}")
-    if style == "hermes":
+    special = special or {}
+    open_id, close_id = special.get(HERMES_OPEN.strip()), special.get(HERMES_CLOSE.strip())
+    if style == "hermes" and open_id is not None:
+        # the opener is one special token: text (FREE, lead) can never write it
+        opener = f'<[{open_id}]> "\\n"'
+        close = f'"\\n" <[{close_id}]>' if close_id is not None else _lark_literal(HERMES_CLOSE)
+        more = f'("\\n" {opener} call {close})*'
+        if tool_calls.required:
+            rules.insert(0, f"start: {opener} call {close} {more}")
+        else:
+            rules.insert(0, f"start: {free} | lead calls")
+            rules.append("lead: /(?s:.*)/")
+            rules.append(f"calls: {opener} call {close} {more}")
+            if not answer:
+                rules.append("FREE: /(?s:.*)/")
+    elif style == "hermes":
         opener, close = _lark_literal(HERMES_OPEN), _lark_literal(HERMES_CLOSE)
         more = f'("\\n" {opener} call {close})*'
         if tool_calls.required:

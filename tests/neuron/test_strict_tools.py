@@ -125,6 +125,77 @@ def test_auto_with_strict_tools_answers_text_or_valid_calls(loaded: LiveNeuron, 
         assert_valid_calls([call], {"get_weather", "get_time"})
 
 
+SPECIAL = "huggingface:acme/tiny-llama-special-calls"
+
+
+@pytest.fixture(scope="module")
+def special_loaded(
+    neuron: LiveNeuron, model_registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory
+) -> LiveNeuron:
+    """The 1k tiny llama whose tokenizer holds ``<tool_call>`` and ``</tool_call>`` as special
+    tokens (as some fine-tunes do): text cannot spell them, and decoding that skips special
+    tokens would drop them from the answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_model(
+        tmp_path_factory.mktemp("tiny-special") / "llama", context_length=1024
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    publish_repo(model_registry.root, "acme/tiny-llama-special-calls", folder)
+    neuron.load("acme/tiny-llama-special-calls")
+    return neuron
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_calls_with_special_token_markers(special_loaded: LiveNeuron, seed: int) -> None:
+    """The grammar names the special tokens (``<[id]>``) and the answer keeps them, so the
+    calls come back typed, whole and streamed; with ``auto`` no broken call is left as text."""
+    client = special_loaded.openai()
+    answer = client.chat.completions.create(
+        model=SPECIAL,
+        messages=ASK,  # type: ignore[arg-type]
+        tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice="required",
+        max_tokens=150,
+        temperature=1.0,
+        seed=seed,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert_valid_calls(choice.message.tool_calls or [], {"get_weather", "get_time"})
+    with client.chat.completions.stream(
+        model=SPECIAL,
+        messages=ASK,  # type: ignore[arg-type]
+        tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=150,
+        temperature=1.0,
+        seed=seed,
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert_valid_calls(final.choices[0].message.tool_calls or [], {"get_time"})
+    auto = client.chat.completions.create(
+        model=SPECIAL,
+        messages=ASK,  # type: ignore[arg-type]
+        tools=TOOLS,  # type: ignore[arg-type]
+        max_tokens=60,
+        temperature=1.0,
+        seed=seed,
+    )
+    message = auto.choices[0].message
+    assert "<tool_call>" not in (message.content or "")
+    for call in message.tool_calls or []:
+        assert_valid_calls([call], {"get_weather", "get_time"})
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

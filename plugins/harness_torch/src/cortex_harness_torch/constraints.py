@@ -21,6 +21,8 @@ One constraint per generation: in a batch each row keeps its own grammar state.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from cortex.harness import ConstraintError, ResponseFormat, ToolCallFormat
@@ -33,6 +35,8 @@ from cortex.tool_grammar import (
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("cortex.harness.torch")
 
 
 class GrammarTokenizer:
@@ -65,6 +69,7 @@ class JsonConstraint:
         response_format: ResponseFormat | None,
         tool_calls: ToolCallFormat | None = None,
         style: ToolCallStyle | None = None,
+        special: Mapping[str, int] | None = None,
     ) -> None:
         import llguidance
 
@@ -72,7 +77,7 @@ class JsonConstraint:
         try:
             if tool_calls is not None:
                 grammar = llguidance.LLMatcher.grammar_from_lark(
-                    tool_call_grammar(tool_calls, style, response_format)
+                    tool_call_grammar(tool_calls, style, response_format, special)
                 )
             elif response_format is not None:
                 # compact JSON unless the schema asks otherwise (x-guidance): a small model
@@ -92,6 +97,7 @@ class JsonConstraint:
                 f"the JSON schema cannot be enforced: {self._matcher.get_error()}", param
             )
         self._vocab = tokenizer.vocab_size
+        self._reported = False
         self._words: Any = None
         self._shifts: Any = None
 
@@ -110,9 +116,18 @@ class JsonConstraint:
         return logits.masked_fill(~full.to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
-        """Advance the grammar by the chosen token."""
+        """Advance the grammar by the chosen token. The mask allowed it, so a refusal is a bug
+        of ours (a grammar that allows what it cannot consume): said in the log, once, since
+        the answer from there on is no longer held to the grammar."""
         if not self._matcher.is_stopped():
             self._matcher.consume_token(token)
+            if self._matcher.is_error() and not self._reported:
+                self._reported = True
+                log.warning(
+                    "the output grammar refused token %d it had allowed: %s",
+                    token,
+                    self._matcher.get_error(),
+                )
 
 
 __all__ = ["GrammarTokenizer", "JsonConstraint"]

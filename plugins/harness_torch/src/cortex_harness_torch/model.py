@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cortex.chat_template import AnswerDecoder
 from cortex.harness import (
     LOGPROBS,
     STRUCTURED_OUTPUT,
@@ -166,6 +167,7 @@ class TorchModel:
         if isinstance(template, dict):  # named templates: any of them may hold the tool syntax
             template = "\n".join(str(t) for t in template.values())
         self.tool_call_style = tool_call_style(template if isinstance(template, str) else None)
+        self._decoder = AnswerDecoder(tokenizer)
         self._grammar_tokenizer: GrammarTokenizer | None = None
         output_embeddings = model.get_output_embeddings()
         self.vocab_size = int(
@@ -185,7 +187,7 @@ class TorchModel:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def decode(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+        return self._decoder.decode(token_ids)
 
     def constraint_for(self, sampling: SamplingParams) -> JsonConstraint | None:
         """The grammar a generation decodes under, when its request asked for structured
@@ -201,6 +203,7 @@ class TorchModel:
             sampling.response_format,
             sampling.tool_calls,
             self.tool_call_style,
+            self._decoder.special_markers,
         )
 
     def check_prompt(self, prompt_ids: list[int]) -> None:

@@ -56,7 +56,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cortex.chat_template import render_prompt
+from cortex.chat_template import AnswerDecoder, render_prompt
 from cortex.harness import (
     LOGPROBS,
     STRUCTURED_OUTPUT,
@@ -137,6 +137,7 @@ class VllmModel:
         if isinstance(template, dict):  # named templates: any of them may hold the tool syntax
             template = "\n".join(str(t) for t in template.values())
         self.tool_call_style = tool_call_style(template if isinstance(template, str) else None)
+        self._decoder = AnswerDecoder(self.tokenizer)
         self._memory_bytes = memory_bytes
         self._shutdown = shutdown
         self._running: dict[str, VllmGeneration] = {}
@@ -158,7 +159,7 @@ class VllmModel:
 
     def decode(self, token_ids: list[int]) -> str:
         self._check_loaded()
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+        return self._decoder.decode(token_ids)
 
     # ---------------------------------------------------------------- generation
 
@@ -214,7 +215,10 @@ class VllmModel:
         try:
             if sampling.tool_calls is not None:
                 grammar = tool_call_grammar(
-                    sampling.tool_calls, self.tool_call_style, sampling.response_format
+                    sampling.tool_calls,
+                    self.tool_call_style,
+                    sampling.response_format,
+                    self._decoder.special_markers,
                 )
             else:
                 assert sampling.response_format is not None
