@@ -431,7 +431,7 @@ def test_required_tool_calls_follow_their_schema(client: openai.OpenAI, long_mod
         messages=[{"role": "user", "content": "Weather?"}],
         tools=tools,  # type: ignore[arg-type]
         tool_choice="required",
-        max_tokens=120,
+        max_tokens=400,
         temperature=1.0,
         seed=4,
     )
