@@ -22,7 +22,8 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def load(repo: Path, **capacity: int) -> LlamaCppModel:
-    options = LoadOptions(quant="F16", extra={"n_threads": 1, "flash_attn": "off"}, **capacity)
+    # flash attention as a user gets it by default (off on the CPU: batch-invariant output)
+    options = LoadOptions(quant="F16", extra={"n_threads": 1}, **capacity)
     model = LlamaCppHarness().load(repo, cpu_device(), options)
     assert isinstance(model, LlamaCppModel) and is_batched(model)
     return model
