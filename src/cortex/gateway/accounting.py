@@ -25,10 +25,11 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from cortex.config import Duration
 from cortex.gateway.limits import Limits, rfc3339
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.usage_store import HOUR, UsageRow, UsageStore
-from cortex.wire.errors import ApiError
+from cortex.wire.errors import ApiError, bad_request
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Accounting:
         False when the store could not be reached (the rows are kept for the next try)."""
         store = self.store
         if store is None:
+            self._budget_gauges()
             return True
         async with self._lock:
             taken, tokens = self._rows, self._tokens
@@ -151,7 +153,14 @@ class Accounting:
             self.last_sync = time.time()
             self.metrics.usage_store_up.set(1)
             self.metrics.usage_pending_rows.set(len(self._rows))
+            self._budget_gauges()
             return True
+
+    def _budget_gauges(self) -> None:
+        for name, state in self.limits.states.items():
+            left = state.budget_left()
+            if left is not None:
+                self.metrics.key_budget_remaining.labels(name).set(max(0, left))
 
     def _put_back(
         self, taken: dict[tuple[int, str, str], list[Any]], tokens: dict[str, int]
@@ -245,6 +254,33 @@ class Accounting:
             "pending_rows": len(self._rows),
             "gateway_id": self.gateway_id,
         }
+
+
+def parse_time(text: str, now: float, param: str) -> float:
+    """A point in time from a query: ``7d`` / ``24h`` / ``30m`` (that long ago), an ISO 8601
+    date or time (``2026-01-05``, ``2026-01-05T10:00:00Z``; UTC unless it says otherwise), or
+    unix seconds. A 400 ``invalid_time`` naming ``param`` otherwise."""
+    value = text.strip()
+    if not value:
+        raise bad_request(f"{param!r} is empty", param=param, code="invalid_time")
+    with contextlib.suppress(ValueError):
+        return float(value)
+    if value[-1] in "mhd" and value[0].isdigit():
+        with contextlib.suppress(ValueError):
+            ago = Duration.parse(value).seconds
+            if ago is not None:
+                return now - ago
+    with contextlib.suppress(ValueError):
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    raise bad_request(
+        f"{param!r} is not a time: use 7d / 24h / 30m (ago), an ISO date or time "
+        "(2026-01-05, 2026-01-05T10:00:00Z) or unix seconds",
+        param=param,
+        code="invalid_time",
+    )
 
 
 def _period(bucket: int, group: str) -> str | None:

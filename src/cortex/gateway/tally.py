@@ -71,6 +71,8 @@ class Recorder:
         tally.charged = prompt + completion
         if self.accounting is not None:
             self.accounting.record(account.name, model, prompt, completion, seconds, error)
+        if tally.cut:
+            self.metrics.key_limited.labels(account.name, "budget_cut").inc()
         series = self.metrics.key_series(account.name, model)
         (series.error if error else series.ok).inc()
         if prompt:
