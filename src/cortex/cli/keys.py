@@ -108,7 +108,7 @@ def new(
 ) -> None:
     """Print a new random key (give it to the client) and its key-file line (keep it).
 
-    Example: cortex keys new --name alice --models qwen --tpm 20000 --budget-tokens 1000000 --per day
+    Example: cortex keys new --name alice --models qwen --budget-tokens 100000 --per day
     """
     if name is not None:
         try:
