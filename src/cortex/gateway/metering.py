@@ -24,8 +24,11 @@ from typing import Any, Protocol
 
 from cortex.wire.sse import DONE, encode_data
 
-_ID = re.compile(rb'"id": "([^"\\]{1,200})"')
-_CONTENT = (b'"content": "', b'"reasoning_content": "', b'"arguments": "', b'"text": "')
+_ID = re.compile(rb'"id":\s*"([^"\\]{1,200})"')
+# Both spellings: the neuron writes compact JSON, other servers json.dumps' default.
+_FIELDS = (b'"content":', b'"reasoning_content":', b'"arguments":', b'"text":')
+_CONTENT = tuple(f + b'"' for f in _FIELDS) + tuple(f + b' "' for f in _FIELDS)
+_EMPTY = (b'"content":""', b'"content": ""')
 
 
 class Meter(Protocol):
@@ -47,7 +50,7 @@ class Meter(Protocol):
 def content_deltas(data: bytes) -> int:
     """How many chunks in ``data`` carry text, reasoning, tool-call arguments or completion
     text (an empty string is not counted: ``"content": ""`` does not match)."""
-    return sum(data.count(pattern) for pattern in _CONTENT) - data.count(b'"content": ""')
+    return sum(data.count(p) for p in _CONTENT) - sum(data.count(p) for p in _EMPTY)
 
 
 def end_frames(kind: str, ident: str, model: str, prompt: int, completion: int) -> bytes:

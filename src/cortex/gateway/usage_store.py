@@ -135,7 +135,9 @@ class _SqlStore:
         raise NotImplementedError
 
     def _sql(self, statement: str) -> str:
-        return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
+        if self.placeholder == "?":
+            return statement
+        return statement.replace("%", "%%").replace("?", self.placeholder)  # psycopg's format
 
     def _connection(self) -> Any:
         if self._conn is None:
