@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from cortex.auth import hash_key
 from cortex.cli.cortex_cli import cli
-from cortex.config import AuthSection, Duration, ModelProfile, UsageSection
+from cortex.config import AuthSection, Duration, UsageSection
 from cortex.testing.postgres import PostgresUnavailable, RunningPostgres, start_postgres
 
 from .conftest import ECHO, SLOW, Parts, load
