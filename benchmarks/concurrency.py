@@ -9,7 +9,9 @@ the library itself driven as a user would batch it by hand:
 
 * transformers: ``generate()`` on a left-padded batch of the same prompts (greedy);
 * llama.cpp: one ``llama_decode`` per step holding one row per sequence (the builder notes'
-  baseline: ``n_seq_max = N``, a prefill per sequence, then one batched decode per token).
+  baseline: ``n_seq_max = N``, a prefill per sequence, then one batched decode per token);
+* vLLM (``--harnesses vllm``, run from ``.venv-vllm``): vLLM's own ``LLM.chat`` on the same
+  batch of prompts, in the benchmark's process, beside the vLLM harness in the neuron.
 
 Plus a multi-turn run: a conversation of about 2,000 tokens growing by one turn, time to first
 token of each turn with prefix reuse (what the neuron does) and without (the saved prefixes
@@ -24,7 +26,10 @@ p99 at 16 streams under 3x its p50; a cached 2k-token prefix makes the next turn
 >= 5x faster.
 
 Run: ``python -m benchmarks.concurrency [--quick] [--streams 1,2,4,8,16,32] [--harnesses
-torch,llamacpp] [--rounds N]``
+torch,llamacpp] [--rounds N]``; the vLLM comparison: ``.venv-vllm/bin/python -m
+benchmarks.concurrency --harnesses vllm --streams 1,16 --rounds 5``. Each stream count runs
+the library and the neuron in alternating rounds; the tables show the best round (as before)
+and every round is kept in the JSON (``raw_rates``, ``neuron_rates``) with their medians.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +57,7 @@ from cortex.demo.models import harness_installed
 
 TORCH_MODEL = "bench/concurrency-llama"
 GGUF_MODEL = "bench/concurrency-llama-gguf"
+VLLM_MODEL = "bench/concurrency-llama-vllm"
 CONTEXT = 4096
 NEW_TOKENS = 96
 _TEXT = "the river old bridge story quick slow bright dark cold new red green blue small large"
@@ -200,6 +207,36 @@ class BatchedLlamaCpp:
         n_vocab = self.lib.llama_vocab_n_tokens(self.vocab)
         logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
         return int(logits.argmax())
+
+
+class BatchedVllm:
+    """vLLM's own ``LLM.chat`` on the batch (greedy), in this process: what a user of vLLM
+    runs to serve N prompts at once. The engine is sized like the harness's load (same
+    context, ``max_num_seqs``, float32, eager, KV cache of the plan's size)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM, SamplingParams
+
+        self.sampling = SamplingParams
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=CONTEXT,
+            max_num_seqs=32,
+            kv_cache_memory_bytes=256 * 2**20,
+            seed=0,
+        )
+
+    def run(self, batch: list[list[dict[str, str]]], tokens: int) -> tuple[float, int]:
+        params = self.sampling(temperature=0, max_tokens=tokens)
+        started = time.perf_counter()
+        outputs = self.llm.chat(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
 # ---- the neuron, through HTTP -------------------------------------------------------------------
@@ -359,6 +396,8 @@ def run(
         gguf_dir = build_tiny_gguf_repo(tmp / "gguf", quants=("F32",), model_dir=model_dir)
         publish_repo(tmp / "repos", GGUF_MODEL, gguf_dir)
         gguf = gguf_dir / "tiny-F32.gguf"
+    if "vllm" in harnesses and harness_installed("vllm"):
+        publish_repo(tmp / "repos", VLLM_MODEL, model_dir)
     registry = start_registry(tmp / "repos")
     config = tmp / "neuron.toml"
     config.write_text(
@@ -380,14 +419,18 @@ def run(
     ).start(timeout=120)
     assert neuron.url is not None
     plan: list[tuple[str, str, Any]] = []
-    if "torch" in harnesses:
+    if "torch" in harnesses and harness_installed("torch"):
         plan.append(("transformers", TORCH_MODEL, BatchedTransformers(model_dir)))
     if gguf is not None:
         plan.append(("llama.cpp", GGUF_MODEL, BatchedLlamaCpp(gguf)))
+    if "vllm" in harnesses and harness_installed("vllm"):
+        plan.append(("vllm", VLLM_MODEL, BatchedVllm(model_dir)))
     results: dict[str, Any] = {}
     try:
         for label, model_id, raw in plan:
-            load = {"model_id": model_id}
+            load: dict[str, Any] = {"model_id": model_id}
+            if label == "vllm":
+                load["harness"] = "vllm"
             httpx.post(f"{neuron.url}/models/load", json=load, timeout=300).raise_for_status()
             raw.run(prompts(1), 4)
             asyncio.run(closed_loop(neuron.url, model_id, 1, 1, 4))  # warm both
@@ -395,12 +438,14 @@ def run(
             for streams in stream_counts:
                 best_neuron: dict[str, Any] | None = None
                 raw_rates = []
+                neuron_rates = []
                 for _ in range(rounds):
                     seconds, produced = raw.run(prompts(streams), tokens)
                     raw_rates.append(produced / seconds)
                     measured = asyncio.run(
                         closed_loop(neuron.url, model_id, streams, requests_each, tokens)
                     )
+                    neuron_rates.append(measured["tokens_per_s"])
                     if (
                         best_neuron is None
                         or measured["tokens_per_s"] > best_neuron["tokens_per_s"]
@@ -412,6 +457,11 @@ def run(
                     **best_neuron,
                     "raw_tokens_per_s": raw_tps,
                     "ratio": best_neuron["tokens_per_s"] / raw_tps,
+                    "raw_rates": raw_rates,
+                    "neuron_rates": neuron_rates,
+                    "raw_median": statistics.median(raw_rates),
+                    "neuron_median": statistics.median(neuron_rates),
+                    "median_ratio": statistics.median(neuron_rates) / statistics.median(raw_rates),
                 }
             turns = multi_turn(neuron.url, model_id, 2 if quick else 5, 300 if quick else 2000)
             httpx.post(f"{neuron.url}/models/unload", json={"model_id": model_id}, timeout=60)
@@ -477,6 +527,15 @@ def print_report(report: dict[str, Any]) -> None:
             "ITL p50/p99 ms",
         ]
         print(table(headers, rows))
+        for streams, r in sorted(result["streams"].items(), key=lambda kv: int(kv[0])):
+            if len(r.get("neuron_rates", ())) > 1:
+                print(
+                    f"  {streams} stream(s), medians of {len(r['neuron_rates'])} alternating "
+                    f"rounds: raw {fmt(r['raw_median'], 0)} "
+                    f"({fmt(min(r['raw_rates']), 0)}-{fmt(max(r['raw_rates']), 0)}), neuron "
+                    f"{fmt(r['neuron_median'], 0)} ({fmt(min(r['neuron_rates']), 0)}-"
+                    f"{fmt(max(r['neuron_rates']), 0)}), {r['median_ratio'] * 100:.0f}% of raw"
+                )
         turns = result["multi_turn"]
         print(
             f"multi-turn ({turns['prompt_tokens']} prompt tokens): first token "

@@ -15,7 +15,13 @@ from cortex.devices import Device
 from cortex.eviction import EvictionCandidate
 from cortex.plugins import PluginRegistry, allowed_from_env
 
-INSTALLED_PLUGINS = {"source-huggingface", "source-helexa", "harness-torch", "harness-llamacpp"}
+INSTALLED_PLUGINS = {
+    "source-huggingface",
+    "source-helexa",
+    "harness-torch",
+    "harness-llamacpp",
+    "harness-vllm",
+}
 BUILTINS = {"cortex.builtins.eviction", "cortex.builtins.devices", "cortex.builtins.echo"}
 
 

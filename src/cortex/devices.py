@@ -31,11 +31,17 @@ class Device:
 
     @property
     def key(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"{self.kind}:{self.index}"
+        """``cpu`` for the CPU; ``cpu:N`` for a further CPU device (N > 0: a NUMA node or a
+        share of the cores a discovery plugin registers, e.g. for CPU tensor parallel)."""
+        if self.kind == "cpu" and self.index == 0:
+            return "cpu"
+        return f"{self.kind}:{self.index}"
 
     @property
     def worker_name(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"{self.kind}-dev-{self.index}"
+        if self.kind == "cpu" and self.index == 0:
+            return "cpu"
+        return f"{self.kind}-dev-{self.index}"
 
 
 RegisterDevice = Callable[[Device], None]

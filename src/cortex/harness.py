@@ -43,6 +43,11 @@ class LoadOptions:
     # batches sizes its KV cache (and its memory estimate) from these.
     max_batch: int | None = None
     kv_tokens: int | None = None
+    # A load over several devices of one node (docs/harnesses.md#several-devices-for-one-model):
+    # every device it spans, the primary (whose worker runs it) first; empty for a one-device
+    # load. Only a harness whose ``max_devices`` (an optional attribute, 1 when absent) allows
+    # it is given more than one.
+    devices: tuple[Device, ...] = ()
 
 
 @attrs.frozen
@@ -208,7 +213,10 @@ class LoadedModel(Protocol):
 class Harness(Protocol):
     """What ``cortex_register_harnesses`` registers."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The harness's name (``torch``, ``llamacpp``): what a load request names."""
+        ...
 
     def accepts(self, preflight: Preflight) -> bool:
         """Whether this harness can load the repo preflight described (from its file list)."""
@@ -234,7 +242,8 @@ class BatchedGeneration(Generation, Protocol):
     admitted, then 1 (the token just sampled). :meth:`Generation.step` must still work (one
     ``step_batch`` of this generation alone), but the scheduler does not call it."""
 
-    pending_tokens: int
+    @property
+    def pending_tokens(self) -> int: ...
 
 
 @runtime_checkable
@@ -346,11 +355,6 @@ def is_batched(model: LoadedModel) -> bool:
     return callable(getattr(model, "step_batch", None)) and callable(getattr(model, "admit", None))
 
 
-def accepting_harnesses(harnesses: list[Harness], preflight: Preflight) -> list[Harness]:
-    """The installed harnesses that can load the repo preflight described, in registration order."""
-    return [h for h in harnesses if h.accepts(preflight)]
-
-
 __all__ = [
     "CHAT",
     "DEFAULT_MAX_BATCH",
@@ -376,7 +380,6 @@ __all__ = [
     "Step",
     "ToolCallFormat",
     "ToolSchema",
-    "accepting_harnesses",
     "capabilities_of",
     "capacity_of",
     "common_prefix",

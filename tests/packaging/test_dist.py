@@ -24,8 +24,15 @@ WHEEL_PREFIXES = (
     "cortex_source_helexa-",
     "cortex_harness_torch-",
     "cortex_harness_llamacpp-",
+    "cortex_harness_vllm-",
 )
-PLUGIN_ENTRY_POINTS = {"source-huggingface", "source-helexa", "harness-torch", "harness-llamacpp"}
+PLUGIN_ENTRY_POINTS = {
+    "source-huggingface",
+    "source-helexa",
+    "harness-torch",
+    "harness-llamacpp",
+    "harness-vllm",
+}
 
 
 def clean_env() -> dict[str, str]:
@@ -71,14 +78,14 @@ def test_make_dist_then_install_wheels_into_a_fresh_venv(tmp_path: Path) -> None
         timeout=600,
     )
     files = sorted(dist.iterdir())
-    assert len(files) == 10, [f.name for f in files]
+    assert len(files) == 12, [f.name for f in files]
     wheels = [one(files, prefix, ".whl") for prefix in WHEEL_PREFIXES]
     for prefix in WHEEL_PREFIXES:
         one(files, prefix, ".tar.gz")
     # twine prints one "Checking <file>: PASSED" per file (plugins without a README pass
     # "with warnings"); the output is wrapped to the terminal width, so count the verdicts.
-    assert built.stdout.count("Checking ") == 10, built.stdout
-    assert built.stdout.count("PASSED") == 10 and "FAILED" not in built.stdout, built.stdout
+    assert built.stdout.count("Checking ") == 12, built.stdout
+    assert built.stdout.count("PASSED") == 12 and "FAILED" not in built.stdout, built.stdout
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)

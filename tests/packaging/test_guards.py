@@ -241,13 +241,9 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# Cycles in modules being reworked in parallel (issue 21's closing note names them); remove an
-# entry when its cycle is gone -- the test then insists it stays gone.
-KNOWN_CYCLES = [["cortex_harness_torch.batched", "cortex_harness_torch.memory"]]
-
-
 def test_no_import_cycle() -> None:
     graph = import_graph()
     assert "cortex.gateway.scheduler" in graph
     assert "cortex_source_huggingface.hub" in graph
-    assert cycles(graph) == KNOWN_CYCLES
+    assert "cortex_harness_torch.batched" in graph
+    assert cycles(graph) == []

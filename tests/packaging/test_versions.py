@@ -25,6 +25,7 @@ DISTRIBUTIONS = {
     "cortex-source-helexa": ROOT / "plugins" / "source_helexa",
     "cortex-harness-torch": ROOT / "plugins" / "harness_torch",
     "cortex-harness-llamacpp": ROOT / "plugins" / "harness_llamacpp",
+    "cortex-harness-vllm": ROOT / "plugins" / "harness_vllm",
 }
 
 

@@ -34,6 +34,7 @@ SHIPPED_DISTRIBUTIONS = frozenset(
         "cortex-source-helexa",
         "cortex-harness-torch",
         "cortex-harness-llamacpp",
+        "cortex-harness-vllm",
     }
 )
 """Distributions cortex ships: a skeleton with one of these names would replace it on install."""

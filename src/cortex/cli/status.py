@@ -29,8 +29,22 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
+def _device_state(d: dict[str, Any]) -> str:
+    """A device's state, and the multi-device model it is reserved for, if any."""
+    state = str(d.get("state", "ok"))
+    return f"{state}, reserved: {d['reserved_by']}" if d.get("reserved_by") else state
+
+
+def _model_devices(m: dict[str, Any]) -> str:
+    """``cuda:0`` for a one-device model, ``cuda:0+cuda:1`` for one that spans two."""
+    devices = m.get("devices")
+    if isinstance(devices, list) and len(devices) > 1:
+        return "+".join(str(d) for d in devices)
+    return str(m.get("device") or "-")
+
+
 def _devices_cell(devices: list[dict[str, Any]]) -> tuple[str, str]:
-    names = "\n".join(f"{d.get('key')} ({d.get('state', 'ok')})" for d in devices) or "-"
+    names = "\n".join(f"{d.get('key')} ({_device_state(d)})" for d in devices) or "-"
     bars = "\n".join(
         memory_bar(int(d.get("used_bytes") or 0), int(d.get("total_bytes") or 0)) for d in devices
     )
@@ -107,7 +121,7 @@ def render_fleet(endpoint: str, view: dict[str, Any]) -> None:
         [
             str(m.get("id")),
             str(m.get("node")),
-            str(m.get("device") or "-"),
+            _model_devices(m),
             str(m.get("state")),
             human_bytes(m.get("memory_bytes")),
             str(m.get("in_flight", 0)),
@@ -194,7 +208,7 @@ def render_neuron(endpoint: str, health: dict[str, Any], discovery: dict, models
         [
             str(d.get("key")),
             str(d.get("kind")),
-            str(d.get("state", "ok")),
+            _device_state(d),
             memory_bar(
                 max(0, int(d.get("total_memory") or 0) - int(d.get("free_memory") or 0)),
                 int(d.get("total_memory") or 0),
@@ -212,7 +226,7 @@ def render_neuron(endpoint: str, health: dict[str, Any], discovery: dict, models
             [
                 str(m.get("id")),
                 str(m.get("harness") or "-"),
-                str(m.get("device") or "-"),
+                _model_devices(m),
                 str(m.get("state")),
                 human_bytes(m.get("memory_bytes")),
                 str(m.get("in_flight", 0)),

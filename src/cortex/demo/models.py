@@ -57,6 +57,7 @@ def harness_installed(name: str) -> bool:
     modules = {
         "torch": ("cortex_harness_torch", "torch", "transformers"),
         "llamacpp": ("cortex_harness_llamacpp", "llama_cpp"),
+        "vllm": ("cortex_harness_vllm", "vllm"),
     }[name]
     return all(importlib.util.find_spec(m) is not None for m in modules)
 

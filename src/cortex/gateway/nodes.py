@@ -45,6 +45,8 @@ class NodeDevice:
     total_memory: int
     free_memory: int
     state: str = "ok"
+    # the multi-device model this device is a secondary of (nothing else is placed here)
+    reserved_by: str | None = None
     # the device worker's load (shown by /admin/status and the dashboard; routing ignores it):
     # jobs waiting or running, and requests admitted out of max_queue
     queue_depth: int = 0
@@ -65,6 +67,7 @@ class NodeDevice:
             total_memory=_int(data, "total_memory"),
             free_memory=_int(data, "free_memory"),
             state=str(data.get("state") or "ok"),
+            reserved_by=data["reserved_by"] if isinstance(data.get("reserved_by"), str) else None,
             queue_depth=_int(data, "queue_depth", 0),
             requests_in_progress=_int(data, "requests_in_progress", 0),
             max_queue=_int(data, "max_queue", 0),
@@ -121,6 +124,17 @@ class NodeModel:
     max_batch: int = 1
     # what it can serve beyond plain completions (chat, tools, logprobs, structured_output)
     capabilities: tuple[str, ...] = ()
+    # every device a multi-device replica spans (primary first); () for one device
+    devices: tuple[str, ...] = ()
+
+    @property
+    def spans(self) -> tuple[str, ...]:
+        return self.devices or ((self.device,) if self.device else ())
+
+    def share_on(self, device_key: str) -> int:
+        """Its memory on one device: an equal share over the devices it spans."""
+        spans = self.spans
+        return self.memory_bytes // len(spans) if device_key in spans else 0
 
     @classmethod
     def from_json(cls, data: Any) -> NodeModel:
@@ -142,10 +156,18 @@ class NodeModel:
             running=_int(data, "running", 0),
             waiting=_int(data, "waiting", 0),
             max_batch=max(1, _int(data, "max_batch", 1)),
+            devices=_device_list(data.get("devices")),
             capabilities=tuple(
                 str(c) for c in data.get("capabilities") or () if isinstance(c, str)
             ),
         )
+
+
+def _device_list(value: Any) -> tuple[str, ...]:
+    """A neuron's ``devices`` list; one device (or an older neuron without it) is ()."""
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return ()
 
 
 def parse_models(data: Any) -> tuple[NodeModel, ...]:

@@ -160,6 +160,8 @@ class Placement:
     device: str
     victims: tuple[str, ...] = ()
     freed_bytes: int = 0
+    # a multi-device replica: every device it will span on ``node``, ``device`` first
+    devices: tuple[str, ...] = ()
 
 
 def node_allowed(profile: ModelProfile | None, node: NodeState) -> bool:
@@ -178,9 +180,10 @@ def node_capable(profile: ModelProfile | None, node: NodeState, canonical: str) 
 
 
 def placement_devices(node: NodeState) -> list[NodeDevice]:
-    """Accelerators when the node has any, else its CPU: a GPU node never places on its RAM."""
+    """Accelerators when the node has any, else its CPU: a GPU node never places on its RAM.
+    A device reserved for a multi-device replica (one of its secondaries) takes nothing else."""
     assert node.discovery is not None
-    usable = [d for d in node.discovery.devices if d.state == "ok"]
+    usable = [d for d in node.discovery.devices if d.state == "ok" and d.reserved_by is None]
     accelerators = [d for d in usable if d.is_accelerator]
     return accelerators or [d for d in usable if not d.is_accelerator]
 
@@ -188,7 +191,7 @@ def placement_devices(node: NodeState) -> list[NodeDevice]:
 def device_free(node: NodeState, device: NodeDevice, usage: Usage) -> int:
     """Free bytes: the neuron's figure, capped by total minus what its models hold, minus what
     loads in progress have reserved."""
-    held = sum(m.memory_bytes for m in node.models if m.device == device.key)
+    held = sum(m.share_on(device.key) for m in node.models)
     free = min(device.free_memory, device.total_memory - held)
     return max(0, free - usage.reserved(node.name, device.key))
 
@@ -202,7 +205,9 @@ def eviction_candidates(
 ) -> list[EvictionCandidate]:
     candidates = []
     for m in node.models:
-        if m.device != device.key or m.state != READY:
+        # a multi-device replica is a candidate on each device it spans, for its share there;
+        # evicting it (one unload) frees all of them
+        if device.key not in m.spans or m.state != READY:
             continue
         if (node.name, m.id) in usage.evicting:
             continue
@@ -210,7 +215,7 @@ def eviction_candidates(
         candidates.append(
             EvictionCandidate(
                 model_id=m.id,
-                memory_bytes=m.memory_bytes,
+                memory_bytes=m.share_on(device.key),
                 last_used=max(
                     m.last_used, m.loaded_at, usage.last_used.get((node.name, m.id), 0.0)
                 ),
@@ -274,6 +279,11 @@ def place(
             param="model",
         )
 
+    count = profile.devices if profile is not None and profile.devices else 1
+    if count > 1:
+        return place_spanning(
+            resolved, needed, count, capable, usage, strategy, models, default_source, retry_after
+        )
     devices = [(n, d) for n in capable for d in placement_devices(n)]
     fitting = [(n, d, device_free(n, d, usage)) for n, d in devices]
     fitting = [f for f in fitting if f[2] >= needed]
@@ -324,5 +334,77 @@ def place(
         "insufficient_memory",
         f"model {resolved.requested!r} needs {_mib(needed)} and nothing can be evicted to make "
         f"room now ({'; '.join(reasons)})",
+        retry_after=retry_after,
+    )
+
+
+def place_spanning(
+    resolved: Resolved,
+    needed: int,
+    count: int,
+    capable: list[NodeState],
+    usage: Usage,
+    strategy: EvictionStrategy,
+    models: ModelsConfig,
+    default_source: str,
+    retry_after: float,
+) -> Placement:
+    """A replica over ``count`` devices of one node (``devices`` in its profile): each needs
+    ``needed / count``. On each node, the ``count`` placement devices with the most free
+    memory; where they do not fit, the eviction strategy plans on each of them and the
+    victims are the union (a multi-device victim counts once, and frees every device it
+    spans). The node needing the fewest freed bytes wins. The neuron chooses the same
+    devices again (its ``pick_devices``), with ``device`` as the primary."""
+    share = -(-needed // count)
+    plans = []
+    reasons = []
+    for node in capable:
+        devices = sorted(placement_devices(node), key=lambda d: -device_free(node, d, usage))
+        if len(devices) < count:
+            reasons.append(f"{node.name} has {len(devices)} usable device(s), not {count}")
+            continue
+        too_small = [d for d in devices[:count] if d.total_memory < share]
+        devices = [d for d in devices if d.total_memory >= share][:count]
+        if len(devices) < count:
+            reasons.append(
+                f"{node.name}: {too_small[0].key} holds {_mib(too_small[0].total_memory)}, "
+                f"less than the {_mib(share)} share"
+            )
+            continue
+        victims: list[str] = []
+        freed = 0
+        failed = None
+        for device in devices:
+            free = device_free(node, device, usage)
+            candidates = eviction_candidates(node, device, usage, models, default_source)
+            # what victims already chosen free here
+            free += sum(c.memory_bytes for c in candidates if c.model_id in victims)
+            rest = [c for c in candidates if c.model_id not in victims]
+            plan = strategy.plan(rest, share, free)
+            if not plan.fits:
+                failed = f"{node.name}/{device.key}: {plan.reason}"
+                break
+            sizes = {c.model_id: c.memory_bytes for c in rest}
+            victims.extend(plan.victims)
+            freed += sum(sizes.get(v, 0) for v in plan.victims)
+        if failed is not None:
+            reasons.append(failed)
+            continue
+        keys = tuple(d.key for d in devices)
+        plans.append(
+            (
+                freed,
+                len(victims),
+                node.name,
+                Placement(node.name, keys[0], tuple(victims), freed, keys),
+            )
+        )
+    if plans:
+        return min(plans, key=lambda p: p[:3])[3]
+    raise ApiError(
+        503,
+        "insufficient_memory",
+        f"model {resolved.requested!r} needs {count} devices with {_mib(share)} each on one "
+        f"node, and none can make room now ({'; '.join(reasons) or 'no capable node'})",
         retry_after=retry_after,
     )

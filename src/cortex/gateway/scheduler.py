@@ -132,7 +132,7 @@ def load_payload(canonical: str, profile: ModelProfile | None) -> dict[str, obje
     ``models.toml`` profile chose (harness, quant, batching capacity)."""
     payload: dict[str, object] = {"model_id": canonical}
     if profile is not None:
-        for key in ("harness", "quant", "max_batch", "kv_tokens"):
+        for key in ("harness", "quant", "max_batch", "kv_tokens", "devices"):
             value = getattr(profile, key)
             if value:
                 payload[key] = value
@@ -443,13 +443,17 @@ class Scheduler:
             joined = entry is not None and entry.state == LOADING
             for victim in placement.victims:
                 self.usage.evicting.add((node.name, victim))
-            token = self.usage.reserve(node.name, placement.device, resolved.canonical, needed)
+            # a multi-device replica reserves its share on each device it will span
+            spans = placement.devices or (placement.device,)
+            share = -(-needed // len(spans))
+            tokens = [self.usage.reserve(node.name, d, resolved.canonical, share) for d in spans]
         try:
             if placement.victims:
                 await self._evict(node.name, placement)
             return await self._start_load(node.name, placement, resolved, joined)
         finally:
-            self.usage.release(token)
+            for token in tokens:
+                self.usage.release(token)
 
     def _place(self, resolved: Resolved, needed: int) -> Placement:
         return place(

@@ -26,7 +26,7 @@ def gpu_stack_versions() -> tuple[str | None, str | None]:
     driver: str | None = None
     cuda: str | None = None
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
 
         pynvml.nvmlInit()
         raw = pynvml.nvmlSystemGetDriverVersion()

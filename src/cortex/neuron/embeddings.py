@@ -14,11 +14,11 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
-from cortex.harness import EMBEDDINGS, capabilities_of
+from cortex.harness import EMBEDDINGS, EmbeddingModel, capabilities_of
 from cortex.neuron.generation import run_on_worker
 from cortex.neuron.models import ModelEntry
 from cortex.wire.errors import ApiError, bad_request
@@ -56,7 +56,7 @@ def parse_embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
     token_ids: list[list[int]] | None = None
     if isinstance(raw, str):
         texts = [raw]
-    elif _token_list(raw):
+    elif isinstance(raw, list) and _token_list(raw):
         token_ids = [list(raw)]
     elif isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
         texts = list(raw)
@@ -117,7 +117,8 @@ async def embed(entry: ModelEntry, req: EmbeddingRequest) -> dict[str, Any]:
                     f"input[{i}] has {len(ids)} tokens; {entry.id} takes at most {context}",
                     param=f"input[{i}]",
                 )
-        return handle.embed(inputs), sum(len(ids) for ids in inputs)
+        model = cast(EmbeddingModel, handle)  # its capabilities say so
+        return model.embed(inputs), sum(len(ids) for ids in inputs)
 
     entry.begin_request()
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from json import dumps as json_dumps
 from json.encoder import encode_basestring_ascii
 from typing import Any
@@ -36,7 +36,7 @@ from cortex.wire.stream_response import LastChunk
 
 async def batches_until_disconnect(
     stream: GenerationStream, request: Request
-) -> AsyncIterator[list[str]]:
+) -> AsyncGenerator[list[str], None]:
     """The stream's deltas, one list per hand-off; stops as soon as the client is gone (the
     owner's close then ends the generation at the scheduler's next iteration). The disconnect
     check runs once per hand-off, not per token: its tokens are already generated."""
@@ -154,13 +154,13 @@ async def _merged(producers: list[AsyncIterator[list[bytes]]]) -> AsyncIterator[
     try:
         running = len(tasks)
         while running:
-            frames, error = await queue.get()
+            got, error = await queue.get()
             if error is not None:
                 raise error
-            if frames is None:
+            if got is None:
                 running -= 1
-            elif frames:
-                yield frames
+            elif got:
+                yield got
     finally:
         for task in tasks:
             task.cancel()
@@ -224,7 +224,11 @@ async def chat_frames(
     """The ``chat.completion.chunk`` frames of a streamed answer: each choice's role frame,
     then its frames as they come (one send per hand-off), then every choice's finish frame,
     the usage frame and ``[DONE]`` in one last write."""
-    ids = {"id": oai.completion_id(), "model": streams[0].entry.id, "created": int(time.time())}
+    ids: dict[str, Any] = {
+        "id": oai.completion_id(),
+        "model": streams[0].entry.id,
+        "created": int(time.time()),
+    }
     # The role alone (an empty content here would make a tool-call-only answer assemble to ""
     # where the whole answer says null); with the report_prompt_tokens extension (translated
     # routes) the first also carries the prompt's length.
@@ -370,7 +374,11 @@ async def completion_frames(
 ) -> AsyncIterator[bytes]:
     """The ``text_completion`` frames of a streamed completion, one send per hand-off; every
     choice's finish frame, the usage frame and ``[DONE]`` in one last write."""
-    ids = {"id": oai.random_id("cmpl-"), "model": streams[0].entry.id, "created": int(time.time())}
+    ids: dict[str, Any] = {
+        "id": oai.random_id("cmpl-"),
+        "model": streams[0].entry.id,
+        "created": int(time.time()),
+    }
     choices = [_Choice() for _ in streams]
     producers = [
         _completion_choice_frames(stream, index, ids, request, choice)

@@ -25,7 +25,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from cortex.harness import (
@@ -207,7 +207,7 @@ class GenerationStream:
         finally:
             await batches.aclose()
 
-    async def delta_batches(self) -> AsyncIterator[list[str]]:
+    async def delta_batches(self) -> AsyncGenerator[list[str], None]:
         """The text deltas of each hand-off from the scheduler, as one list (never empty): one
         delta per token that produced text, in order, exactly what :meth:`deltas` yields one by
         one. The last one (with ``finish_reason`` already set) also holds the tail the stop

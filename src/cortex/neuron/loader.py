@@ -53,6 +53,8 @@ class LoadRequest:
     # continuous batching capacity (docs/neuron.md#the-scheduler); None: the device's default
     max_batch: int | None = None
     kv_tokens: int | None = None
+    # how many devices of the node the model spans (tensor parallel); None or 1: one
+    devices: int | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LoadRequest:
@@ -65,7 +67,7 @@ class LoadRequest:
             if value is not None and not isinstance(value, str):
                 raise bad_request(f"'{key}' must be a string", param=key)
             values[key] = value or None
-        for key in ("context_length", "max_batch", "kv_tokens"):
+        for key in ("context_length", "max_batch", "kv_tokens", "devices"):
             value = body.get(key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -145,7 +147,11 @@ def pick_device(node: Node, requested: str | None, needed_by_kind: dict[str, int
                 param="device",
             )
         return requested
-    usable = [k for k, w in node.workers.workers.items() if not w.poisoned]
+    usable = [
+        k
+        for k, w in node.workers.workers.items()
+        if not w.poisoned and node.models.reserved_by(k) is None
+    ]
     accelerators = sorted(
         (k for k in usable if node.devices[k].kind != "cpu"), key=lambda k: -node.free(k)
     )
@@ -159,12 +165,74 @@ def pick_device(node: Node, requested: str | None, needed_by_kind: dict[str, int
     raise ApiError(503, "no_device", "every device of this node is poisoned", retry_after=60)
 
 
+def pick_devices(node: Node, requested: str | None, count: int, share: int) -> list[str]:
+    """``count`` devices of one kind for a multi-device load, the primary first: the requested
+    device (or the one with the most free memory) and the others with the most free memory,
+    each holding no model (a secondary is reserved for the model while it is loaded) and each
+    with ``share`` bytes free. Accelerators before the CPU devices. Raises the API error that
+    says which device does not fit, or that the node has too few devices."""
+    usable = [
+        k
+        for k, w in node.workers.workers.items()
+        if not w.poisoned and node.models.reserved_by(k) is None
+    ]
+    if requested is not None:
+        pick_device(node, requested, {})  # an unknown device is a 400
+        kinds = [node.devices[requested].kind]
+    else:
+        kinds = sorted({node.devices[k].kind for k in usable}, key=lambda k: (k == "cpu", k))
+    reasons = []
+    for kind in kinds:
+        same = [k for k in usable if node.devices[k].kind == kind]
+        empty = [k for k in same if not node.models.holding(k)]
+        if requested is not None:
+            primary = requested
+            others = [k for k in empty if k != requested]
+        else:
+            ordered = sorted(same, key=lambda k: -node.free(k))
+            primary = ordered[0] if ordered else ""
+            others = [k for k in empty if k != primary]
+        others.sort(key=lambda k: -node.free(k))
+        chosen = [primary, *others[: count - 1]] if primary else []
+        if len(chosen) < count:
+            reasons.append(
+                f"{len(others) + bool(primary)} usable {kind} device(s) without other models"
+            )
+            continue
+        check_shares(node, chosen, share)
+        return chosen
+    raise ApiError(
+        422,
+        "not_enough_devices",
+        f"a load over {count} devices needs {count} devices of one kind on this node "
+        f"({'; '.join(reasons) or 'none usable'})",
+        param="devices",
+    )
+
+
+def check_shares(node: Node, keys: list[str], share: int) -> None:
+    """503 ``insufficient_memory`` naming the first of ``keys`` without ``share`` bytes free."""
+    short = [k for k in keys if node.free(k) < share]
+    if short:
+        key = short[0]
+        raise ApiError(
+            503,
+            "insufficient_memory",
+            f"a {len(keys)}-device load needs about {_size(share)} on each device; {key} has "
+            f"{_size(node.free(key))} free (of {_size(node.budget(key))}); unload a model "
+            "or choose other devices",
+            retry_after=RETRY_AFTER_MEMORY,
+            details={"required_bytes": share, "free_bytes": node.free(key), "device": key},
+        )
+
+
 def load_options(
     node: Node,
     request: LoadRequest,
     kind: str,
     device_key: str | None,
     extra: dict[str, Any] | None = None,
+    spans: tuple[str, ...] = (),
 ) -> LoadOptions:
     """What the harness gets for a load onto a device of ``kind``: the request's choices, and
     for batching its ``max_batch`` or the device's (``[devices."<key>"] max_batch``)."""
@@ -179,6 +247,7 @@ def load_options(
         extra=extra or {},
         max_batch=max_batch,
         kv_tokens=request.kv_tokens,
+        devices=tuple(node.devices[k] for k in spans) if len(spans) > 1 else (),
     )
 
 
@@ -203,6 +272,14 @@ class Loader:
         resolve_source(node, model_id)  # unknown scheme: a 400 before anything is recorded
         if request.device is not None and request.device not in node.devices:
             pick_device(node, request.device, {})  # raises the 400
+        if request.device is not None and (owner := node.models.reserved_by(request.device)):
+            raise ApiError(
+                409,
+                "device_reserved",
+                f"device {request.device} is reserved for {owner.id}, which spans it; unload "
+                "that model or choose another device",
+                param="device",
+            )
         entry = node.models.get(key)
         if entry is not None:
             if entry.state == READY:
@@ -273,6 +350,10 @@ class Loader:
         def options_for(kind: str, device_key: str | None = None) -> LoadOptions:
             return load_options(node, request, kind, device_key, extra)
 
+        count = request.devices or 1
+        if count > 1:
+            await self._plan_spanning(entry, harness, result, request, extra, count)
+            return await self._finish_load(entry, harness, source, model_id, result)
         kinds = {d.kind for d in node.devices.values()}
         needed = {kind: harness.estimate_memory(result, options_for(kind)) for kind in kinds}
         device_key = pick_device(node, request.device, needed)
@@ -295,6 +376,68 @@ class Loader:
         entry.device = device_key
         entry.worker = worker
         entry.reserved_bytes = required
+        entry.options = options
+        await self._finish_load(entry, harness, source, model_id, result)
+
+    async def _plan_spanning(
+        self,
+        entry: ModelEntry,
+        harness: Harness,
+        result: Preflight,
+        request: LoadRequest,
+        extra: dict[str, Any],
+        count: int,
+    ) -> None:
+        """The plan of a load over ``count`` devices: the harness must allow it, and each
+        device must have an equal share of the estimate free (docs/neuron.md#several-devices)."""
+        node = self.node
+        allowed = int(getattr(harness, "max_devices", 1) or 1)
+        if count > allowed:
+            raise ApiError(
+                422,
+                "harness_single_device",
+                f"harness {harness.name!r} loads a model onto at most {allowed} device(s), "
+                f"not {count}",
+                param="devices",
+            )
+        kind_of = (
+            node.devices[request.device].kind
+            if request.device in node.devices
+            else next(
+                (d.kind for d in node.devices.values() if d.kind != "cpu"),
+                "cpu",
+            )
+        )
+        total = harness.estimate_memory(result, load_options(node, request, kind_of, None, extra))
+        share = -(-total // count)
+        spans = tuple(pick_devices(node, request.device, count, share))
+        primary = spans[0]
+        options = load_options(node, request, node.devices[primary].kind, primary, extra, spans)
+        total = harness.estimate_memory(result, options)  # with every rank's own overhead
+        check_shares(node, list(spans), -(-total // count))
+        worker = node.workers.get(primary)
+        assert worker is not None
+        entry.device = primary
+        entry.devices = spans
+        entry.worker = worker
+        entry.reserved_bytes = total
+        entry.options = options
+
+    async def _finish_load(
+        self,
+        entry: ModelEntry,
+        harness: Harness,
+        source: ModelSource,
+        model_id: ModelSourceId,
+        result: Preflight,
+    ) -> None:
+        """Fetch the files and load on the (primary) device's worker, as planned."""
+        node = self.node
+        device_key = entry.device
+        device = node.devices[device_key]
+        worker = entry.worker
+        options = entry.options
+        assert options is not None
         files = harness.files_needed(result)
         try:
             snapshot = await asyncio.to_thread(source.fetch, model_id, files)
@@ -320,7 +463,8 @@ class Loader:
         entry.last_used = entry.loaded_at
         entry.state = READY
         entry.error = None
-        log.info("loaded %s on %s with %s (%s)", entry.id, device_key, harness.name, _size(memory))
+        where = "+".join(entry.spans)
+        log.info("loaded %s on %s with %s (%s)", entry.id, where, harness.name, _size(memory))
 
     async def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
         request = LoadRequest.from_json(body)

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from cortex.harness import LoadedModel, capabilities_of
+from cortex.harness import LoadedModel, LoadOptions, capabilities_of
 from cortex.neuron.scheduler import ModelLoad
 from cortex.neuron.workers import DeviceWorker
 
@@ -42,8 +42,13 @@ class ModelEntry:
     context_length: int | None = None
     # the load's max_batch (for a harness that does not batch itself, the scheduler's bound)
     max_batch: int | None = None
+    # every device a multi-device load spans, ``device`` (the primary, whose worker runs it)
+    # first; empty for a one-device model. The others are reserved for it while it is here.
+    devices: tuple[str, ...] = ()
     error: dict[str, Any] | None = None
     handle: LoadedModel | None = attrs.field(default=None, repr=False)
+    # what the plan gave the harness (set once a device was chosen)
+    options: LoadOptions | None = attrs.field(default=None, repr=False)
     load_task: asyncio.Task[ModelEntry] | None = attrs.field(default=None, repr=False)
     idle: asyncio.Event = attrs.field(factory=asyncio.Event, repr=False)
 
@@ -67,6 +72,16 @@ class ModelEntry:
         if details:
             self.error["details"] = details
 
+    @property
+    def spans(self) -> tuple[str, ...]:
+        """The devices this model holds memory on."""
+        return self.devices or ((self.device,) if self.device else ())
+
+    def share_on(self, device_key: str) -> int:
+        """The bytes the ledger counts on one of its devices: an equal share of the total."""
+        spans = self.spans
+        return self.reserved_bytes // len(spans) if device_key in spans else 0
+
     def load(self) -> ModelLoad | None:
         """The model's share of its device's scheduler, once it is loaded."""
         if self.handle is None:
@@ -82,6 +97,7 @@ class ModelEntry:
             "id": self.id,
             "harness": self.harness,
             "device": self.device,
+            "devices": list(self.spans),
             "state": self.state,
             "memory_bytes": self.memory_bytes,
             "load_seconds": self.load_seconds,
@@ -116,8 +132,22 @@ class ModelTable:
         return sorted(self._entries.values(), key=lambda e: e.id)
 
     def on_device(self, device_key: str) -> list[ModelEntry]:
+        """Models that run on the device (their primary is that device)."""
         return [e for e in self._entries.values() if e.device == device_key]
 
+    def holding(self, device_key: str) -> list[ModelEntry]:
+        """Models that hold memory on the device: those running there and multi-device
+        models that span it."""
+        return [e for e in self._entries.values() if device_key in e.spans]
+
+    def reserved_by(self, device_key: str) -> ModelEntry | None:
+        """The multi-device model this device is a secondary of (reserved for it), if any."""
+        for entry in self._entries.values():
+            if entry.state != FAILED and device_key in entry.devices[1:]:
+                return entry
+        return None
+
     def reserved_on(self, device_key: str) -> int:
-        """Bytes held or being loaded on a device (failed entries hold nothing)."""
-        return sum(e.reserved_bytes for e in self.on_device(device_key) if e.state != FAILED)
+        """Bytes held or being loaded on a device (failed entries hold nothing); a
+        multi-device model counts its share on each device it spans."""
+        return sum(e.share_on(device_key) for e in self.holding(device_key) if e.state != FAILED)

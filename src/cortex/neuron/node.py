@@ -117,7 +117,7 @@ class Node:
     def _poisoned(self, worker: DeviceWorker) -> None:
         """Called on the worker thread: mark its models failed (a plain attribute write), and
         with ``on_device_fault = "exit"`` start the restart on the event loop."""
-        for entry in self.models.on_device(worker.device.key):
+        for entry in self.models.holding(worker.device.key):
             entry.fail(
                 "device_poisoned",
                 f"device {worker.device.key} is poisoned: {worker.poison_reason}",
@@ -197,8 +197,8 @@ class Node:
             live = self._live_cuda_free(device.index)
             if live is not None:
                 loading = sum(
-                    e.reserved_bytes
-                    for e in self.models.on_device(key)
+                    e.share_on(key)
+                    for e in self.models.holding(key)
                     if e.state != FAILED and e.handle is None
                 )
                 free = min(free, live - loading)
@@ -231,6 +231,8 @@ class Node:
             "queue_depth": worker.queue_depth if worker is not None else 0,
             "requests_in_progress": worker.requests_in_progress if worker is not None else 0,
             "max_queue": worker.max_queue if worker is not None else 0,
+            # a secondary device of a multi-device model: no other model is placed here
+            "reserved_by": reserved.id if (reserved := self.models.reserved_by(key)) else None,
         }
 
     def refresh_gauges(self) -> None:

@@ -195,7 +195,7 @@ async def _start(
         return built
 
     try:
-        return await run_on_worker(entry, job, internal=True)  # type: ignore[no-any-return]
+        return await run_on_worker(entry, job, internal=True)
     except BaseException:
         if built:  # queued, but the request failed or was cancelled before it heard so
             for stream in built:

@@ -401,7 +401,7 @@ class WorkerPool:
     def get(self, key: str) -> DeviceWorker | None:
         return self.workers.get(key)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(self.workers.values())
 
     def stop(self) -> None:

@@ -142,10 +142,13 @@ def build_tiny_model(
     arch: str = "llama",
     seed: int = 0,
     context_length: int = 256,
+    shape: dict[str, int] | None = None,
 ) -> Path:
     """Save a random 2-layer ``arch`` model ("llama" or "qwen2") plus the tiny tokenizer into
     ``out_dir`` with ``save_pretrained`` (a few hundred KB, float32 safetensors). Returns
-    ``out_dir``. The same seed gives the same weights, so greedy output is reproducible."""
+    ``out_dir``. The same seed gives the same weights, so greedy output is reproducible.
+    ``shape`` overrides config sizes (vLLM's CPU attention needs a head size of at least 32:
+    ``{"num_attention_heads": 2, "num_key_value_heads": 1}`` at hidden 64)."""
     import torch
     from transformers import (
         AutoTokenizer,
@@ -170,6 +173,7 @@ def build_tiny_model(
         "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         "bos_token_id": None,
         "tie_word_embeddings": False,
+        **(shape or {}),
     }
     if arch == "llama":
         config, model_cls = LlamaConfig(**common), LlamaForCausalLM

@@ -8,6 +8,7 @@ gateway that has this plugin installed never pays for it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from pathlib import Path
@@ -50,9 +51,11 @@ def estimated_kv_bytes_per_token(weight_bytes: int) -> int:
 
 @attrs.frozen
 class LlamaCppHarness:
-    """Registered as ``llamacpp``."""
+    """Registered as ``llamacpp``. ``max_devices``: a load may span up to this many CUDA
+    devices of a node (llama.cpp's layer split)."""
 
     name: str = "llamacpp"
+    max_devices: int = 8
 
     def accepts(self, preflight: Preflight) -> bool:
         if preflight.weight_format not in (WeightFormat.GGUF, WeightFormat.BOTH):
@@ -124,7 +127,23 @@ def load_gguf(
     lib = native.llama()
     started = time.monotonic()
     model_params = lib.llama_model_default_params()
-    if device.kind == "cuda":
+    spans = list(options.devices) if options is not None else []
+    split_keepalive = None
+    if len(spans) > 1:
+        if any(d.kind != "cuda" for d in spans):
+            raise HarnessError("a llama.cpp load spans CUDA devices only (the CPU is one device)")
+        if not lib.llama_supports_gpu_offload():
+            raise HarnessError(
+                "this llama-cpp-python was built without GPU support, so it cannot split a "
+                "model over GPUs"
+            )
+        main_gpu, shares = split_parameters(spans, int(lib.llama_max_devices()))
+        model_params.n_gpu_layers = _ALL_LAYERS
+        model_params.split_mode = lib.LLAMA_SPLIT_MODE_LAYER
+        model_params.main_gpu = main_gpu
+        split_keepalive = (ctypes.c_float * len(shares))(*shares)  # read during the load
+        model_params.tensor_split = split_keepalive
+    elif device.kind == "cuda":
         if not lib.llama_supports_gpu_offload():
             raise HarnessError(
                 "this llama-cpp-python was built without GPU support, so it cannot load onto "
@@ -151,7 +170,7 @@ def load_gguf(
         options = options or LoadOptions()
         max_batch, _ = capacity_of(context, options)
         cells = kv_cells_for(context, options)
-        _check_fits(lib, model, metadata, device, cells, path.name)
+        _check_fits(lib, model, metadata, device, cells, path.name, spans)
         params = _context_params(lib, device, settings, cells, max_batch)
         ctx = lib.llama_init_from_model(model, params)
         if ctx is None:
@@ -186,8 +205,27 @@ def load_gguf(
     return loaded
 
 
+def split_parameters(spans: list[Device], max_devices: int) -> tuple[int, list[float]]:
+    """``main_gpu`` and ``tensor_split`` for a layer split over ``spans`` (CUDA devices, the
+    primary first): an equal share of the layers (and their KV cache) on each assigned device,
+    none on the others; the primary holds the small tensors and runs the final layers' output.
+    """
+    shares = [0.0] * max_devices
+    for device in spans:
+        if not 0 <= device.index < max_devices:
+            raise HarnessError(f"{device.key} is beyond llama.cpp's {max_devices} devices")
+        shares[device.index] = 1.0
+    return spans[0].index, shares
+
+
 def _check_fits(
-    lib: Any, model: Any, metadata: dict[str, str], device: Device, cells: int, name: str
+    lib: Any,
+    model: Any,
+    metadata: dict[str, str],
+    device: Device,
+    cells: int,
+    name: str,
+    spans: list[Device] | None = None,
 ) -> None:
     """Refuse a KV cache that cannot fit the device at all, before llama.cpp allocates (and, on
     the CPU, zeroes) it. The neuron's placement check uses an estimate made before the file was
@@ -196,11 +234,13 @@ def _check_fits(
 
     kv = cells * kv_bytes_per_token(lib, model, metadata)
     weights = int(lib.llama_model_size(model))
-    if weights + kv > device.total_memory:
+    total = sum(d.total_memory for d in spans) if spans else device.total_memory
+    where = "+".join(d.key for d in spans) if spans else device.key
+    if weights + kv > total:
         raise DeviceOutOfMemory(
             f"{name} with a KV cache of {cells} tokens needs {(weights + kv) / MIB:.0f} MiB "
-            f"({kv / MIB:.0f} MiB of KV cache), more than {device.key} has "
-            f"({device.total_memory / MIB:.0f} MiB); ask for a smaller context_length, "
+            f"({kv / MIB:.0f} MiB of KV cache), more than {where} has "
+            f"({total / MIB:.0f} MiB); ask for a smaller context_length, "
             "kv_tokens or max_batch"
         )
 

@@ -222,7 +222,7 @@ class LlamaCppModel:
         self._generations.add(generation)
         return generation
 
-    def admit(self, generation: LlamaCppGeneration) -> None:  # type: ignore[override]
+    def admit(self, generation: LlamaCppGeneration) -> None:
         """Give ``generation`` a slot, keeping (or copying) the longest cached prefix of its
         prompt; at least its last prompt token stays pending, for the logits of its first
         token."""
@@ -270,9 +270,9 @@ class LlamaCppModel:
         slots: set[Slot] = set()
         for index, (generation, count) in enumerate(rows):
             slot = generation.slot  # type: ignore[attr-defined]
-            if slot is None or slot.owner is not generation or generation.closed:  # type: ignore[attr-defined]
+            if slot is None or slot.owner is not generation or generation.closed:
                 raise HarnessError("step_batch() with a generation that is not running")
-            tokens = generation.tokens  # type: ignore[attr-defined]
+            tokens = generation.tokens
             start = len(slot.tokens)
             if not 1 <= count <= len(tokens) - start:
                 raise HarnessError(
@@ -299,17 +299,17 @@ class LlamaCppModel:
                     self._drop(slot)
                 raise
             for token, _, _, _, index in part:
-                rows[index][0].slot.tokens.append(token)  # type: ignore[attr-defined]
+                rows[index][0].slot.tokens.append(token)
             self.stats.tokens_evaluated += len(part)
             self.stats.batched_decodes += 1
             sample = self._lib.llama_sampler_sample
             for position, (_, _, _, wants_logits, index) in enumerate(part):
                 if wants_logits:
                     generation = rows[index][0]
-                    token = int(sample(generation.sampler, self._ctx, position))  # type: ignore[attr-defined]
-                    generation.tokens.append(token)  # type: ignore[attr-defined]
+                    token = int(sample(generation.sampler, self._ctx, position))
+                    generation.tokens.append(token)
                     is_eos = bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-                    wanted = generation.logprobs  # type: ignore[attr-defined]
+                    wanted = generation.logprobs
                     if wanted is None:
                         results[index] = Step(token_id=token, is_eos=is_eos)
                     else:

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
 from cortex.harness import BatchRow, HarnessError, SamplingParams, Step, common_prefix
 from cortex_harness_torch.model import TorchModel, guarded, release_device_cache
-from cortex_harness_torch.prefix import PrefixCache
+from cortex_harness_torch.prefix import PrefixCache, prefix_cache_tokens
 from cortex_harness_torch.rows import RowCache, attention_mask
 from cortex_harness_torch.sampling import TokenSampler, step_of
 
@@ -136,7 +136,7 @@ class BatchedTorchModel(TorchModel):
         self.check_prompt(prompt_ids)
         return BatchedTorchGeneration(self, prompt_ids, sampling)
 
-    def admit(self, generation: BatchedTorchGeneration) -> None:  # type: ignore[override]
+    def admit(self, generation: BatchedTorchGeneration) -> None:
         """Give ``generation`` the next row and copy in the longest cached prefix of its prompt
         (from a running row or a saved prefix); at least its last prompt token is left to
         evaluate, for the logits of its first token."""
@@ -206,7 +206,8 @@ class BatchedTorchModel(TorchModel):
         results: list[Step | None] = [None] * len(rows)
         decode: list[tuple[int, BatchedTorchGeneration]] = []
         prefill: list[tuple[int, BatchedTorchGeneration, int]] = []
-        for i, (generation, count) in enumerate(rows):
+        for i, (row, count) in enumerate(rows):
+            generation = cast(BatchedTorchGeneration, row)  # rows hold this model's generations
             if generation.row is None or generation.closed:
                 raise HarnessError("step_batch() with a generation that is not running")
             if not 1 <= count <= generation.pending_tokens:
@@ -215,9 +216,9 @@ class BatchedTorchModel(TorchModel):
                     f"{generation.pending_tokens} pending"
                 )
             if count == 1:
-                decode.append((i, generation))  # type: ignore[arg-type]
+                decode.append((i, generation))
             else:
-                prefill.append((i, generation, count))  # type: ignore[arg-type]
+                prefill.append((i, generation, count))
         longest_chunk = max((count for _, _, count in prefill), default=1)
         needed = max(g.cached for g in self._running) + longest_chunk + 1
         self._rows.ensure(len(self._running), needed)
@@ -462,11 +463,6 @@ def architecture_signature(model: Any, torch_device: Any) -> tuple[Any, ...]:
         str(next(model.parameters()).dtype),
         getattr(torch_device, "type", str(torch_device)),
     )
-
-
-def prefix_cache_tokens(context_length: int, kv_tokens: int) -> int:
-    """Positions kept for saved prefixes: a quarter of the KV cache, at least one context."""
-    return max(context_length, kv_tokens // 4)
 
 
 def torch_element_size(dtype: Any) -> int:

@@ -39,7 +39,7 @@ def _json_schema(response_format: ResponseFormat) -> str:
     raise ConstraintError(f"response_format {response_format.type!r} cannot be enforced")
 
 
-_COMPACT = {"whitespace_flexible": False}
+_COMPACT: Any = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions (a TypedDict)
 
 
 def _compact(schema: dict[str, Any]) -> str:

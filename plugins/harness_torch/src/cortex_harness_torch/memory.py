@@ -49,7 +49,7 @@ def estimate_bytes(
     """Weights at the target dtype, the KV cache of the load's capacity and of its saved
     prefixes, and headroom."""
     from cortex.harness import LoadOptions, capacity_of
-    from cortex_harness_torch.batched import prefix_cache_tokens
+    from cortex_harness_torch.prefix import prefix_cache_tokens
 
     target = target_dtype_bytes(device_kind)
     weights = weight_file_bytes * target // stored_dtype_bytes(config)

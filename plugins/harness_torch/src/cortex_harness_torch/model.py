@@ -24,6 +24,7 @@ from cortex.harness import (
     STRUCTURED_OUTPUT,
     DeviceFault,
     DeviceOutOfMemory,
+    Generation,
     HarnessError,
     PromptError,
     SamplingParams,
@@ -125,6 +126,7 @@ class TorchGeneration:
                 self._cache = DynamicCache(config=owner.model.config)
                 ids = self._prompt_ids
             else:
+                assert self._last is not None, "a step after the first has a last token"
                 ids = [self._last]
             input_ids = torch.tensor([ids], dtype=torch.long, device=owner.torch_device)
             output = owner.model(
@@ -211,7 +213,7 @@ class TorchModel:
                 f"token ids out of this model's vocabulary (0..{self.vocab_size - 1}): {bad[:5]}"
             )
 
-    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> TorchGeneration:
+    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
         self.check_prompt(prompt_ids)
         return TorchGeneration(self, prompt_ids, sampling)
 

@@ -80,3 +80,9 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+def prefix_cache_tokens(context_length: int, kv_tokens: int) -> int:
+    """Positions kept for saved prefixes: a quarter of the KV cache, at least one context
+    (the memory estimate counts them too)."""
+    return max(context_length, kv_tokens // 4)
