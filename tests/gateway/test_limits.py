@@ -343,3 +343,28 @@ def test_times_in_queries() -> None:
     with pytest.raises(ApiError) as info:
         parse_time("yesterday", 0, "since")
     assert info.value.code == "invalid_time" and info.value.param == "since"
+
+
+# ---- cortex keys new --------------------------------------------------------------------------
+
+
+def test_keys_new_writes_a_named_limited_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cortex.cli.cortex_cli import cli
+
+    path = tmp_path / "keys.txt"
+    args = ["keys", "new", "--name", "alice", "--models", "qwen,acme/echo", "--rpm", "60"]
+    args += ["--tpm", "2000", "--budget-tokens", "100000", "--per", "day", "--key-file", str(path)]
+    made = CliRunner().invoke(cli, args)
+    assert made.exit_code == 0, made.output
+    key = made.output.split("key:", 1)[1].split()[0]
+    (entry,) = read_key_file(path)
+    assert entry.digest.hex() == hash_key(key)[7:]
+    assert entry.key == ApiKey("alice", KeyLimits(("qwen", "acme/echo"), 60, 2000, 100000, "day"))
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = CliRunner().invoke(cli, ["keys", "new", "--name", "alice", "--key-file", str(path)])
+    assert again.exit_code != 0 and "already has a key named 'alice'" in again.output
+    alone = CliRunner().invoke(cli, ["keys", "new", "--name", "bob", "--budget-tokens", "5"])
+    assert alone.exit_code != 0 and "--per" in alone.output
+    assert len(read_key_file(path)) == 1
