@@ -141,6 +141,7 @@ class KeyState:
         "period_start",
         "requests",
         "requests_taken",
+        "resets_at",
         "tokens",
         "tokens_taken",
     )
@@ -157,6 +158,7 @@ class KeyState:
         self.period_start, self.period_end = (
             period_bounds(limits.per, wall) if limits.per else (0.0, math.inf)
         )
+        self.resets_at = rfc3339(self.period_end) if limits.per else ""  # made once a period
         # Running totals this gateway took (written to the store for the other gateways).
         self.requests_taken = 0
         self.tokens_taken = 0
@@ -174,6 +176,7 @@ class KeyState:
         per = self.key.limits.per
         if per is not None and wall >= self.period_end:
             self.period_start, self.period_end = period_bounds(per, wall)
+            self.resets_at = rfc3339(self.period_end)
             self.base = 0
 
     def charge(self, tokens: int, now: float) -> None:
@@ -195,7 +198,7 @@ class KeyState:
             max(0, math.floor(self.tokens.refill(now))) if self.tokens else None
         )
         view["budget_used"] = self.spent if self.budget is not None else None
-        view["budget_resets_at"] = rfc3339(self.period_end) if self.budget is not None else None
+        view["budget_resets_at"] = self.resets_at if self.budget is not None else None
         return view
 
 
@@ -331,7 +334,7 @@ class Limits:
         if state.budget is not None:
             out["x-cortex-budget-limit"] = str(state.budget)
             out["x-cortex-budget-remaining"] = str(max(0, state.budget - state.spent))
-            out["x-cortex-budget-reset"] = rfc3339(state.period_end)
+            out["x-cortex-budget-reset"] = state.resets_at
         return out
 
     # ---- what the store says ----------------------------------------------------------------
