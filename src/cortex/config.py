@@ -334,6 +334,11 @@ class ModelProfile:
     kv_tokens: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
     )
+    # the context a replica is loaded with (the neuron's load ``context_length``); unset: the
+    # model's own (config.json, the GGUF's metadata capped by the harness's max_context)
+    context_length: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
     # how many devices of one node a replica spans (tensor parallel; docs/harnesses.md);
     # unset: one. memory_mb is the whole replica's, split evenly over them.
     devices: int | None = attrs.field(

@@ -258,6 +258,21 @@ def test_cold_load_without_memory_mb_uses_the_neuron_estimate(fleet) -> None:
     assert gw.gateway.scheduler.estimates[model] > 0
 
 
+def test_profile_context_length_is_the_loaded_context(fleet) -> None:
+    """docs/clients.md tells operators to give an agent's model a generous ``context_length``
+    in models.toml: the profile's value is what the neuron loads the model with, and what
+    ``/v1/models`` then says."""
+    model = fleet.publish_echo("acme/sized-context", reply="ok", context_length=4096)
+    gw = fleet.gateway(models=[ModelProfile(id="acme/sized-context", context_length=64)])
+    gw.client().chat.completions.create(model="acme/sized-context", messages=HELLO)
+    assert gw.catalogue()[model]["context_length"] == 64
+    with pytest.raises(openai.BadRequestError) as caught:
+        gw.client().chat.completions.create(
+            model="acme/sized-context", messages=[{"role": "user", "content": "x " * 100}]
+        )
+    assert caught.value.code == "context_length_exceeded"
+
+
 def test_upstream_errors_pass_through_with_status_and_envelope(fleet) -> None:
     model = fleet.publish_echo("acme/short-context", reply="x", context_length=8)
     fleet.load_on("n1", model)

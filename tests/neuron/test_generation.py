@@ -193,6 +193,23 @@ def test_seed_makes_sampling_reproducible(loaded: LiveNeuron) -> None:
     assert one == two
 
 
+@pytest.mark.parametrize("seed", [2**70, -(2**70), 2**64 - 1, -5])
+def test_any_integer_seed_samples(loaded: LiveNeuron, seed: int) -> None:
+    """OpenAI's ``seed`` is any integer; torch's generator takes 64 bits, and a larger seed
+    was a 500 ``generation_failed`` ("Overflow when unpacking long long"). The torch harness
+    keeps the seed's low 64 bits (llama.cpp keeps 32), so any seed samples, reproducibly."""
+    params = {
+        "model": LLAMA,
+        "messages": MESSAGES,
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "seed": seed,
+    }
+    client = loaded.openai()
+    first = client.chat.completions.create(**params).choices[0].message.content
+    assert client.chat.completions.create(**params).choices[0].message.content == first
+
+
 def test_bare_and_qualified_ids_are_one_model_other_scheme_is_another(loaded: LiveNeuron) -> None:
     assert loaded.load("acme/echo")["id"] == ECHO
     assert loaded.load("huggingface:acme/echo")["id"] == ECHO

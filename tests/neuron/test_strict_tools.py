@@ -168,7 +168,7 @@ def _accepts(tiny_llama_dir: Path, grammar: str, text: str) -> bool:
 
 
 def test_the_grammar_holds_a_started_call_to_its_schema(tiny_llama_dir: Path) -> None:
-    from cortex_harness_torch.constraints import tool_call_grammar
+    from cortex.tool_grammar import tool_call_grammar
 
     fmt = ToolCallFormat((ToolSchema("get_time", json.dumps(TIME_PARAMETERS)),))
     auto = tool_call_grammar(fmt, "hermes", None)

@@ -327,3 +327,39 @@ def test_parse_returns_a_validated_object(client: openai.OpenAI) -> None:
             pass
         final = stream.get_final_completion()
     assert isinstance(final.choices[0].message.parsed, Person)
+
+
+def test_json_strings_never_hold_raw_control_characters(client: openai.OpenAI) -> None:
+    """JSON forbids a raw control character (U+0000-U+001F) inside a string: it must be written
+    as an escape. llama-cpp-python's converter lets its string rule take any character but
+    ``"`` and ``\\``, so a sampled answer could hold a raw tab or \\x19 and fail ``json.loads``
+    (found by sampling a free-length string field of the tiny GGUF). Every sampled answer
+    here, free strings and a pattern's ``.`` included, must parse."""
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 60},
+            "code": {"type": "string", "pattern": "^a..$"},
+        },
+        "required": ["name", "code"],
+        "additionalProperties": False,
+    }
+    form = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}
+    parsed = 0
+    for seed in range(8):
+        answer = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"name {seed}"}],
+            response_format=form,  # type: ignore[arg-type]
+            max_tokens=200,
+            temperature=1.0,
+            seed=seed,
+        )
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop"
+        text = choice.message.content or ""
+        assert json.loads(text)["code"].startswith("a"), repr(text)
+        parsed += 1
+    assert parsed == 8

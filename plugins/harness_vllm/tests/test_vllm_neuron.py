@@ -7,6 +7,7 @@ memory back after an unload."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -16,7 +17,9 @@ from typing import Any
 
 import anthropic
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 from cortex.config import (
@@ -342,6 +345,156 @@ def test_tools_are_rendered_by_the_chat_template(neuron: ProcessServer) -> None:
             "/tokenize", json={"model": REPO, "messages": ask, "tools": tools}
         ).json()["count"]
     assert with_tools > plain + 20
+
+
+class Person(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")  # additionalProperties: false
+
+    name: str = pydantic.Field(max_length=12)
+    age: int = pydantic.Field(ge=0, le=120)
+    tags: list[pydantic.constr(max_length=6)] = pydantic.Field(max_length=3)  # type: ignore[valid-type]
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_parse_returns_a_validated_object(client: openai.OpenAI, seed: int) -> None:
+    """vLLM's structured outputs (guidance backend) hold a random-weight model to the schema."""
+    answer = client.chat.completions.parse(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        response_format=Person,
+        max_tokens=200,
+        temperature=1.0,
+        seed=seed,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert isinstance(choice.message.parsed, Person)
+    assert choice.message.content == choice.message.parsed.model_dump_json(), "compact JSON"
+
+
+def test_streamed_json_object_parses(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        response_format={"type": "json_object"},
+        max_tokens=80,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.fixture(scope="module")
+def long_model(
+    neuron: ProcessServer, registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """The tiny model with a 1024-token context: the template writes the tools' schemas into
+    the prompt, and the tiny tokenizer spends a token on nearly every JSON character."""
+    from cortex.testing.tiny_models import build_tiny_model
+
+    from .conftest import VLLM_SHAPE
+
+    folder = tmp_path_factory.mktemp("tiny-vllm-1k") / "llama"
+    publish_repo(
+        registry.root,
+        "acme/tiny-vllm-1k",
+        build_tiny_model(folder, shape=VLLM_SHAPE, context_length=1024),
+    )
+    response = httpx.post(
+        f"{neuron.url}/models/load",
+        json={"model_id": "acme/tiny-vllm-1k", "max_batch": 2, "kv_tokens": 2048},
+        timeout=LOAD_TIMEOUT,
+    )
+    assert response.status_code == 200, response.text
+    return "huggingface:acme/tiny-vllm-1k"
+
+
+def test_required_tool_calls_follow_their_schema(client: openai.OpenAI, long_model: str) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": WEATHER, "strict": True},
+        }
+    ]
+    answer = client.chat.completions.create(
+        model=long_model,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice="required",
+        max_tokens=120,
+        temperature=1.0,
+        seed=4,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    calls = choice.message.tool_calls or []
+    assert calls
+    for call in calls:
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)  # type: ignore[union-attr]
+
+
+def test_a_schema_that_cannot_be_enforced_is_a_400(neuron: ProcessServer) -> None:
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 5,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "bogus"}},
+        },
+    }
+    answer = httpx.post(f"{neuron.url}/v1/chat/completions", json=body, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_response_format" and error["param"] == "response_format"
+
+
+def test_models_lists_what_a_vllm_model_can_do(neuron: ProcessServer) -> None:
+    capabilities = set(models_of(neuron)[MODEL]["capabilities"])
+    assert {"chat", "tools", "logprobs", "structured_output"} <= capabilities
+
+
+def test_logprobs_are_the_models_log_softmax(client: openai.OpenAI, tiny_vllm_dir: Path) -> None:
+    """vLLM's sample logprobs through the neuron equal transformers' log_softmax of the same
+    step (float32 on both sides)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    answer = client.completions.create(
+        model=MODEL, prompt="the river and the old bridge", max_tokens=6, temperature=0, logprobs=3
+    )
+    choice = answer.choices[0]
+    logprobs = choice.logprobs
+    assert logprobs is not None and len(logprobs.token_logprobs or []) == 6
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vllm_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_vllm_dir, local_files_only=True).eval()
+    prompt = list(tokenizer.encode("the river and the old bridge", add_special_tokens=True))
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+    )
+    generated = out[0, len(prompt) :].tolist()
+    with torch.inference_mode():
+        rows = torch.log_softmax(model(out).logits[0].float(), dim=-1)
+    for i, (token, value, top) in enumerate(
+        zip(generated, logprobs.token_logprobs or [], logprobs.top_logprobs or [], strict=True)
+    ):
+        row = rows[len(prompt) - 1 + i]
+        assert value == pytest.approx(float(row[token]), abs=1e-3)
+        assert len(top) == 3
+        expected = sorted(row.tolist(), reverse=True)[:3]
+        assert sorted(top.values(), reverse=True) == pytest.approx(expected, abs=1e-3)
 
 
 def test_unload_gives_the_memory_back(neuron: ProcessServer) -> None:

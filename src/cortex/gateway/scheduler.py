@@ -129,10 +129,10 @@ class LoadFailure:
 
 def load_payload(canonical: str, profile: ModelProfile | None) -> dict[str, object]:
     """What ``/models/estimate`` and ``/models/load`` get for a model: its id and what its
-    ``models.toml`` profile chose (harness, quant, batching capacity)."""
+    ``models.toml`` profile chose (harness, quant, context, batching capacity)."""
     payload: dict[str, object] = {"model_id": canonical}
     if profile is not None:
-        for key in ("harness", "quant", "max_batch", "kv_tokens", "devices"):
+        for key in ("harness", "quant", "context_length", "max_batch", "kv_tokens", "devices"):
             value = getattr(profile, key)
             if value:
                 payload[key] = value

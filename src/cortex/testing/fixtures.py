@@ -96,3 +96,34 @@ def tiny_gguf_repo(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return build_tiny_gguf_repo(
         tmp_path_factory.mktemp("tiny-gguf") / "repo", model_dir=tiny_llama_dir
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_gguf_repo(
+    tiny_embedding_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``tiny_embedding_dir`` (the tiny BERT embedder) as a GGUF repo: ``tiny-bert-embed-F32.gguf``
+    (architecture ``bert``, non-causal, ``bert.pooling_type`` mean), what ``convert_hf_to_gguf``
+    makes of a sentence-transformers encoder. Built once per session."""
+    from cortex.testing.tiny_gguf import build_tiny_embedding_gguf_repo
+
+    return build_tiny_embedding_gguf_repo(
+        tmp_path_factory.mktemp("tiny-bert-gguf") / "repo",
+        kind="bert",
+        model_dir=tiny_embedding_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_embedding_gguf_repo(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``tiny_llama_dir`` as a decoder embedding GGUF (``llama.pooling_type`` mean, the way
+    Qwen3-Embedding-style GGUFs declare their pooling): ``tiny-llama-embed-F32.gguf``."""
+    from cortex.testing.tiny_gguf import build_tiny_embedding_gguf_repo
+
+    return build_tiny_embedding_gguf_repo(
+        tmp_path_factory.mktemp("tiny-llama-embed-gguf") / "repo",
+        kind="llama",
+        model_dir=tiny_llama_dir,
+    )

@@ -119,9 +119,11 @@ def load_gguf(
     options: LoadOptions | None = None,
 ) -> LoadedModel:
     """Open ``path`` on ``device``: all layers on the GPU for a CUDA device (which needs a
-    llama.cpp built with CUDA), else on the CPU with the configured threads. Runs on the
-    device's worker thread."""
+    llama.cpp built with CUDA), else on the CPU with the configured threads. An embedding GGUF
+    (embedding.py says which) gets an embedding context, any other a batched generation one.
+    Runs on the device's worker thread."""
     from cortex_harness_llamacpp import native
+    from cortex_harness_llamacpp.embedding import embedding_pooling
     from cortex_harness_llamacpp.model import LlamaCppModel
 
     lib = native.llama()
@@ -164,6 +166,11 @@ def load_gguf(
         raise _load_failure(f"llama.cpp could not load {path.name} onto {device.key}")
     try:
         metadata = native.model_metadata(lib, model)
+        pooling = embedding_pooling(lib, model, metadata, settings, path.name)
+        if pooling is not None:
+            return _load_embedding_gguf(
+                lib, model, metadata, path, device, settings, context_length, pooling
+            )
         context = resolve_context_length(
             int(lib.llama_model_n_ctx_train(model)), context_length, settings
         )
@@ -200,6 +207,73 @@ def load_gguf(
         context,
         loaded.kv_cells,
         loaded.max_batch,
+        loaded.memory_bytes() / MIB,
+    )
+    return loaded
+
+
+def _load_embedding_gguf(
+    lib: Any,
+    model: Any,
+    metadata: dict[str, str],
+    path: Path,
+    device: Device,
+    settings: LlamaCppSettings,
+    requested_context: int | None,
+    pooling: int,
+) -> LoadedModel:
+    """An embedding context for the loaded ``model`` (embedding.py says how; the caller frees
+    the model if this raises)."""
+    from cortex_harness_llamacpp.embedding import (
+        POOLING_NAMES,
+        LlamaCppEmbeddingModel,
+        embedding_context_length,
+        embedding_context_params,
+    )
+
+    started = time.monotonic()
+    context = embedding_context_length(
+        int(lib.llama_model_n_ctx_train(model)), requested_context, settings
+    )
+    params = embedding_context_params(
+        lib, base_context_params(lib, device, settings), context, pooling
+    )
+    _check_fits(lib, model, metadata, device, int(params.n_ctx), path.name)
+    ctx = lib.llama_init_from_model(model, params)
+    if ctx is None:
+        raise _load_failure(
+            f"llama.cpp could not create an embedding context of {context} tokens for "
+            f"{path.name} on {device.key}"
+        )
+    try:
+        reported = int(lib.llama_pooling_type(ctx))
+        if reported not in POOLING_NAMES:
+            raise HarnessError(
+                f"llama.cpp runs {path.name} with pooling type {reported}, not a pooled embedding"
+            )
+        loaded = LlamaCppEmbeddingModel(
+            lib=lib,
+            model=model,
+            ctx=ctx,
+            path=path,
+            device=device,
+            settings=settings,
+            context_length=context,
+            metadata=metadata,
+        )
+    except BaseException:
+        lib.llama_free(ctx)
+        raise
+    log.info(
+        "loaded %s on %s in %.2fs as an embedding model: %d dimensions, %s pooling%s, "
+        "context %d, %.1f MiB",
+        path.name,
+        device.key,
+        time.monotonic() - started,
+        loaded.dimensions,
+        loaded.pooling,
+        ", normalised" if loaded.normalize else "",
+        context,
         loaded.memory_bytes() / MIB,
     )
     return loaded
@@ -277,12 +351,19 @@ def _context_params(
 ) -> Any:
     """One unified KV cache of ``cells`` cells shared by up to ``2 x max_batch`` sequences: the
     running ones, and as many idle ones keeping a finished generation's prefix."""
-    params = lib.llama_context_default_params()
+    params = base_context_params(lib, device, settings)
     params.n_ctx = cells
     params.n_batch = min(settings.n_batch, cells)
     params.n_ubatch = params.n_batch
     params.n_seq_max = max(1, min(2 * max_batch, lib.llama_max_parallel_sequences()))
     params.kv_unified = True
+    return params
+
+
+def base_context_params(lib: Any, device: Device, settings: LlamaCppSettings) -> Any:
+    """What every context of this harness shares (generation and embedding): threads, flash
+    attention, and on the CPU nothing offloaded."""
+    params = lib.llama_context_default_params()
     params.n_threads = settings.threads
     params.n_threads_batch = settings.threads_batch
     params.no_perf = True

@@ -192,11 +192,35 @@ def _integer_range_as_enum(schema: dict[str, Any], path: str) -> dict[str, Any]:
     return {**rest, "enum": list(range(math.ceil(low), math.floor(high) + 1))}
 
 
+# llama-cpp-python's converter lets a JSON string take any character but ``"`` and ``\\``
+# (``char``) and a pattern's ``.`` anything but a line break (``dot``): a raw control character
+# or an unescaped quote there is not JSON, so a sampled answer could fail to parse. These are
+# llama.cpp's own rules of today (control characters and DEL excluded); a pattern's ``.`` is
+# held to one plain string character.
+_JSON_CHAR = (
+    r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] '
+    r"[0-9a-fA-F])"
+)
+_JSON_DOT = r'dot ::= [^"\\\x7F\x00-\x1F]'
+
+
+def _json_safe(grammar: str) -> str:
+    """``grammar`` with its ``char`` and ``dot`` rules replaced by ones that only write JSON."""
+    lines = []
+    for line in grammar.splitlines():
+        if line.startswith("char ::= "):
+            line = _JSON_CHAR
+        elif line.startswith("dot ::= "):
+            line = _JSON_DOT
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def _gbnf_of_schema(schema: Any, param: str) -> str:
     from llama_cpp import llama_grammar
 
     try:
-        return str(llama_grammar.json_schema_to_gbnf(json.dumps(enforceable(schema))))
+        return _json_safe(llama_grammar.json_schema_to_gbnf(json.dumps(enforceable(schema))))
     except ConstraintError as exc:
         raise ConstraintError(str(exc), param) from None
     except Exception as exc:  # the converter's own errors: an unsupported schema

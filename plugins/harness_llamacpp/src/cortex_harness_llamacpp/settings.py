@@ -38,6 +38,9 @@ def available_cpus() -> int:
 
 
 FLASH_ATTN_MODES = ("auto", "on", "off")
+# ``auto``: what the GGUF says (embedding.py decides whether it is an embedding model); a named
+# pooling serves the file in embedding mode with it, like llama-server's --embedding --pooling.
+POOLING_MODES = ("auto", "mean", "cls", "last")
 
 
 def _one_of(choices: tuple[str, ...]) -> Any:
@@ -65,7 +68,10 @@ class LlamaCppSettings:
     most tokens one ``llama_decode`` takes (a larger scheduler step is decoded in parts);
     ``prefix_cache`` keeps a finished generation's KV cache so a request sharing its prefix
     skips that part of the prefill; ``flash_attn`` is llama.cpp's choice by default (``auto``:
-    on where the backend supports it), ``on`` or ``off`` to force it.
+    on where the backend supports it), ``on`` or ``off`` to force it. ``pooling`` (``auto``:
+    the GGUF decides) makes any GGUF an embedding model with that pooling;
+    ``normalize_embeddings`` scales each vector to unit length (what llama-server does by
+    default).
     """
 
     n_threads: int | None = attrs.field(default=None, validator=_positive)
@@ -74,6 +80,8 @@ class LlamaCppSettings:
     n_batch: int = attrs.field(default=DEFAULT_BATCH, validator=_positive)
     prefix_cache: bool = True
     flash_attn: str = attrs.field(default="auto", validator=_one_of(FLASH_ATTN_MODES))
+    pooling: str = attrs.field(default="auto", validator=_one_of(POOLING_MODES))
+    normalize_embeddings: bool = True
 
     @property
     def threads(self) -> int:

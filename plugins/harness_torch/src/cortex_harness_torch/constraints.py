@@ -21,76 +21,18 @@ One constraint per generation: in a batch each row keeps its own grammar state.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from cortex.harness import ConstraintError, ResponseFormat, ToolCallFormat
-from cortex.tool_grammar import HERMES_CLOSE, HERMES_OPEN, ToolCallStyle, call_schema
+from cortex.tool_grammar import (
+    JSON_COMPACT,
+    ToolCallStyle,
+    response_format_schema,
+    tool_call_grammar,
+)
 
 if TYPE_CHECKING:
     import torch
-
-
-def _json_schema(response_format: ResponseFormat) -> str:
-    if response_format.type == "json_object":
-        return json.dumps({"type": "object"})
-    if response_format.type == "json_schema" and response_format.schema is not None:
-        return response_format.schema
-    raise ConstraintError(f"response_format {response_format.type!r} cannot be enforced")
-
-
-_COMPACT: Any = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions (a TypedDict)
-
-
-def _compact(schema: dict[str, Any]) -> str:
-    """A schema for llguidance's ``%json``, compact JSON unless it asks otherwise."""
-    return json.dumps({**schema, "x-guidance": {**_COMPACT, **schema.get("x-guidance", {})}})
-
-
-def _lark_literal(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid Lark string literal
-
-
-def tool_call_grammar(
-    tool_calls: ToolCallFormat, style: ToolCallStyle | None, text: ResponseFormat | None
-) -> str:
-    """The Lark grammar (llguidance's dialect) of an answer with tool calls in ``style``;
-    ``text``: the format the answer must follow when it is not a call."""
-    if style is None:
-        raise ConstraintError(
-            "this model's chat template writes tool calls in no syntax cortex can hold to a "
-            "schema (it knows <tool_call> blocks and Llama 3 JSON calls)",
-            param="tool_choice" if tool_calls.required else "tools",
-        )
-    try:
-        call = _compact(call_schema(tool_calls, style))
-        answer = _compact(json.loads(_json_schema(text))) if text is not None else None
-    except ValueError as exc:
-        raise ConstraintError(
-            f"a tool's parameters are not a JSON Schema: {exc}", param="tools"
-        ) from None
-    free = "answer" if answer else "FREE"
-    rules = [f"call: %json {call}"]
-    if answer:
-        rules.append(f"answer: %json {answer}")
-    if style == "hermes":
-        opener, close = _lark_literal(HERMES_OPEN), _lark_literal(HERMES_CLOSE)
-        more = f'("\\n" {opener} call {close})*'
-        if tool_calls.required:
-            rules.insert(0, f"start: {opener} call {close} {more}")
-        else:
-            # free text that never writes the marker, or text up to the marker, then calls
-            marker = HERMES_OPEN.strip()
-            rules.insert(0, f"start: {free} | lead calls")
-            rules.append(f"lead[stop={_lark_literal(marker)}]: /(?s:.*)/")
-            rules.append(f'calls: "\\n" call {close} {more}')
-            if not answer:
-                rules.append(f"FREE: /(?s:.*)/ & ~/(?s:.*{marker}.*)/")
-    else:  # llama3_json: the whole answer is one call
-        rules.insert(0, "start: call" if tool_calls.required else f"start: {free} | call")
-        if not answer and not tool_calls.required:
-            rules.append("FREE: /(?s:.*)/ & ~/(?s:\\s*\\{.*)/")
-    return "\n".join(rules) + "\n"
 
 
 class GrammarTokenizer:
@@ -136,7 +78,7 @@ class JsonConstraint:
                 # compact JSON unless the schema asks otherwise (x-guidance): a small model
                 # given free whitespace can spend its whole token budget on it
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                    _json_schema(response_format), defaults=_COMPACT
+                    response_format_schema(response_format), defaults=JSON_COMPACT
                 )
             else:
                 raise ConstraintError("nothing to enforce")
@@ -173,4 +115,4 @@ class JsonConstraint:
             self._matcher.consume_token(token)
 
 
-__all__ = ["GrammarTokenizer", "JsonConstraint", "tool_call_grammar"]
+__all__ = ["GrammarTokenizer", "JsonConstraint"]

@@ -35,7 +35,8 @@ class TokenSampler:
         if not self.greedy:
             self._generator = torch.Generator(device=device)
             if params.seed is not None:
-                self._generator.manual_seed(params.seed)
+                # any integer: torch takes 64 bits (a negative one maps the same either way)
+                self._generator.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
             else:
                 self._generator.seed()
         self._uses_repetition = params.repetition_penalty != 1.0

@@ -160,6 +160,8 @@ def load_engine(
         "kv_cache_memory_bytes": max(1, kv_bytes),  # per rank
         "enforce_eager": settings.eager_for(kind),
         "enable_prefix_caching": settings.prefix_caching,
+        # the grammars cortex builds are Lark in llguidance's dialect (model.py)
+        "structured_outputs_config": {"backend": "guidance"},
         "tensor_parallel_size": tp,
         "disable_log_stats": True,
         "trust_remote_code": False,

@@ -27,6 +27,16 @@ the load's ``kv_tokens`` plus one block per sequence (``memory.py``). ``kv_token
 the scheduler and ``/models`` is vLLM's own: ``(num_blocks - max_batch) x block_size``, so the
 reservations the scheduler admits always fit vLLM's blocks, partly filled last blocks included.
 
+**Structured output and logprobs** use vLLM's own machinery: a ``response_format`` or tool
+calls held to their schemas (``SamplingParams.tool_calls``) become a Lark grammar in
+llguidance's dialect (:mod:`cortex.tool_grammar`, the grammar the torch harness enforces
+itself), handed to vLLM as ``structured_outputs`` with its ``guidance`` backend (the engine is
+started with it), so both harnesses hold an answer to the same grammar: compact JSON unless the
+schema's ``x-guidance`` asks otherwise. The grammar is checked with llguidance when the
+generation starts, so a schema it cannot enforce is the client's 400 naming the part, not an
+engine error later. ``logprobs`` come from vLLM's sampler (``logprobs=k``: the chosen token's
+and the k most likely, from the model's distribution before sampling).
+
 **EOS and stopping.** The engine runs with ``ignore_eos`` and ``max_tokens`` at what the context
 leaves: the neuron decides where a generation ends (EOS from the model's generation config and
 tokenizer, as the torch harness reads them; ``max_tokens``; stop strings, matched on the event
@@ -40,13 +50,30 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cortex.chat_template import render_prompt
-from cortex.harness import BatchRow, HarnessError, PromptError, SamplingParams, Step
+from cortex.harness import (
+    LOGPROBS,
+    STRUCTURED_OUTPUT,
+    BatchRow,
+    ConstraintError,
+    HarnessError,
+    PromptError,
+    SamplingParams,
+    Step,
+    template_capabilities,
+)
+from cortex.tool_grammar import (
+    compact_schema,
+    response_format_schema,
+    tool_call_grammar,
+    tool_call_style,
+)
 
 log = logging.getLogger("cortex.harness.vllm")
 
@@ -103,6 +130,13 @@ class VllmModel:
         self.vocab_size = int(model_config.get_vocab_size())
         generation_config = _generation_config(model_config)
         self.eos_ids = eos_ids_of(generation_config, model_config.hf_config, self.tokenizer)
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.capabilities = frozenset({LOGPROBS, STRUCTURED_OUTPUT}) | template_capabilities(
+            template
+        )
+        if isinstance(template, dict):  # named templates: any of them may hold the tool syntax
+            template = "\n".join(str(t) for t in template.values())
+        self.tool_call_style = tool_call_style(template if isinstance(template, str) else None)
         self._memory_bytes = memory_bytes
         self._shutdown = shutdown
         self._running: dict[str, VllmGeneration] = {}
@@ -147,8 +181,9 @@ class VllmModel:
 
     def _sampling_params(self, sampling: SamplingParams, room: int) -> Any:
         from vllm import SamplingParams as VllmSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        grammar = self.grammar_for(sampling)
         return VllmSamplingParams(
             n=1,
             temperature=max(0.0, float(sampling.temperature)),
@@ -163,7 +198,45 @@ class VllmModel:
             detokenize=False,
             skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
+            logprobs=sampling.logprobs,
+            structured_outputs=(
+                StructuredOutputsParams(grammar=grammar) if grammar is not None else None
+            ),
         )
+
+    def grammar_for(self, sampling: SamplingParams) -> str | None:
+        """The Lark grammar a generation decodes under (None when its request asked for no
+        structured output), checked by llguidance now: a :class:`ConstraintError` (the
+        client's 400 naming the part) when it cannot be enforced."""
+        if sampling.response_format is None and sampling.tool_calls is None:
+            return None
+        param = "tools" if sampling.tool_calls is not None else "response_format"
+        try:
+            if sampling.tool_calls is not None:
+                grammar = tool_call_grammar(
+                    sampling.tool_calls, self.tool_call_style, sampling.response_format
+                )
+            else:
+                assert sampling.response_format is not None
+                schema = json.loads(response_format_schema(sampling.response_format))
+                grammar = f"start: %json {compact_schema(schema)}\n"
+        except ConstraintError:
+            raise
+        except ValueError as exc:
+            raise ConstraintError(f"the JSON schema cannot be read: {exc}", param) from None
+        import llguidance
+
+        try:
+            failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+                llguidance.LLMatcher.grammar_from_lark(grammar)
+            )
+        except Exception as exc:  # an unreadable grammar
+            raise ConstraintError(f"the JSON schema cannot be enforced: {exc}", param) from None
+        if failed:  # (is_error, messages)
+            raise ConstraintError(
+                f"the JSON schema cannot be enforced: {'; '.join(messages)}", param
+            )
+        return grammar
 
     def admit(self, generation: VllmGeneration) -> None:  # type: ignore[override]
         """Hand the generation to vLLM's engine; it is scheduled from the next step on."""
@@ -204,7 +277,9 @@ class VllmModel:
                 continue
             completion = output.outputs[0] if output.outputs else None
             if completion is not None:
-                generation.received(completion.token_ids, output.num_cached_tokens)
+                generation.received(
+                    completion.token_ids, output.num_cached_tokens, completion.logprobs
+                )
             if output.finished:
                 generation.engine_finished = True
                 self._running.pop(output.request_id, None)
@@ -246,6 +321,25 @@ class VllmModel:
             raise HarnessError(f"{self.path.name} has been unloaded")
 
 
+def with_logprobs(step: Step, entry: Any, top: int) -> Step:
+    """``step`` with its token's log-probability and the ``top`` most likely tokens' from one
+    position of vLLM's sample logprobs (token id -> ``Logprob(logprob, rank)``: the chosen
+    token and the k most likely, ranked from 1)."""
+    chosen = entry.get(step.token_id) if entry is not None else None
+    if chosen is None:
+        return step
+    ranked = sorted(
+        ((int(t), p) for t, p in entry.items() if p.rank is not None and p.rank <= top),
+        key=lambda item: item[1].rank,
+    )
+    return Step(
+        token_id=step.token_id,
+        is_eos=step.is_eos,
+        logprob=float(chosen.logprob),
+        top_logprobs=tuple((t, float(p.logprob)) for t, p in ranked),
+    )
+
+
 def _generation_config(model_config: Any) -> dict[str, Any] | None:
     try:
         config = model_config.try_get_generation_config()
@@ -262,7 +356,7 @@ class VllmGeneration:
         self.prompt = prompt
         self.params = params
         self.request_id: str | None = None
-        self.tokens: collections.deque[int] = collections.deque()
+        self.tokens: collections.deque[Step] = collections.deque()
         self.produced = 0
         self.cached_tokens = 0
         self.engine_finished = False
@@ -273,16 +367,24 @@ class VllmGeneration:
         """The prompt until vLLM hands out the first token, then 1 (see the module docstring)."""
         return 1 if self.produced or self.tokens else len(self.prompt)
 
-    def received(self, token_ids: Sequence[int], cached: int | None) -> None:
+    def received(
+        self, token_ids: Sequence[int], cached: int | None, logprobs: Sequence[Any] | None = None
+    ) -> None:
         if not self.produced and not self.tokens and cached:
             self.cached_tokens = int(cached)
-        self.tokens.extend(token_ids)
+        eos_ids = self.model.eos_ids
+        top = self.params.logprobs
+        for index, token in enumerate(token_ids):
+            token = int(token)
+            step = Step(token_id=token, is_eos=token in eos_ids)
+            if top is not None and logprobs is not None and index < len(logprobs):
+                step = with_logprobs(step, logprobs[index], top)
+            self.tokens.append(step)
 
     def take(self) -> Step | None:
         if self.tokens:
-            token = self.tokens.popleft()
             self.produced += 1
-            return Step(token_id=token, is_eos=token in self.model.eos_ids)
+            return self.tokens.popleft()
         if self.engine_finished:
             raise HarnessError(
                 f"the context of {self.model.context_length} tokens is full (vLLM ended the "
