@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_BUILD_DIR ?= $(HOME)/.cache/cortex/llama-cpp-build
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: venv vllm-venv test lint format help clean dist version demo bench clients browser
+.PHONY: venv vllm-venv test lint format help clean dist version demo bench clients browser postgres
 
 help:
 	@echo "make demo    a two-neuron fleet on this machine, walked through step by step (ARGS=--once)"
@@ -25,6 +25,7 @@ help:
 	@echo "make lint    ruff check + ruff format --check + mypy (src/ and plugins/)"
 	@echo "make clients the pinned Claude Code and Codex CLI that tests/clients runs (npm, cached)"
 	@echo "make browser Debian's chromium for the dashboard's browser tests (apt, once)"
+	@echo "make postgres Debian's PostgreSQL for the usage-store tests (apt, once)"
 	@echo "make format  apply ruff formatting"
 	@echo "make dist    wheel + sdist of every distribution into dist/, checked by twine"
 	@echo "make version V=1.2.3  set the version of every distribution (docs/deploy.md)"
@@ -93,10 +94,25 @@ browser:
 			>/dev/null; } || echo "chromium could not be installed: the browser tests will skip"; \
 	else echo "no $(CORTEX_CHROMIUM) and no root apt-get: the dashboard's browser tests will skip"; fi
 
+# The PostgreSQL server the usage-store tests start on their own (tests/reliability/test_teams.py,
+# cortex.testing.postgres: initdb into a temporary folder, pg_ctl on a free port): Debian's
+# package, installed once when missing. CORTEX_PG_BIN names another folder of binaries; without
+# root and apt-get those tests skip and say why.
+postgres:
+	@if [ -n "$$CORTEX_PG_BIN" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| command -v initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's postgresql for the usage-store tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql >/dev/null; } \
+			|| echo "postgresql could not be installed: the PostgreSQL tests will skip"; \
+	else echo "no PostgreSQL binaries and no root apt-get: the PostgreSQL tests will skip"; fi
+
+
 # The vLLM harness's tests are not collected in .venv (no vllm there): they run in .venv-vllm
 # (VLLM_PYTEST_ARGS; VLLM_TESTS=0 skips that step, e.g. with PYTEST_ARGS naming one test).
 VLLM_TESTS ?= 1
-test: lint clients browser $(if $(filter 1,$(VLLM_TESTS)),vllm-venv)
+test: lint clients browser postgres $(if $(filter 1,$(VLLM_TESTS)),vllm-venv)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 ifeq ($(VLLM_TESTS),1)
 	$(VLLM_BIN)/python -m pytest plugins/harness_vllm $(VLLM_PYTEST_ARGS)

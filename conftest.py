@@ -8,8 +8,14 @@ selects the ``fuzz`` profile instead: random seeds, ``CORTEX_FUZZ_SCALE`` times 
 """
 
 import os
+import tempfile
 
 from hypothesis import settings
+
+# Gateways with keys keep usage in a SQLite file in the state directory (docs/operators.md):
+# tests (and the gateways they start as processes) write theirs to a fresh folder, never to the
+# home directory of whoever runs them.
+os.environ.setdefault("CORTEX_STATE_DIR", tempfile.mkdtemp(prefix="cortex-test-state-"))
 
 pytest_plugins = ["cortex.testing.fixtures"]
 

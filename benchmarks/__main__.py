@@ -15,6 +15,7 @@ from benchmarks import (
     concurrency,
     gateway_overhead,
     harness_overhead,
+    key_overhead,
     scale,
     structured_output,
 )
@@ -26,6 +27,7 @@ NAMES = (
     "structured_output",
     "cold_start",
     "scale",
+    "key_overhead",
 )
 
 
@@ -55,6 +57,8 @@ def main() -> None:
             cold_start.run(args.quick)
         elif name == "scale":
             scale.run(args.quick, [10, 100, 500])
+        elif name == "key_overhead":
+            key_overhead.run(args.quick)
     if args.no_plots:
         return
     if importlib.util.find_spec("matplotlib") is None:

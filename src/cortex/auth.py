@@ -27,14 +27,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from cortex.config import AuthSection, ConfigError
+from cortex.keyfile import HASH_PREFIX, ApiKey, KeyEntry, check_consistent, read_key_file, unnamed
 from cortex.wire.asgi import scope_headers, send_error
 from cortex.wire.errors import ApiError
 from cortex.wire.http import DialectForPath, default_dialect
 
 log = logging.getLogger(__name__)
 
-HASH_PREFIX = "sha256:"
 KEY_PREFIX = "ck-"
 NEURON_TOKEN_HEADER = "x-cortex-token"
 # Headers that carry a credential: stripped from anything the gateway forwards to a neuron.
@@ -62,10 +64,16 @@ def _digest(key: str) -> bytes:
 
 
 class KeySet:
-    """Digests of the accepted keys; :meth:`matches` is constant-time over the whole set."""
+    """Digests of the accepted keys, each with who it is (:class:`ApiKey`); :meth:`identify`
+    is constant-time over the whole set."""
 
-    def __init__(self, digests: Iterable[bytes] = ()) -> None:
+    def __init__(self, digests: Iterable[bytes] = (), keys: Iterable[ApiKey] | None = None) -> None:
         self._digests = tuple(digests)
+        self._keys = (
+            tuple(keys) if keys is not None else tuple(ApiKey(unnamed(d)) for d in self._digests)
+        )
+        if len(self._keys) != len(self._digests):
+            raise ValueError("one ApiKey per digest")
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -76,49 +84,41 @@ class KeySet:
     def __repr__(self) -> str:  # never print digests either: they identify keys
         return f"KeySet({len(self._digests)} keys)"
 
-    def matches(self, presented: str | None) -> bool:
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        return self._keys
+
+    def identify(self, presented: str | None) -> ApiKey | None:
+        """Who ``presented`` is, or None. Every stored digest is compared (no early exit), so
+        timing says nothing about which key matched or how much of one."""
         if presented is None or not self._digests:
-            return False
+            return None
         digest = _digest(presented)
-        found = False
-        for stored in self._digests:
-            found |= hmac.compare_digest(digest, stored)
-        return found
+        found = -1
+        for index, stored in enumerate(self._digests):
+            if hmac.compare_digest(digest, stored):
+                found = index
+        return self._keys[found] if found >= 0 else None
+
+    def matches(self, presented: str | None) -> bool:
+        return self.identify(presented) is not None
 
     def union(self, other: KeySet) -> KeySet:
-        return KeySet((*self._digests, *other._digests))
+        return KeySet((*self._digests, *other._digests), (*self._keys, *other._keys))
 
     @classmethod
     def from_keys(cls, keys: Iterable[str]) -> KeySet:
         return cls(_digest(k) for k in keys)
 
+    @classmethod
+    def from_named(cls, keys: Mapping[str, ApiKey]) -> KeySet:
+        """Keys (the secrets) with who each is: for tests and embedding."""
+        return cls((_digest(k) for k in keys), keys.values())
 
-def read_key_file(path: Path) -> list[bytes]:
-    """Digests from a key file: one ``sha256:<hex>`` per line, optionally followed by a label;
-    blank lines and ``#`` comments are skipped. A line that is not a hash is refused (naming the
-    line number, never its content: it may be a key pasted by mistake)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the key file ({exc.strerror})") from None
-    digests = []
-    for number, line in enumerate(text.splitlines(), 1):
-        entry = line.split("#", 1)[0].strip()
-        if not entry:
-            continue
-        token = entry.split()[0]
-        hex_part = token[len(HASH_PREFIX) :] if token.startswith(HASH_PREFIX) else ""
-        try:
-            digest = bytes.fromhex(hex_part)
-        except ValueError:
-            digest = b""
-        if len(digest) != 32:
-            raise ConfigError(
-                f"{path}: line {number} is not a 'sha256:<64 hex digits>' hash "
-                "(store hashes, not keys: see 'cortex keys hash')"
-            )
-        digests.append(digest)
-    return digests
+    @classmethod
+    def from_entries(cls, entries: Iterable[KeyEntry]) -> KeySet:
+        listed = list(entries)
+        return cls((e.digest for e in listed), (e.key for e in listed))
 
 
 def load_key_set(
@@ -127,9 +127,11 @@ def load_key_set(
     environ: Mapping[str, str],
     base_dir: Path,
     what: str,
+    admin: bool = False,
 ) -> KeySet:
-    """Keys from an env var (comma- or newline-separated) and/or a key file of hashes."""
-    digests: list[bytes] = []
+    """Keys from an env var (comma- or newline-separated; unnamed) and/or a key file of hashes
+    with names and limits (:mod:`cortex.keyfile`)."""
+    entries: list[KeyEntry] = []
     if env_name:
         value = environ.get(env_name)
         if value is None:
@@ -137,11 +139,13 @@ def load_key_set(
         keys = [k.strip() for k in value.replace("\n", ",").split(",") if k.strip()]
         if not keys:
             raise ConfigError(f"[auth] {what}: the environment variable {env_name} is empty")
-        digests.extend(_digest(k) for k in keys)
+        for k in keys:
+            digest = _digest(k)
+            entries.append(KeyEntry(digest, ApiKey(unnamed(digest), admin=admin)))
     if file_name:
         path = Path(file_name).expanduser()
-        digests.extend(read_key_file(path if path.is_absolute() else base_dir / path))
-    return KeySet(digests)
+        entries.extend(read_key_file(path if path.is_absolute() else base_dir / path, admin))
+    return KeySet.from_entries(entries)
 
 
 def read_token(env_name: str | None, environ: Mapping[str, str], where: str) -> str | None:
@@ -177,16 +181,35 @@ def without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 class GatewayAuth:
-    """What the gateway accepts: client keys, admin keys, or nothing (auth off)."""
+    """What the gateway accepts: client keys, admin keys, or nothing (auth off). Each key has a
+    name and limits (:mod:`cortex.keyfile`); :meth:`authenticate` says who a request is."""
 
     def __init__(self, client_keys: KeySet, admin_keys: KeySet, required: bool) -> None:
         self.client_keys = client_keys
         self.admin_keys = admin_keys
         self.required = required
+        # One pass over every digest per request: admin keys first (an admin key that is also
+        # listed as a client key is an admin key).
+        admin = KeySet(admin_keys._digests, (attrs.evolve(k, admin=True) for k in admin_keys.keys))
+        self._all = admin.union(client_keys)
+        check_consistent(
+            KeyEntry(d, k) for d, k in zip(self._all._digests, self._all.keys, strict=True)
+        )
 
     @property
     def enabled(self) -> bool:
         return self.required or bool(self.client_keys) or bool(self.admin_keys)
+
+    def key_names(self) -> list[str]:
+        """Every configured key name (the bounded values of the ``key`` metric label)."""
+        return sorted({k.name for k in self._all.keys})
+
+    def accounts(self) -> dict[str, ApiKey]:
+        """One :class:`ApiKey` per name (lines sharing a name are one account)."""
+        found: dict[str, ApiKey] = {}
+        for key in self._all.keys:
+            found.setdefault(key.name, key)
+        return found
 
     @classmethod
     def from_config(
@@ -195,7 +218,12 @@ class GatewayAuth:
         environ = os.environ if environ is None else environ
         client = load_key_set(section.keys_env, section.keys_file, environ, base_dir, "keys")
         admin = load_key_set(
-            section.admin_keys_env, section.admin_keys_file, environ, base_dir, "admin keys"
+            section.admin_keys_env,
+            section.admin_keys_file,
+            environ,
+            base_dir,
+            "admin keys",
+            admin=True,
         )
         required = bool(section.required) or bool(client) or bool(admin)
         if section.required and not client and not admin:
@@ -205,16 +233,18 @@ class GatewayAuth:
             )
         return cls(client, admin, required)
 
-    def check(self, path: str, headers: Mapping[str, str]) -> ApiError | None:
-        """None when the request may go on, else the error to answer."""
+    def authenticate(self, path: str, headers: Mapping[str, str]) -> ApiKey | ApiError | None:
+        """Who the request is (its :class:`ApiKey`), the error to answer, or None when auth is
+        off or the path is open."""
         if not self.enabled or path in OPEN_PATHS:
             return None
-        key = presented_key(headers)
+        presented = presented_key(headers)
+        key = self._all.identify(presented)
         is_admin_route = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
-        if self.admin_keys.matches(key):
-            return None
+        if key is not None and (key.admin or not is_admin_route):
+            return key
         if is_admin_route:
-            if self.client_keys.matches(key):
+            if key is not None:
                 return ApiError(
                     403, "admin_key_required", "this route needs an admin key, not an API key"
                 )
@@ -224,13 +254,16 @@ class GatewayAuth:
                 "missing or invalid admin key (send an admin key "
                 "as 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
             )
-        if self.client_keys.matches(key):
-            return None
-        if key is None:
+        if presented is None:
             message = "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
         else:
             message = "invalid API key"
         return ApiError(401, "invalid_api_key", message)
+
+    def check(self, path: str, headers: Mapping[str, str]) -> ApiError | None:
+        """None when the request may go on, else the error to answer."""
+        found = self.authenticate(path, headers)
+        return found if isinstance(found, ApiError) else None
 
 
 class AuthMiddleware:

@@ -243,6 +243,37 @@ class AuthSection:
 
 
 @attrs.frozen
+class UsageSection:
+    """``[usage]``: where usage per key and model is kept (docs/operators.md). Only requests
+    with a key are accounted, so nothing is written while auth is off."""
+
+    # "sqlite" (a file, the default), "postgres" (one database for several gateways: usage and
+    # the limit counters, so they enforce one budget), or "off" (limits still apply, from
+    # memory; nothing survives a restart).
+    store: str = attrs.field(
+        default="sqlite", validator=attrs.validators.in_(("sqlite", "postgres", "off"))
+    )
+    # The SQLite file (relative: from the config file's folder); unset: usage.db in
+    # $CORTEX_STATE_DIR, else $XDG_STATE_HOME/cortex, else ~/.local/state/cortex.
+    path: str | None = None
+    # The env var holding the PostgreSQL connection string (it may hold a password).
+    dsn_env: str = "CORTEX_USAGE_DSN"
+    # How often usage is written and the shared counters are read (off the request path).
+    flush_interval: Duration = attrs.field(
+        default=Duration(1.0), converter=to_duration, validator=_positive_duration
+    )
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """Where the gateway keeps state by default (the usage database)."""
+    if environ.get("CORTEX_STATE_DIR"):
+        return Path(environ["CORTEX_STATE_DIR"]).expanduser()
+    if environ.get("XDG_STATE_HOME"):
+        return Path(environ["XDG_STATE_HOME"]).expanduser() / "cortex"
+    return Path("~/.local/state/cortex").expanduser()
+
+
+@attrs.frozen
 class NeuronRef:
     name: str
     endpoint: str
@@ -253,11 +284,21 @@ class CortexConfig:
     gateway: GatewaySection = attrs.field(factory=GatewaySection)
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
     auth: AuthSection = attrs.field(factory=AuthSection)
+    usage: UsageSection = attrs.field(factory=UsageSection)
     neurons: list[NeuronRef] = attrs.field(factory=list)
     # How the gateway verifies https:// neurons (and its client certificate for them).
     neuron_tls: NeuronTls = attrs.field(factory=NeuronTls)
     models_config: str = "models.toml"
     base_dir: Path = attrs.field(default=Path("."), metadata={"file": False})
+
+    def usage_path(self, environ: Mapping[str, str] | None = None) -> Path:
+        """The SQLite usage file: ``[usage] path`` (relative to the config's folder), else
+        ``usage.db`` in the state directory (:func:`default_state_dir`)."""
+        environ = os.environ if environ is None else environ
+        if self.usage.path:
+            path = Path(self.usage.path).expanduser()
+            return path if path.is_absolute() else self.base_dir / path
+        return default_state_dir(environ) / "usage.db"
 
     @property
     def models_config_path(self) -> Path:

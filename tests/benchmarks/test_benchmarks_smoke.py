@@ -57,6 +57,17 @@ def test_gateway_overhead_quick(tmp_path: Path) -> None:
     assert report["settings"]["load_generator"] == expected
 
 
+def test_key_overhead_quick(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "key_overhead")
+    results = report["results"]
+    assert set(results) == {"no keys", "keys", "keys+limits"}
+    for name, r in results.items():  # the key is accepted, its limits never refuse
+        assert r["errors_c1"] == 0 and r["errors_c64"] == 0, name
+        assert positive(r["cpu_us_c1"]) and positive(r["cpu_us_c64"]), name
+    assert set(report["derived"]) == {"keys", "keys+limits"}
+    assert positive(report["code_path_us"]["lookup+limits"])
+
+
 def test_python_load_generator_counts_requests_and_errors(tmp_path: Path) -> None:
     """The fallback used where wrk is missing: real requests against the fake upstream."""
     from benchmarks.common import python_load, python_server

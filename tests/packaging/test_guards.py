@@ -29,7 +29,7 @@ SOURCES = [
 DOCS = "\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 
 # Calls whose second positional argument is an error code answered to a client.
-ERROR_TYPES = {"ApiError", "UpstreamUnreachable", "ClientGone", "BodyTooLarge"}
+ERROR_TYPES = {"ApiError", "UpstreamUnreachable", "ClientGone", "BodyTooLarge", "LimitError"}
 # Codes of base classes no code raises as such (each subclass has its own, documented, code).
 BASE_CODES = {
     "invalid_model_id": "cortex.source.ModelIdError, the base of the id-grammar errors",

@@ -28,6 +28,7 @@ from cortex.config import (
     NeuronConfig,
     NeuronRef,
     NeuronTls,
+    UsageSection,
     structure_config,
 )
 from cortex.gateway.app import create_app as create_gateway_app
@@ -149,6 +150,8 @@ class Parts:
         models: list[ModelProfile] | None = None,
         auth: AuthSection | None = None,
         neuron_tls: NeuronTls | None = None,
+        usage: UsageSection | None = None,
+        aliases: dict[str, str] | None = None,
         **settings: Any,
     ) -> GatewayUnderTest:
         values: dict[str, Any] = {
@@ -162,10 +165,15 @@ class Parts:
         config = CortexConfig(
             gateway=GatewaySection(**values),
             auth=auth or AuthSection(),
+            usage=usage or UsageSection(),
             neurons=[NeuronRef(name, url) for name, url in neurons.items()],
             neuron_tls=neuron_tls or NeuronTls(),
         )
-        gateway = Gateway(config, ModelsConfig(models=models or []), load_strategy("lru"))
+        gateway = Gateway(
+            config,
+            ModelsConfig(models=models or [], aliases=aliases or {}),
+            load_strategy("lru"),
+        )
         server = UvicornThread(create_gateway_app(gateway)).start()
         self.stoppers.append(server.stop)
         return GatewayUnderTest(gateway, server)

@@ -11,6 +11,7 @@ from cortex.cli.keys import keys
 from cortex.cli.plugin_new import plugin_group
 from cortex.cli.serve import serve
 from cortex.cli.status import status
+from cortex.cli.usage import usage
 from cortex.demo.main import demo
 from cortex.registry.cli import registry
 
@@ -28,6 +29,7 @@ cli.add_command(registry)
 cli.add_command(plugin_group)
 cli.add_command(keys)
 cli.add_command(status)
+cli.add_command(usage)
 cli.add_command(models)
 cli.add_command(load)
 cli.add_command(unload)

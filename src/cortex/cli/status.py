@@ -72,6 +72,35 @@ def _event_rows(events: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+KEY_COLUMNS = [
+    "key",
+    "models",
+    "requests/min left",
+    "tokens/min left",
+    "budget used",
+    "resets",
+    "in-flight",
+]
+
+
+def _of(left: Any, limit: Any) -> str:
+    return "-" if limit is None else f"{left} / {limit}"
+
+
+def _key_row(k: dict[str, Any]) -> list[str]:
+    """One key of ``/admin/status``: its name (never the key), models, what is left now."""
+    budget = k.get("budget_tokens")
+    return [
+        str(k.get("name")),
+        ", ".join(k.get("models") or []) or "any",
+        _of(k.get("requests_remaining"), k.get("rpm")),
+        _of(k.get("tokens_remaining"), k.get("tpm")),
+        "-" if budget is None else f"{k.get('budget_used')} / {budget} per {k.get('per')}",
+        str(k.get("budget_resets_at") or "-"),
+        str(k.get("in_flight", 0)),
+    ]
+
+
 def render_fleet(endpoint: str, view: dict[str, Any]) -> None:
     out = console()
     nodes = view.get("nodes", [])
@@ -121,6 +150,15 @@ def render_fleet(endpoint: str, view: dict[str, Any]) -> None:
         out.print(
             f"failed load: {model}: {failure.get('code')}: {failure.get('message')} "
             f"(attempts {failure.get('attempts')}, next try in {failure.get('retry_in')}s)"
+        )
+    keys = view.get("keys") or []
+    if keys:
+        out.print(table("keys", KEY_COLUMNS, [_key_row(k) for k in keys]))
+    store = view.get("usage_store")
+    if isinstance(store, dict) and not store.get("ok", True):
+        out.print(
+            f"usage store {store.get('store')}: {store.get('failed_syncs')} failed sync(s), "
+            f"{store.get('pending_rows')} row(s) waiting: {store.get('last_error')}"
         )
     events = _event_rows(view.get("events") or [])
     columns = ["time", "event", "model", "node", "outcome", "took"]

@@ -9,6 +9,7 @@ These routes need an admin key when keys are configured (docs/security.md).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import attrs
@@ -16,6 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from cortex.config import ModelProfile
+from cortex.gateway.accounting import GROUPS, parse_time
+from cortex.gateway.limits import rfc3339
 from cortex.gateway.pins import set_pinned
 from cortex.gateway.service import Gateway
 from cortex.gateway.status_view import fleet_status
@@ -66,6 +69,41 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         """Nodes with devices and memory, models with state, in-flight, idle time and pinning,
         loads in progress, failed loads and recent events (``cortex status``)."""
         return JSONResponse(fleet_status(gateway))
+
+    @app.get("/admin/usage")
+    async def admin_usage(
+        key: str | None = None,
+        since: str = "30d",
+        until: str | None = None,
+        group: str = "total",
+    ) -> JSONResponse:
+        """Usage per key and model from the usage store (every gateway that shares it):
+        requests, errors, prompt and completion tokens, seconds (``cortex usage``)."""
+        accounting = gateway.accounting
+        if accounting is None:
+            raise ApiError(
+                409,
+                "usage_off",
+                "this gateway accounts usage per key, and has no keys (auth is off)",
+            )
+        if group not in GROUPS:
+            raise bad_request(
+                f"group must be one of {', '.join(GROUPS)}", param="group", code="invalid_group"
+            )
+        now = time.time()
+        start = parse_time(since, now, "since")
+        end = parse_time(until, now, "until") if until is not None else now + 3600
+        rows = await accounting.query(start, end, key, group)
+        return JSONResponse(
+            {
+                "since": rfc3339(start // 3600 * 3600),
+                "until": rfc3339(end),
+                "group": group,
+                "key": key,
+                "store": accounting.status()["store"],
+                "usage": rows,
+            }
+        )
 
     @app.get("/admin/events")
     async def admin_events(limit: int = 50) -> JSONResponse:

@@ -57,35 +57,62 @@ class ClientGone(ApiError):
 class Slot:
     """One admitted request; :meth:`release` is idempotent (several paths may end a request)."""
 
-    def __init__(self, gate: Gate | None) -> None:
+    __slots__ = ("_gate", "key")
+
+    def __init__(self, gate: Gate | None, key: str | None = None) -> None:
         self._gate = gate
+        self.key = key
 
     def release(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate.release()
+            gate.release(self.key)
+
+
+class Waiter:
+    """A request in a gate's queue: the future its slot is handed through, and its key."""
+
+    __slots__ = ("future", "key")
+
+    def __init__(self, future: asyncio.Future[None], key: str | None) -> None:
+        self.future = future
+        self.key = key
 
 
 class Gate:
-    """At most ``limit`` holders; at most ``queue_size`` waiters, served first come first
-    served; a freed slot is handed straight to the next waiter still waiting."""
+    """At most ``limit`` holders; at most ``queue_size`` waiters; a freed slot is handed straight
+    to a waiter still waiting.
+
+    Fair share between keys: a freed slot goes to the waiter whose key holds the fewest slots
+    (the oldest such waiter first), and a full queue makes room for a key with fewer waiters by
+    refusing the newest waiter of the key with the most. So one key sending far more than the
+    model can serve (a runaway agent) fills what nobody else wants, but another key's request
+    waits for one slot to free, not for the greedy key's whole backlog. Requests without a key
+    (auth off) are one group: first come, first served, as before."""
 
     def __init__(self, name: str, limit: int, queue_size: int) -> None:
         self.name = name
         self.limit = limit
         self.queue_size = queue_size
         self.active = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[Waiter] = deque()
+        self.held: dict[str | None, int] = {}  # slots held per key
 
     @property
     def waiting(self) -> int:
-        return sum(1 for f in self.waiters if not f.done())
+        return sum(1 for w in self.waiters if not w.future.done())
 
-    async def enter(self, timeout: float | None, retry_after: float) -> Slot:
+    def _hold(self, key: str | None) -> None:
+        self.held[key] = self.held.get(key, 0) + 1
+
+    async def enter(
+        self, timeout: float | None, retry_after: float, key: str | None = None
+    ) -> Slot:
         if self.active < self.limit and not self.waiting:
             self.active += 1
-            return Slot(self)
-        if self.waiting >= self.queue_size:
+            self._hold(key)
+            return Slot(self, key)
+        if self.waiting >= self.queue_size and not self._make_room(key, retry_after):
             raise ApiError(
                 429,
                 "model_queue_full",
@@ -94,17 +121,45 @@ class Gate:
                 retry_after=retry_after,
             )
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(granted)
+        waiter = Waiter(granted, key)
+        self.waiters.append(waiter)
         try:
             await self._wait(granted, timeout, retry_after)
         except BaseException:
-            if granted.done() and not granted.cancelled():
-                self.release()  # granted while leaving: hand the slot on
-            else:
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                self.release(key)  # granted while leaving: hand the slot on
+            elif not granted.done():
                 granted.cancel()
-            self._forget(granted)
+            self._forget(waiter)
             raise
-        return Slot(self)
+        return Slot(self, key)
+
+    def _make_room(self, key: str | None, retry_after: float) -> bool:
+        """The queue is full: refuse the newest waiter of the key with the most waiters when
+        ``key`` has fewer (fair share). True when a place was freed."""
+        counts: dict[str | None, int] = {}
+        for w in self.waiters:
+            if not w.future.done():
+                counts[w.key] = counts.get(w.key, 0) + 1
+        if not counts:
+            return False
+        heaviest = max(counts, key=lambda k: counts[k])
+        if counts.get(key, 0) + 1 >= counts[heaviest]:
+            return False
+        for w in reversed(self.waiters):
+            if w.key == heaviest and not w.future.done():
+                w.future.set_exception(
+                    ApiError(
+                        429,
+                        "model_queue_full",
+                        f"model {self.name!r} is at its limit and its queue is full; this "
+                        "request gave its place to another key's (fair share); retry after a "
+                        "moment",
+                        retry_after=retry_after,
+                    )
+                )
+                return True
+        return False
 
     async def _wait(
         self, granted: asyncio.Future[None], timeout: float | None, retry_after: float
@@ -121,7 +176,7 @@ class Gate:
                 if watch is not None and not watch.done():
                     watch.cancel()
             if granted.done():
-                return
+                break
             if watch is not None and watch.done() and not watch.cancelled():
                 if watch.result().get("type") == "http.disconnect":
                     raise ClientGone(499, "client_closed", "the client went away while queued")
@@ -133,18 +188,46 @@ class Gate:
                     f"model {self.name!r} stayed at its limit for {timeout:g}s; try again",
                     retry_after=retry_after,
                 )
+        granted.result()  # a waiter refused to make room (fair share) raises here
 
-    def _forget(self, future: asyncio.Future[None]) -> None:
+    def _forget(self, waiter: Waiter) -> None:
         with contextlib.suppress(ValueError):  # already handed a slot and popped
-            self.waiters.remove(future)
+            self.waiters.remove(waiter)
 
-    def release(self) -> None:
-        while self.waiters:
-            nxt = self.waiters.popleft()
-            if not nxt.done():
-                nxt.set_result(None)  # the slot passes on; ``active`` is unchanged
-                return
+    def release(self, key: str | None = None) -> None:
+        held = self.held.get(key, 0) - 1
+        if held > 0:
+            self.held[key] = held
+        else:
+            self.held.pop(key, None)
+        nxt = self._next()
+        if nxt is not None:
+            self._hold(nxt.key)
+            nxt.future.set_result(None)  # the slot passes on; ``active`` is unchanged
+            return
         self.active -= 1
+
+    def _next(self) -> Waiter | None:
+        """The waiter a freed slot goes to: the oldest of the key holding the fewest slots."""
+        while self.waiters and self.waiters[0].future.done():
+            self.waiters.popleft()
+        if not self.waiters:
+            return None
+        best: Waiter | None = None
+        best_held = 0
+        keys_seen: set[str | None] = set()
+        for w in self.waiters:
+            if w.future.done() or w.key in keys_seen:
+                continue
+            keys_seen.add(w.key)
+            held = self.held.get(w.key, 0)
+            if best is None or held < best_held:
+                best, best_held = w, held
+                if held == 0:
+                    break
+        if best is not None:
+            self.waiters.remove(best)
+        return best
 
 
 class Admission:
@@ -165,9 +248,9 @@ class Admission:
             gate = self.gates[model] = Gate(model, self.per_model, self.queue_size)
         return gate
 
-    async def enter(self, model: str) -> Slot:
+    async def enter(self, model: str, key: str | None = None) -> Slot:
         started = time.monotonic()
-        slot = await self.gate(model).enter(self.queue_timeout, self.retry_after)
+        slot = await self.gate(model).enter(self.queue_timeout, self.retry_after, key)
         timeout = self.queue_timeout
         HOLD_UNTIL.set(math.inf if timeout is None else started + timeout)
         return slot

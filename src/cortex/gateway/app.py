@@ -120,6 +120,7 @@ def create_app(gateway: Gateway, auth: GatewayAuth | None = None) -> GatewayApp:
     ``auth`` defaults to the keys named in ``[auth]`` (docs/security.md)."""
     if auth is None:
         auth = GatewayAuth.from_config(gateway.config.auth, gateway.config.base_dir)
+    gateway.install_keys(auth)  # names, limits and usage accounting (auth on only)
     mode = gateway.config.gateway.dashboard
     dashboard = Dashboard(gateway, auth, mode) if mode != "off" else None
     recorded = cast(

@@ -105,7 +105,7 @@ async def serve_translated(
         return StreamingResponse(
             _kept_alive(answer, translator, interval, tally),
             media_type="text/event-stream",
-            headers={**STREAM_HEADERS, **extra},
+            headers={**STREAM_HEADERS, **extra, **(tally.limit_headers or {})},
         )
     except BaseException:
         if not answer.done():  # the client went away: stop routing / waiting for it

@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from cortex.auth import without_credentials
 from cortex.config import CortexConfig
+from cortex.gateway.limits import KeyState, LimitError, Limits
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.policies import AnswerPolicy
 from cortex.gateway.proxy import UpstreamUnreachable, open_upstream
@@ -50,6 +51,9 @@ class Dispatcher:
         self.transport = transport
         self.metrics = metrics
         self.resolve = resolve
+        # Per-key limits (set by Gateway.install_keys when the gateway has keys).
+        self.limits: Limits | None = None
+        self.default_source: Callable[[], str] = lambda: ""
         self.retry_after = float(g.retry_after)
         self.ping_interval = g.stream_keepalive.seconds or 10.0
         self.timeout = aiohttp.ClientTimeout(
@@ -74,10 +78,19 @@ class Dispatcher:
         byte was relayed is left for another node (:meth:`cortex.gateway.scheduler.Lease.reroute`).
         """
         resolved = self.resolve(requested)
+        account = tally.account
+        gateway_headers = {NODE_HEADER: "", MODEL_HEADER: resolved.canonical}
+        if account is not None:
+            limit_headers = self._admit(tally, account, requested, resolved, policy.queued)
+            if limit_headers:
+                tally.limit_headers = limit_headers
+                gateway_headers.update(limit_headers)
         body = policy.body(resolved.canonical)
         # A client's key is for the gateway alone; the neuron gets the cluster token instead.
         headers = without_credentials(client_headers)
-        lease = await self.scheduler.acquire(resolved, queued=policy.queued)
+        lease = await self.scheduler.acquire(
+            resolved, queued=policy.queued, key=account.name if account is not None else None
+        )
         session = self.transport.session
         route = policy.upstream_route
         retry_after = self.retry_after
@@ -107,12 +120,8 @@ class Dispatcher:
                 tally.end("client_disconnected" if _cancelled(exc) else "internal_error")
                 raise
             try:
-                return await policy.answer(
-                    resp,
-                    tally,
-                    {NODE_HEADER: node.name, MODEL_HEADER: resolved.canonical},
-                    retry_after,
-                )
+                gateway_headers[NODE_HEADER] = node.name
+                return await policy.answer(resp, tally, gateway_headers, retry_after)
             except ApiError as exc:
                 tally.end(exc.code)  # a no-op when the policy ended it (it usually has)
                 raise
@@ -120,6 +129,29 @@ class Dispatcher:
                 resp.close()
                 tally.end("client_disconnected" if _cancelled(exc) else "internal_error")
                 raise
+
+    def _admit(
+        self, tally: Tally, account: KeyState, requested: str, resolved: Resolved, queued: bool
+    ) -> dict[str, str]:
+        """The key's checks (cortex.gateway.limits): may it use this model, and (for a
+        generation: ``count_tokens`` spends nothing) is it within its rates and budget. The
+        answer's rate-limit headers, or the 403/429 (counted per key and reason)."""
+        limits = self.limits
+        assert limits is not None
+        try:
+            limits.check_model(
+                account,
+                requested,
+                resolved.canonical,
+                self.default_source(),
+                lambda name: self.resolve(name).canonical,
+            )
+            if not queued:
+                return {}
+            return limits.admit(account, tally.route.startswith("/v1/messages"))
+        except LimitError as exc:
+            self.metrics.key_limited.labels(account.name, exc.reason).inc()
+            raise
 
 
 def _cancelled(exc: BaseException) -> bool:

@@ -95,11 +95,11 @@ class PlainEndpoint:
         path = self.route.path
         dialect = self.dialect
         headers = scope_headers(scope)
-        error = self.auth.check(path, headers)
-        if error is not None:
-            self.recorder.open(path).fail(error)
-            extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-            await send_error(send, error, dialect, extra)
+        key = self.auth.authenticate(path, headers)  # who it is (None: auth off)
+        if isinstance(key, ApiError):
+            self.recorder.open(path).fail(key)
+            extra = {"WWW-Authenticate": "Bearer"} if key.status == 401 else None
+            await send_error(send, key, dialect, extra)
             return
         if scope["method"] != "POST":
             await send_error(
@@ -116,13 +116,13 @@ class PlainEndpoint:
         watching = CURRENT_RECEIVE.set(receive)  # queued waiters see their client leave
         try:
             payload = parse_json_object(await read_body(receive, limit))
-            tally = self.recorder.open(path)
+            tally = self.recorder.open(path, key)
             tally.requested = payload.get("model")
             response = await self.answer(self.dispatcher, tally, payload, headers)
         except ClientLeft:
             return
         except ApiError as exc:
-            (tally or self.recorder.open(path)).fail(exc)
+            (tally or self.recorder.open(path, key)).fail(exc)
             await send_error(send, exc, dialect, close=isinstance(exc, BodyTooLarge))
             return
         except Exception as exc:

@@ -73,6 +73,16 @@ class RequestSeries:
     in_flight: Any
 
 
+@attrs.frozen
+class KeySeries:
+    """The labelled series of one (key, model)."""
+
+    ok: Any
+    error: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self._series: dict[tuple[str, str, str], RequestSeries] = {}
@@ -168,6 +178,61 @@ class GatewayMetrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
+
+        # Per key (docs/security.md): labels are configured key names only, never a key.
+        self.key_requests = Counter(
+            "cortex_key_requests",
+            "Requests by key name, model and status (ok or error); only requests with a key",
+            ["key", "model", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "cortex_key_tokens",
+            "Tokens by key name, model and kind (prompt or completion)",
+            ["key", "model", "kind"],
+            registry=r,
+        )
+        self.key_limited = Counter(
+            "cortex_key_limited",
+            "Requests refused or cut by a key's limits, by reason (requests_per_minute, "
+            "tokens_per_minute, budget, model_not_allowed, budget_cut: a stream ended at the "
+            "budget)",
+            ["key", "reason"],
+            registry=r,
+        )
+        self.key_budget_remaining = Gauge(
+            "cortex_key_budget_remaining_tokens",
+            "Tokens left in a key's budget for the current day or month (keys with a budget)",
+            ["key"],
+            registry=r,
+        )
+        self.usage_store_errors = Counter(
+            "cortex_usage_store_errors",
+            "Usage syncs that failed (the store could not be reached or refused the write); "
+            "the rows are kept and written by the next sync that works",
+            registry=r,
+        )
+        self.usage_store_up = Gauge(
+            "cortex_usage_store_up", "1 when the last usage sync worked", registry=r
+        )
+        self.usage_pending_rows = Gauge(
+            "cortex_usage_pending_rows",
+            "Usage rows (hour x key x model) recorded but not written to the store yet",
+            registry=r,
+        )
+        self._key_series: dict[tuple[str, str], KeySeries] = {}
+
+    def key_series(self, key: str, model: str) -> KeySeries:
+        """The series of requests of ``key`` on ``model`` (memoised, as :meth:`series`)."""
+        found = self._key_series.get((key, model))
+        if found is None:
+            found = self._key_series[(key, model)] = KeySeries(
+                ok=self.key_requests.labels(key, model, "ok"),
+                error=self.key_requests.labels(key, model, "error"),
+                prompt_tokens=self.key_tokens.labels(key, model, "prompt"),
+                completion_tokens=self.key_tokens.labels(key, model, "completion"),
+            )
+        return found
 
     def series(self, route: str, model: str, node: str) -> RequestSeries:
         """The series of requests on ``route`` for ``model`` served by ``node`` (memoised)."""

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import aiohttp
 from starlette.responses import JSONResponse, Response
 
+from cortex.gateway.metering import metered
 from cortex.gateway.neuron_client import retry_after_of
 from cortex.gateway.proxy import (
     ModelRewriter,
@@ -99,10 +100,18 @@ class PassThrough:
 
     queued = True
 
-    def __init__(self, route: str, payload: dict[str, Any], requested: str) -> None:
+    def __init__(
+        self, route: str, payload: dict[str, Any], requested: str, metering: bool = False
+    ) -> None:
         self.upstream_route = route
         self._payload = payload
         self._requested = requested
+        # A key with a token budget or rate: its stream is counted as it passes (and ended at
+        # the budget); a chat stream asks for the prompt's length up front (the first chunk's
+        # usage, taken out before the client sees it), so the prompt counts from the start.
+        self._metered = metering and payload.get("stream") is True
+        self._kind = "completion" if route == "/v1/completions" else "chat"
+        self._canonical = ""
         # Token metrics need the usage a stream reports only when asked: ask on behalf of a
         # client that did not, and keep that usage-only chunk from it.
         options = payload.get("stream_options")
@@ -118,6 +127,11 @@ class PassThrough:
         if self._drop_usage_only:
             options = self._payload.get("stream_options")
             upstream["stream_options"] = {**(options or {}), "include_usage": True}
+        if self._metered and self._kind == "chat":
+            extension = self._payload.get("cortex")
+            extension = extension if isinstance(extension, dict) else {}
+            upstream["cortex"] = {**extension, "report_prompt_tokens": True}
+        self._canonical = canonical
         self._rewrite = ModelRewriter(canonical, self._requested)
         return json.dumps(upstream).encode()
 
@@ -137,8 +151,17 @@ class PassThrough:
         if resp.status == 200 and content_type.startswith("text/event-stream"):
             out.setdefault("cache-control", "no-cache")
             out["x-accel-buffering"] = "no"
+            chunks = None
+            if self._metered and observer.metered:
+                chunks = metered(
+                    resp.content.iter_any(),
+                    observer,
+                    self._kind,
+                    self._canonical,
+                    strip_first_usage=self._kind == "chat",
+                )
             return UpstreamStreamingResponse(
-                relay_sse(resp, rewrite, observer, self._drop_usage_only),
+                relay_sse(resp, rewrite, observer, self._drop_usage_only, chunks),
                 resp,
                 observer,
                 status_code=200,
@@ -211,8 +234,10 @@ class Translate:
         self._whole = whole
         self._stream = stream
         self._ping_interval = ping_interval
+        self._canonical = ""
 
     def body(self, canonical: str) -> bytes:
+        self._canonical = canonical
         return json.dumps({**self._chat, "model": canonical}).encode()
 
     async def answer(
@@ -228,7 +253,9 @@ class Translate:
         content_type = resp.headers.get("content-type", "")
         if self._stream is not None and content_type.startswith("text/event-stream"):
             return TranslatedStream(
-                _translated_stream(resp, self._stream(), observer, self._ping_interval),
+                _translated_stream(
+                    resp, self._stream(), observer, self._ping_interval, self._canonical
+                ),
                 resp,
                 observer,
                 media_type="text/event-stream",
@@ -278,6 +305,7 @@ async def _translated_stream(
     translator: StreamTranslator,
     observer: Observer,
     ping_interval: float,
+    canonical: str = "",
 ) -> AsyncIterator[bytes]:
     waiting_for_token = True
 
@@ -292,8 +320,11 @@ async def _translated_stream(
 
     error: str | None = None
     try:
+        chunks = _chunks(resp)
+        if observer.metered:  # counted as it passes, ended cleanly at the key's budget
+            chunks = metered(chunks, observer, "chat", canonical)
         async for frame in translate_sse(
-            _chunks(resp), translator, ping_interval=ping_interval, on_chunk=on_chunk
+            chunks, translator, ping_interval=ping_interval, on_chunk=on_chunk
         ):
             yield frame
     except BaseException:

@@ -126,6 +126,20 @@ class Observer(Protocol):
     def on_end(self, error: str | None) -> None:
         """The answer is over (idempotent: the first report wins)."""
 
+    # A request whose key has a token budget or rate (cortex.gateway.metering): its output
+    # tokens are counted as they stream, and the stream ends at the budget.
+    cut: bool
+
+    @property
+    def metered(self) -> bool:
+        """Whether output tokens are counted as they stream."""
+
+    def on_streamed(self, tokens: int) -> bool:
+        """``tokens`` more output tokens streamed; False when the key's budget is spent."""
+
+    def streamed_usage(self) -> tuple[int, int]:
+        """(prompt, completion) tokens as known now."""
+
 
 class UpstreamStreamingResponse(WatchedStreamingResponse):
     """A streamed answer relayed from a neuron. It always releases its upstream, even when the
@@ -159,12 +173,15 @@ async def relay_sse(
     rewrite: ModelRewriter,
     observer: Observer,
     drop_usage_only: bool = False,
+    chunks: AsyncIterator[bytes] | None = None,
 ) -> AsyncIterator[bytes]:
+    """``resp``'s SSE frames (or ``chunks`` read from it: a metered stream) relayed with the
+    model rewritten, the first token and the usage reported to ``observer``."""
     buffer = b""
     waiting_for_token = True
     error: str | None = None
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in chunks if chunks is not None else resp.content.iter_any():
             buffer += chunk
             end = buffer.rfind(b"\n\n")
             if end < 0:

@@ -39,7 +39,7 @@ async def openai_answer(
             "the request needs a 'model' field naming a model from GET /v1/models",
             param="model",
         )
-    policy = PassThrough(tally.route, payload, requested)
+    policy = PassThrough(tally.route, payload, requested, tally.metered)
     return await dispatcher.serve(tally, requested, policy, headers)
 
 

@@ -271,13 +271,16 @@ class Scheduler:
 
     # ---- the request path -------------------------------------------------------------------
 
-    async def acquire(self, resolved: Resolved, *, queued: bool = True) -> Lease:
+    async def acquire(
+        self, resolved: Resolved, *, queued: bool = True, key: str | None = None
+    ) -> Lease:
         """Admit the request (``queued``: through its model's gate, waiting in its queue when
-        the model is at its limit) and route it: a ready replica, else a cold load first.
-        Raises the :class:`ApiError` a client gets when neither can happen."""
+        the model is at its limit; ``key``: the key's name, for fair share between keys) and
+        route it: a ready replica, else a cold load first. Raises the :class:`ApiError` a
+        client gets when neither can happen."""
         if queued:
             entered = time.monotonic()
-            slot = await self.admission.enter(resolved.canonical)
+            slot = await self.admission.enter(resolved.canonical, key)
             queue_wait = time.monotonic() - entered
             label = resolved.canonical if self.known(resolved)[0] else OTHER
             self.metrics.queue_wait.labels(label).observe(queue_wait)

@@ -19,12 +19,14 @@ import logging
 import os
 from typing import Any
 
-from cortex.auth import read_token
-from cortex.config import CortexConfig, ModelsConfig
+from cortex.auth import GatewayAuth, read_token
+from cortex.config import ConfigError, CortexConfig, ModelsConfig
 from cortex.eviction import EvictionStrategy
+from cortex.gateway.accounting import Accounting
 from cortex.gateway.catalogue import build_catalogue
 from cortex.gateway.dispatch import Dispatcher
 from cortex.gateway.fleet import Fleet
+from cortex.gateway.limits import Limits
 from cortex.gateway.metrics import OTHER, GatewayMetrics
 from cortex.gateway.nodes import NodeState
 from cortex.gateway.recent_errors import RecentErrors
@@ -32,9 +34,27 @@ from cortex.gateway.router import Resolved, Resolver
 from cortex.gateway.scheduler import Scheduler
 from cortex.gateway.tally import Recorder
 from cortex.gateway.transport import Transport
+from cortex.gateway.usage_store import PostgresStore, SqliteStore, UsageStore
 from cortex.wire.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+
+def open_store(config: CortexConfig) -> UsageStore | None:
+    """The usage store ``[usage]`` names (nothing is connected yet: the first sync does it, so
+    a database that is down at start does not stop the gateway)."""
+    usage = config.usage
+    if usage.store == "off":
+        return None
+    if usage.store == "postgres":
+        dsn = os.environ.get(usage.dsn_env, "").strip()
+        if not dsn:
+            raise ConfigError(
+                f"[usage] store = 'postgres': the environment variable {usage.dsn_env} "
+                "(dsn_env) is not set or empty"
+            )
+        return PostgresStore(dsn)
+    return SqliteStore(config.usage_path())
 
 
 def load_strategy(name: str) -> EvictionStrategy:
@@ -91,11 +111,34 @@ class Gateway:
         self.recent_errors = RecentErrors()  # /admin/status and the dashboard
         self.recorder = Recorder(self.metrics, self.model_label, self.recent_errors)
         self._maintenance: asyncio.Task[None] | None = None  # the loop start() runs
+        # Keys with names and limits, and usage accounting (install_keys; None: auth off).
+        self.limits: Limits | None = None
+        self.accounting: Accounting | None = None
+
+    def install_keys(self, auth: GatewayAuth) -> None:
+        """The keys the gateway accepts (:mod:`cortex.auth`): per-key limits, and usage
+        accounting in ``[usage] store``. A no-op with auth off: there is no key to account to,
+        and the request path stays as it was."""
+        if not auth.enabled or self.limits is not None:
+            return
+        self.limits = Limits(auth.accounts())
+        self.accounting = Accounting(
+            open_store(self.config),
+            self.limits,
+            self.metrics,
+            self.config.usage.flush_interval.seconds or 1.0,
+        )
+        self.recorder.limits = self.limits
+        self.recorder.accounting = self.accounting
+        self.dispatcher.limits = self.limits
+        self.dispatcher.default_source = lambda: self.default_source
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.transport.open()
+        if self.accounting is not None:
+            await self.accounting.start()
         await self.fleet.poll_all()
         self.fleet.start()
         self._maintenance = asyncio.create_task(self._maintain(), name="gateway-maintenance")
@@ -108,6 +151,8 @@ class Gateway:
         await self.fleet.stop()
         for task in list(self.scheduler.loads.values()):
             task.cancel()
+        if self.accounting is not None:
+            await self.accounting.stop()  # what is left is written before the process ends
         await self.transport.close()
 
     def _health_changed(self, node: NodeState) -> None:

@@ -111,4 +111,22 @@ def fleet_status(gateway: Gateway) -> dict[str, Any]:
         "failed_loads": {k: f.to_json(public=False) for k, f in scheduler.failures.items()},
         "events": scheduler.events.latest(RECENT_EVENTS),
         "errors": gateway.recent_errors.latest(RECENT_ERRORS),
+        "keys": key_views(gateway),
+        "usage_store": gateway.accounting.status() if gateway.accounting is not None else None,
     }
+
+
+def key_views(gateway: Gateway) -> list[dict[str, Any]]:
+    """Each key name (never a key): its limits, what is left of them now, and its requests
+    in flight through this gateway (``cortex status``). Empty with auth off."""
+    limits = gateway.limits
+    if limits is None:
+        return []
+    now, wall = limits.clock(), limits.wall()
+    gates = gateway.scheduler.admission.gates.values()
+    views = []
+    for name, state in sorted(limits.states.items()):
+        view = state.to_json(now, wall)
+        view["in_flight"] = sum(gate.held.get(name, 0) for gate in gates)
+        views.append(view)
+    return views

@@ -26,7 +26,10 @@ from cortex.logging import request_logger
 from cortex.wire.errors import ApiError
 
 if TYPE_CHECKING:
+    from cortex.gateway.accounting import Accounting
+    from cortex.gateway.limits import KeyState, Limits
     from cortex.gateway.scheduler import Lease
+    from cortex.keyfile import ApiKey
 
 request_log = request_logger()
 
@@ -41,13 +44,41 @@ class Recorder:
         metrics: GatewayMetrics,
         model_label: Callable[[object], str],
         recent_errors: RecentErrors | None = None,
+        limits: Limits | None = None,
+        accounting: Accounting | None = None,
     ) -> None:
         self.metrics = metrics
         self.model_label = model_label
         self.recent_errors = recent_errors if recent_errors is not None else RecentErrors()
+        self.limits = limits
+        self.accounting = accounting
 
-    def open(self, route: str) -> Tally:
-        return Tally(self, route)
+    def open(self, route: str, key: ApiKey | None = None) -> Tally:
+        tally = Tally(self, route)
+        if key is not None and self.limits is not None:
+            tally.key = key
+            tally.account = self.limits.state(key)
+        return tally
+
+    def key_ended(
+        self, tally: Tally, model: str, prompt: int, completion: int, seconds: float, error: bool
+    ) -> None:
+        """A request with a key ended: its exact tokens against the key's allowance, its usage
+        row, its per-key series."""
+        account = tally.account
+        assert account is not None
+        account.charge(prompt + completion - tally.charged, time.monotonic())
+        tally.charged = prompt + completion
+        if self.accounting is not None:
+            self.accounting.record(account.name, model, prompt, completion, seconds, error)
+        if tally.cut:
+            self.metrics.key_limited.labels(account.name, "budget_cut").inc()
+        series = self.metrics.key_series(account.name, model)
+        (series.error if error else series.ok).inc()
+        if prompt:
+            series.prompt_tokens.inc(prompt)
+        if completion:
+            series.completion_tokens.inc(completion)
 
 
 class Tally:
@@ -61,8 +92,14 @@ class Tally:
         "_prompt",
         "_recorder",
         "_series",
+        "_streamed",
+        "account",
+        "charged",
+        "cut",
         "ended",
+        "key",
         "lease",
+        "limit_headers",
         "requested",
         "route",
         "started",
@@ -81,6 +118,22 @@ class Tally:
         self._first = 0.0
         self._prompt = 0
         self._completion = 0
+        # A request with a key (cortex.gateway.limits): who, its account, the tokens charged to
+        # it so far, output tokens counted as they streamed, the rate-limit headers of its
+        # answer, and whether its stream was ended at the key's budget.
+        self.key: ApiKey | None = None
+        self.account: KeyState | None = None
+        self.charged = 0
+        self._streamed = 0
+        self.limit_headers: dict[str, str] | None = None
+        self.cut = False
+
+    @property
+    def metered(self) -> bool:
+        """Whether this request's output tokens are counted as they stream (its key has a
+        tokens-per-minute rate or a token budget)."""
+        account = self.account
+        return account is not None and account.key.limits.meters_tokens
 
     # ---- the node being asked -----------------------------------------------------------------
 
@@ -116,6 +169,29 @@ class Tally:
             self._prompt = prompt
         if isinstance(done, int):
             self._completion = done
+        account = self.account
+        if account is not None:
+            total = self._prompt + max(self._completion, self._streamed)
+            account.charge(total - self.charged, time.monotonic())
+            self.charged = total
+
+    def on_streamed(self, tokens: int) -> bool:
+        """``tokens`` more output tokens streamed (counted from the frames, before the usage
+        report): charged to the key at once. False when the key's budget is spent: the stream
+        ends there (:mod:`cortex.gateway.metering`)."""
+        account = self.account
+        if account is None:
+            return True
+        self._streamed += tokens
+        total = self._prompt + max(self._completion, self._streamed)
+        account.charge(total - self.charged, time.monotonic())
+        self.charged = total
+        left = account.budget_left()
+        return left is None or left > 0
+
+    def streamed_usage(self) -> tuple[int, int]:
+        """(prompt, completion) as known now: what a stream ended at the budget reports."""
+        return self._prompt, max(self._completion, self._streamed)
 
     def on_end(self, error: str | None) -> None:
         """The answer is over (``error``: its code, or None). The first end wins."""
@@ -131,6 +207,8 @@ class Tally:
         self.ended = True
         if self.lease is not None:
             self.lease.release()
+        if error is None and self.cut:
+            error = "budget_exceeded"  # a stream ended at its key's budget
         series = self._series
         if series is None:  # no node was being asked after all
             self._record_failure(error or "internal_error", None, None)
@@ -152,11 +230,15 @@ class Tally:
             self._recorder.recent_errors.add(self.route, self._canonical, self._node, error)
         if first and done > 1 and ended > first:
             series.tokens_per_second.observe((done - 1) / (ended - first))
+        key = self.key
+        if key is not None:
+            self._recorder.key_ended(self, self._canonical, prompt, done, elapsed, bool(error))
         if request_log.isEnabledFor(logging.INFO):  # skip building the line when off
             request_log.info(
                 self.route,
                 extra={
                     "fields": {
+                        "key": key.name if key is not None else None,
                         "model": self._canonical,
                         "node": self._node,
                         "status": "error" if error else "ok",
@@ -191,10 +273,16 @@ class Tally:
         metrics.errors.labels(route, code_label(code)).inc()
         shown = requested[:200] if isinstance(requested, str) else None
         recorder.recent_errors.add(path, shown, NO_NODE, code, status, message)
+        key = self.key
+        if key is not None:
+            model = recorder.model_label(requested)
+            seconds = time.monotonic() - self.started
+            recorder.key_ended(self, model, self._prompt, self._completion, seconds, True)
         request_log.info(
             path,
             extra={
                 "fields": {
+                    "key": key.name if key is not None else None,
                     "model": shown,
                     "node": NO_NODE,
                     "status": "error",
