@@ -127,19 +127,16 @@ class BatchedLlamaCpp:
 
     def __init__(self, gguf: Path) -> None:
         from cortex_harness_llamacpp import native
-        from cortex_harness_llamacpp.settings import resolve_settings
-
-        from cortex.harness import LoadOptions
+        from cortex_harness_llamacpp.settings import LlamaCppSettings
 
         llama_cpp = native.llama()  # the harness's init: llama.cpp's log routed, not printed
         self.lib = llama_cpp
         params = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        # the harness's settings (threads for one token and for batches, flash attention),
-        # from the same environment as the neuron's
-        self.settings = resolve_settings(LoadOptions())
-        self.threads, self.threads_batch = self.settings.threads, self.settings.threads_batch
+        # the harness's default threads (for one token, and for batches)
+        settings = LlamaCppSettings()
+        self.threads, self.threads_batch = settings.threads, settings.threads_batch
         self.tokenizer = RawLlamaCpp(gguf).llm
 
     def run(self, batch: list[list[dict[str, str]]], tokens: int) -> tuple[float, int]:
@@ -153,11 +150,7 @@ class BatchedLlamaCpp:
         params.kv_unified = True
         params.n_threads, params.n_threads_batch = self.threads, self.threads_batch
         params.no_perf = True
-        from cortex_harness_llamacpp.harness import flash_attn_type
-
-        from cortex.devices import cpu_device
-
-        params.flash_attn_type = flash_attn_type(lib, cpu_device(), self.settings)
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO
         ctx = lib.llama_init_from_model(self.model, params)
         lot = lib.llama_batch_init(512, 0, 1)
         produced = 0

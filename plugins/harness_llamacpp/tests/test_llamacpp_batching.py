@@ -22,8 +22,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def load(repo: Path, **capacity: int) -> LlamaCppModel:
-    # flash attention as a user gets it by default (off on the CPU: batch-invariant output)
-    options = LoadOptions(quant="F16", extra={"n_threads": 1}, **capacity)
+    options = LoadOptions(quant="F16", extra={"n_threads": 1, "flash_attn": "off"}, **capacity)
     model = LlamaCppHarness().load(repo, cpu_device(), options)
     assert isinstance(model, LlamaCppModel) and is_batched(model)
     return model

@@ -148,21 +148,3 @@ def test_importing_the_plugin_does_not_import_llama_cpp() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_flash_attention_auto_is_off_on_the_cpu_and_llamacpps_choice_on_a_gpu() -> None:
-    """On the CPU llama.cpp's flash attention makes a greedy stream depend on what else runs
-    in its batch; ``auto`` turns it off there (the batching tests run with the default)."""
-    from cortex_harness_llamacpp import native
-    from cortex_harness_llamacpp.harness import flash_attn_type
-
-    from cortex.devices import Device, cpu_device
-
-    lib = native.llama()
-    gpu = Device(kind="cuda", index=0, name="a GPU", total_memory=2**34, free_memory=2**34)
-    assert flash_attn_type(lib, cpu_device(), LlamaCppSettings()) == (
-        lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    )
-    assert flash_attn_type(lib, gpu, LlamaCppSettings()) == lib.LLAMA_FLASH_ATTN_TYPE_AUTO
-    on = LlamaCppSettings(flash_attn="on")
-    assert flash_attn_type(lib, cpu_device(), on) == lib.LLAMA_FLASH_ATTN_TYPE_ENABLED

@@ -360,26 +360,6 @@ def _context_params(
     return params
 
 
-def flash_attn_type(lib: Any, device: Device, settings: LlamaCppSettings) -> int:
-    """llama.cpp's flash-attention mode for a context on ``device``. ``auto`` is off on the
-    CPU: there llama.cpp's flash attention sums over KV cells in an order that depends on what
-    else ran (other streams, reused prefixes), so a greedy stream in a batch could differ from
-    the same request alone; without it the output did not depend on the batch in any test.
-    On a GPU ``auto`` is llama.cpp's own choice (GPU kernels differ between one row and
-    several anyway). ``on`` buys ~20 % of batched throughput on the CPU at that price
-    (docs/harnesses.md)."""
-    mode = settings.flash_attn
-    if mode == "auto" and device.kind == "cpu":
-        mode = "off"
-    return int(
-        {
-            "auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
-            "on": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[mode]
-    )
-
-
 def base_context_params(lib: Any, device: Device, settings: LlamaCppSettings) -> Any:
     """What every context of this harness shares (generation and embedding): threads, flash
     attention, and on the CPU nothing offloaded."""
@@ -387,7 +367,11 @@ def base_context_params(lib: Any, device: Device, settings: LlamaCppSettings) ->
     params.n_threads = settings.threads
     params.n_threads_batch = settings.threads_batch
     params.no_perf = True
-    params.flash_attn_type = flash_attn_type(lib, device, settings)
+    params.flash_attn_type = {
+        "auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        "on": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        "off": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[settings.flash_attn]
     if device.kind == "cpu":
         # A CUDA build would otherwise move KV and big batches to a GPU the neuron did not pick.
         params.offload_kqv = False
