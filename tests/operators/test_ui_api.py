@@ -41,11 +41,13 @@ def publish(fleet: Fleet) -> list[ModelProfile]:
     fleet.publish_echo("ui/echo-b", reply="beta", memory_mb=400)
     fleet.publish_echo("ui/echo-c", reply="gamma", memory_mb=400)
     fleet.publish_echo("ui/broken", reply="one two three", memory_mb=50, fail_after=0)
+    fleet.publish_echo("ui/midfail", reply="one two three four", memory_mb=50, fail_after=2)
     return [
         ModelProfile(id="ui/echo-a", memory_mb=400, keep_alive="10m", nodes=["n1"]),
         ModelProfile(id="ui/echo-b", memory_mb=400, nodes=["n1"]),
         ModelProfile(id="ui/echo-c", memory_mb=400, nodes=["n1"]),
         ModelProfile(id="ui/broken", memory_mb=50),
+        ModelProfile(id="ui/midfail", memory_mb=50),
     ]
 
 
@@ -177,6 +179,7 @@ def test_state_is_the_admin_status_view_plus_catalogue_and_series(fleet: Fleet) 
         "huggingface:ui/echo-b",
         "huggingface:ui/echo-c",
         "huggingface:ui/broken",
+        "huggingface:ui/midfail",
     }
     assert seen["health"]["nodes_up"] == 2 and seen["health"]["models_ready"] == 1
 
@@ -205,6 +208,35 @@ def test_recent_errors_name_the_model_the_node_and_the_code(fleet: Fleet) -> Non
     assert broken["model"] == "huggingface:ui/broken" and broken["node"] in ("n1", "n2")
     assert broken["route"] == "/v1/chat/completions" and broken["code"]
     assert state(gw)["status"]["errors"] == errors
+
+
+def test_a_stream_the_neuron_fails_midway_is_an_error_not_ok(fleet: Fleet) -> None:
+    """The neuron fails the generation after two tokens, in-band (its headers went out with a
+    200): the request is recorded as failed -- recent errors, the errors metric and the request
+    series -- whether relayed as is (chat) or translated (Anthropic messages)."""
+    gw = fleet.gateway(models=publish(fleet), dashboard="admin")
+    ask = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 20, "stream": True}
+    with httpx.stream(
+        "POST", f"{gw.url}/v1/chat/completions", json={"model": "ui/midfail", **ask}, timeout=60
+    ) as answer:
+        assert answer.status_code == 200
+        body = answer.read().decode()
+    assert '"error"' in body
+    with httpx.stream(
+        "POST", f"{gw.url}/v1/messages", json={"model": "ui/midfail", **ask}, timeout=60
+    ) as answer:
+        assert answer.status_code == 200
+        body = answer.read().decode()
+    assert "event: error" in body
+    errors = httpx.get(f"{gw.url}/admin/status", timeout=10).json()["errors"]
+    assert [(e["model"], e["route"]) for e in errors] == [
+        ("huggingface:ui/midfail", "/v1/messages"),
+        ("huggingface:ui/midfail", "/v1/chat/completions"),
+    ]
+    assert all(e["code"] and e["code"] != "ok" for e in errors)
+    model = "huggingface:ui/midfail"
+    assert gw.metric("cortex_requests_total", model=model, status="error") == 2
+    assert gw.metric("cortex_requests_total", model=model, status="ok") == 0
 
 
 # ---- pins --------------------------------------------------------------------------------------

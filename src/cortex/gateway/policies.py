@@ -41,6 +41,7 @@ from cortex.gateway.proxy import (
 from cortex.gateway.redact import public
 from cortex.gateway.stream_probe import chunk_has_content
 from cortex.wire.errors import ApiError
+from cortex.wire.openai_types import stream_error
 from cortex.wire.streaming import StreamTranslator, translate_sse
 
 log = logging.getLogger(__name__)
@@ -308,15 +309,19 @@ async def _translated_stream(
     canonical: str = "",
 ) -> AsyncIterator[bytes]:
     waiting_for_token = True
+    failed: str | None = None
 
     def on_chunk(chunk: dict[str, Any]) -> None:
-        nonlocal waiting_for_token
+        nonlocal waiting_for_token, failed
         if waiting_for_token and chunk_has_content(chunk):
             waiting_for_token = False
             observer.on_first_token()
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             observer.on_usage(usage)
+        if failed is None and "error" in chunk:
+            found = stream_error(chunk)  # the neuron failed the generation in-band
+            failed = (found.code or "stream_error") if found is not None else None
 
     error: str | None = None
     try:
@@ -333,7 +338,7 @@ async def _translated_stream(
     finally:
         resp.close()  # a client that went away closes the neuron's request too
         answer_ended(str(resp.url))
-        observer.on_end(error)
+        observer.on_end(error or failed)
 
 
 # ---- tokenize -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import aiohttp
 
 from cortex.gateway.admission import HOLD_UNTIL, ClientGone, pause_unless_client_left
 from cortex.gateway.redact import public_details, public_message
-from cortex.gateway.stream_probe import frames_have_content, take_usage
+from cortex.gateway.stream_probe import frames_have_content, stream_error_code, take_usage
 from cortex.wire.errors import ApiError
 from cortex.wire.sse import encode_data
 from cortex.wire.stream_response import WatchedStreamingResponse
@@ -190,6 +190,8 @@ async def relay_sse(
             if waiting_for_token and frames_have_content(complete):
                 waiting_for_token = False
                 observer.on_first_token()
+            if error is None:
+                error = stream_error_code(complete)  # the neuron failed it in-band
             if b'"usage"' in complete:
                 usage, complete = take_usage(complete, drop_usage_only)
                 if usage:

@@ -1,16 +1,19 @@
 """What the proxy needs to know about a streamed answer, at as little CPU as possible.
 
-Two facts matter for metrics: when the first *content* arrives (time to first token: the
+Three facts matter for metrics: when the first *content* arrives (time to first token: the
 neuron's opening ``{"role": "assistant", "content": ""}`` chunk is not a token) and the usage
 the final chunk reports. Frames are parsed as JSON only while no content has been seen (the
 first one or two frames) and when their bytes contain ``"usage"`` (the last one); every frame
-in between passes through untouched.
+in between passes through untouched. And whether the neuron failed the generation after its
+headers went out (an in-band error frame): found by a byte test first.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from cortex.wire.openai_types import stream_error
 
 _CONTENT_KEYS = ("content", "reasoning_content", "tool_calls", "text")
 
@@ -66,3 +69,19 @@ def take_usage(frames: bytes, drop_usage_only: bool) -> tuple[dict[str, Any] | N
                     continue
         kept.append(frame)
     return usage, (b"\n\n".join(kept) if dropped else frames)
+
+
+def stream_error_code(frames: bytes) -> str | None:
+    """The code of a mid-stream error frame (``data: {"error": {...}}``) among ``frames``
+    (complete SSE frames), or None: a neuron that fails a generation after its headers went out
+    says so in-band, and the request is then recorded as failed, not ok. The byte test is
+    exact enough: text content holding ``"error":`` arrives escaped (``\\"error\\":``)."""
+    if b'"error":' not in frames:
+        return None
+    for frame in frames.split(b"\n\n"):
+        payload = _data(frame) if b'"error":' in frame else None
+        if isinstance(payload, dict):
+            error = stream_error(payload)
+            if error is not None:
+                return error.code or "stream_error"
+    return None
