@@ -118,6 +118,19 @@ class Clock:
         return self.now
 
 
+def test_retry_after_is_rounded_up() -> None:
+    """A bucket with room in 2.4 s says 3, not 2: the SDKs retry exactly when told."""
+    clock = Clock()
+    limits = Limits({"a": ApiKey("a", KeyLimits(rpm=25))}, clock, clock)
+    state = limits.states["a"]
+    for _ in range(25):
+        limits.admit(state, anthropic=False)
+    with pytest.raises(LimitError) as info:
+        limits.admit(state, anthropic=False)
+    assert info.value.retry_after == pytest.approx(2.4)
+    assert info.value.headers()["Retry-After"] == "3"
+
+
 def test_admit_counts_requests_and_says_so_in_headers() -> None:
     clock = Clock()
     limits = Limits({"a": ApiKey("a", KeyLimits(rpm=2, tpm=100))}, clock, clock)
