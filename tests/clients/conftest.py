@@ -16,21 +16,23 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
-from cortex.auth import GatewayAuth, KeySet
+from cortex.auth import GatewayAuth, KeySet, hash_key
 from cortex.config import (
+    AuthSection,
     CortexConfig,
     Duration,
     GatewaySection,
     ModelProfile,
     ModelsConfig,
     NeuronRef,
+    UsageSection,
 )
 from cortex.demo.models import AGENT_MODEL, agent_spec
 from cortex.gateway.app import create_app
@@ -126,6 +128,43 @@ def agent_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentFleet
         yield AgentFleet(fleet, GatewayUnderTest(gateway, server))
     finally:
         fleet.stop()
+
+
+LimitedGateway = Callable[[dict[str, str]], tuple[GatewayUnderTest, dict[str, str]]]
+
+
+@pytest.fixture
+def limited_gateway(agent_fleet: AgentFleet, tmp_path: Path) -> Iterator[LimitedGateway]:
+    """A second gateway in front of the agents' neuron whose keys are named and limited, from a
+    key file as docs/security.md writes it: ``start({"alice": "rpm=60"})`` returns the gateway
+    and each name's secret key."""
+    servers: list[UvicornThread] = []
+
+    def start(keys: dict[str, str]) -> tuple[GatewayUnderTest, dict[str, str]]:
+        secrets = {name: f"ck-{name}-agents-limited-key" for name in keys}
+        key_file = tmp_path / f"keys-{len(servers)}.txt"
+        key_file.write_text(
+            "".join(f"{hash_key(secrets[name])} {name} {attrs}\n" for name, attrs in keys.items())
+        )
+        fleet = agent_fleet.fleet
+        config = CortexConfig(
+            gateway=GatewaySection(poll_interval=Duration(0.2), stream_keepalive=Duration(2.0)),
+            auth=AuthSection(keys_file=str(key_file)),
+            usage=UsageSection(store="off"),
+            neurons=[NeuronRef(name, fleet.neuron_url(name)) for name in fleet.neurons],
+        )
+        gateway = Gateway(
+            config,
+            ModelsConfig(models=models(fleet), aliases={"agent": AGENT_MODEL}),
+            load_strategy("lru"),
+        )
+        server = UvicornThread(create_app(gateway)).start()
+        servers.append(server)
+        return GatewayUnderTest(gateway, server), secrets
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 @attrs.define

@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anthropic
+import pytest
+
 from cortex.demo.models import agent_spec
+from cortex.testing.cluster import GatewayUnderTest
 
 from .conftest import (
     DONE,
     KEY,
     WRITTEN,
     AgentFleet,
+    LimitedGateway,
     Run,
     agent_binary,
     describe,
@@ -21,9 +26,11 @@ from .conftest import (
     run_agent,
 )
 
+HELLO = [{"role": "user", "content": "hello"}]
+
 
 def claude(
-    agents: AgentFleet,
+    agents: AgentFleet | GatewayUnderTest,
     tmp_path: Path,
     *args: str,
     key: str = KEY,
@@ -131,3 +138,35 @@ def test_the_command_make_demo_prints(agent_fleet: AgentFleet, tmp_path: Path) -
     result = json.loads(run.stdout)
     assert result["is_error"] is False, result
     assert result["result"] == agent_spec()["reply"]
+
+
+def test_a_limited_key_waits_for_its_rate_then_stops_at_its_budget(
+    limited_gateway: LimitedGateway, tmp_path: Path
+) -> None:
+    """A named key with rpm and a budget: Claude Code waits as Retry-After says when the rate is
+    spent (and gets through), and stops at once, with the gateway's message, at the budget."""
+    gateway, keys = limited_gateway(
+        {"dev": "rpm=6", "spent": "budget_tokens=10 per=day models=agents/plain"}
+    )
+    args = ("--output-format", "json")
+    drain = anthropic.Anthropic(base_url=gateway.url, api_key=keys["dev"], max_retries=0)
+    with pytest.raises(anthropic.RateLimitError):  # the bucket holds 6; one back every 10 s
+        for _ in range(7):
+            drain.messages.create(model="agents/plain", max_tokens=16, messages=HELLO)
+    (tmp_path / "rate").mkdir()
+    run, _work = claude(gateway, tmp_path / "rate", "hello", *args, key=keys["dev"])
+    assert run.returncode == 0 and 1 < run.seconds < 30, describe(run)  # waited, got through
+    assert json.loads(run.stdout)["is_error"] is False, describe(run)
+    for n in range(2):  # admitted with budget left, then refused
+        (tmp_path / f"budget{n}").mkdir()
+        run, _work = claude(
+            gateway,
+            tmp_path / f"budget{n}",
+            "hello",
+            *args,
+            key=keys["spent"],
+            model="agents/plain",
+        )
+        assert run.seconds < 10, describe(run)
+    result = json.loads(run.stdout)
+    assert result["is_error"] is True and "budget" in result["result"], result

@@ -14,6 +14,7 @@ from .conftest import (
     KEY,
     WRITTEN,
     AgentFleet,
+    LimitedGateway,
     Run,
     agent_binary,
     describe,
@@ -38,8 +39,8 @@ def codex_home(agents: AgentFleet, tmp_path: Path, model: str) -> tuple[Path, Pa
     return home, work
 
 
-def codex(home: Path, work: Path, *args: str) -> tuple[Run, list[dict[str, Any]]]:
-    env = {"HOME": str(home), "CODEX_HOME": str(home), "CORTEX_API_KEY": KEY}
+def codex(home: Path, work: Path, *args: str, key: str = KEY) -> tuple[Run, list[dict[str, Any]]]:
+    env = {"HOME": str(home), "CODEX_HOME": str(home), "CORTEX_API_KEY": key}
     argv = [agent_binary("codex"), "exec", "--json", "--skip-git-repo-check"]
     run = run_agent([*argv, "-s", "workspace-write", *args], work, env)
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -97,3 +98,21 @@ def test_exec_command_tool_loop_and_resume(agent_fleet: AgentFleet, tmp_path: Pa
     assert messages(events) == [DONE]
     assert (work / "out.txt").exists()
     assert events[-1]["usage"]["input_tokens"] > first_tokens  # the history came along
+
+
+def test_a_spent_budget_ends_the_session_in_seconds(
+    limited_gateway: LimitedGateway, tmp_path: Path
+) -> None:
+    """A key over its budget: Codex stops with the message that says when it resets. Codex
+    ignores x-should-retry and sleeps whatever Retry-After says; the budget's 429 said the hours
+    until the reset, and ``codex exec`` hung until midnight."""
+    gateway, keys = limited_gateway({"dev": "budget_tokens=10 per=day"})
+    home, work = folders(tmp_path)
+    (home / "config.toml").write_text(PROVIDER.format(model="agents/plain", url=gateway.url))
+    first, events = codex(home, work, "hello", key=keys["dev"])
+    assert first.returncode == 0, describe(first)
+    assert messages(events) == ["Hello from cortex."]  # admitted with budget left; now spent
+    second, events = codex(home, work, "hello again", key=keys["dev"])
+    assert second.returncode != 0 and second.seconds < 30, describe(second)
+    failed = [e for e in events if e["type"] == "turn.failed"]
+    assert failed and "429" in failed[0]["error"]["message"], describe(second)

@@ -118,6 +118,19 @@ class Clock:
         return self.now
 
 
+def test_retry_after_is_rounded_up() -> None:
+    """A bucket with room in 2.4 s says 3, not 2: the SDKs retry exactly when told."""
+    clock = Clock()
+    limits = Limits({"a": ApiKey("a", KeyLimits(rpm=25))}, clock, clock)
+    state = limits.states["a"]
+    for _ in range(25):
+        limits.admit(state, anthropic=False)
+    with pytest.raises(LimitError) as info:
+        limits.admit(state, anthropic=False)
+    assert info.value.retry_after == pytest.approx(2.4)
+    assert info.value.headers()["Retry-After"] == "3"
+
+
 def test_admit_counts_requests_and_says_so_in_headers() -> None:
     clock = Clock()
     limits = Limits({"a": ApiKey("a", KeyLimits(rpm=2, tpm=100))}, clock, clock)
@@ -157,7 +170,7 @@ def test_budget_refuses_until_the_period_resets_and_sync_moves_it() -> None:
         limits.admit(state, anthropic=False)
     error = info.value
     assert error.code == "budget_exceeded" and error.headers()["x-should-retry"] == "false"
-    assert error.retry_after == pytest.approx(86400 - 3600)
+    assert error.retry_after is None and "Retry-After" not in error.headers()  # hours away
     assert error.details == {
         "budget_tokens": 100,
         "used_tokens": 100,

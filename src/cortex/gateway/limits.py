@@ -275,7 +275,10 @@ class Limits:
                 f"{rfc3339(state.period_end)}",
                 reason="budget",
                 extra=self.headers(state, anthropic, now),
-                retry_after=max(1.0, state.period_end - wall),
+                # No Retry-After: the reset is hours away (the body, details.resets_at and
+                # x-cortex-budget-reset say when). Codex CLI ignores x-should-retry and slept
+                # the whole Retry-After, so a session hung until midnight instead of failing.
+                retry_after=None,
                 retry=False,
                 details={
                     "budget_tokens": state.budget,

@@ -15,6 +15,7 @@ backoff, and Claude Code retried a wrong key for three minutes.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 OPENAI = "openai"
@@ -126,7 +127,10 @@ class ApiError(Exception):
         if not retryable:
             return {SHOULD_RETRY: "false"}
         assert self.retry_after is not None
-        return {"Retry-After": str(max(1, round(self.retry_after))), SHOULD_RETRY: "true"}
+        # Rounded up, never to the nearest second: the SDKs wait exactly this long, and a
+        # rate-limit bucket that has room in 2.4 s refused again a client told "2".
+        seconds = max(1, math.ceil(self.retry_after - 1e-6))
+        return {"Retry-After": str(seconds), SHOULD_RETRY: "true"}
 
     def to_bytes(self, dialect: str = OPENAI) -> bytes:
         return json.dumps(self.body(dialect)).encode()
