@@ -378,6 +378,43 @@ def test_a_greedy_key_does_not_starve_a_polite_one(parts: Parts, tmp_path: Path)
     assert refused.count("greedy") == 5  # 2 ran, 6 queued, 4 refused at once, 1 made room
 
 
+def test_fair_share_holds_with_the_default_gate(parts: Parts, tmp_path: Path) -> None:
+    """With the default ``max_in_flight_per_model`` (256) the gate holds what the replica runs
+    at once (its ``max_batch``, 2 here), so a greedy key's backlog waits at the gate, where
+    fair share reaches it, not in the neuron's first-come-first-served queue: the polite key's
+    request runs as soon as one of the two running answers ends."""
+    neuron = parts.neuron()
+    answer = httpx.post(
+        f"{neuron.url}/models/load", json={"model_id": SLOW, "max_batch": 2}, timeout=60
+    )
+    assert answer.status_code == 200, answer.text
+    gw, keys = team_gateway(
+        parts, tmp_path, {"greedy": "", "polite": ""}, neurons={"n1": neuron.url}
+    )
+    gw.wait_for(lambda: gw.gateway.scheduler.running_at_once(SLOW) == 2)
+    ends: list[tuple[float, str]] = []
+    lock = threading.Lock()
+
+    def ask(name: str) -> None:
+        oai(gw.url, keys[name]).chat.completions.create(
+            model="acme/slow", messages=HELLO, max_tokens=12
+        )
+        with lock:
+            ends.append((time.monotonic(), name))
+
+    greedy = [threading.Thread(target=ask, args=("greedy",)) for _ in range(8)]
+    for t in greedy:
+        t.start()
+    gw.wait_for(lambda: gw.gateway.scheduler.admission.gate(SLOW).waiting == 6)
+    polite = threading.Thread(target=ask, args=("polite",))
+    polite.start()
+    for t in [*greedy, polite]:
+        t.join(timeout=60)
+    order = [name for _, name in sorted(ends)]
+    assert len(order) == 9
+    assert order.index("polite") <= 3, order  # behind the two running, not the six waiting
+
+
 # ---- several gateways, one PostgreSQL ------------------------------------------------------
 
 

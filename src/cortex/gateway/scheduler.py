@@ -243,7 +243,11 @@ class Scheduler:
         self.usage = Usage()
         self.retry_after = float(g.retry_after)
         self.admission = Admission(
-            g.max_in_flight_per_model, g.model_queue_size, g.queue_timeout.seconds, self.retry_after
+            g.max_in_flight_per_model,
+            g.model_queue_size,
+            g.queue_timeout.seconds,
+            self.retry_after,
+            capacity=self.running_at_once,
         )
         self.node_limit = g.max_in_flight_per_node
         self.load_timeout = g.load_timeout.seconds
@@ -292,6 +296,10 @@ class Scheduler:
             slot.release()
             raise
         return Lease(self, resolved, node, slot, queue_wait, load_wait)
+
+    def running_at_once(self, canonical: str) -> int:
+        """How many generations of the model its ready replicas run at once (0: none ready)."""
+        return sum(m.max_batch for _, m in replicas(self.nodes(), canonical, self.usage))
 
     def _pick(self, resolved: Resolved, exclude: set[str] | frozenset[str]) -> NodeState | None:
         """The least busy ready replica under the node cap, counted as in flight there at once
