@@ -5,6 +5,7 @@ enforce one budget through one PostgreSQL (a real server, started here)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import threading
@@ -285,6 +286,8 @@ def test_usage_is_exact_after_a_restart(parts: Parts, tmp_path: Path) -> None:
     )
     assert again.url != url
     answer = admin_get(again.url, "/admin/usage", since="1h")
+    until = datetime.datetime.fromisoformat(answer["until"].replace("Z", "+00:00"))
+    assert until.timestamp() <= time.time() + 1  # "until" is now, not the hour's end
     got = {
         (r["key"], r["model"]): [r["requests"], r["prompt_tokens"], r["completion_tokens"]]
         for r in answer["usage"]

@@ -92,12 +92,14 @@ def install_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             )
         now = time.time()
         start = parse_time(since, now, "since")
+        # without ``until``: everything so far (the current hour's bucket included), said as now
         end = parse_time(until, now, "until") if until is not None else now + 3600
+        shown_until = end if until is not None else now
         rows = await accounting.query(start, end, key, group)
         return JSONResponse(
             {
                 "since": rfc3339(start // 3600 * 3600),
-                "until": rfc3339(end),
+                "until": rfc3339(shown_until),
                 "group": group,
                 "key": key,
                 "store": accounting.status()["store"],
