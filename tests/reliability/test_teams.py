@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -332,7 +333,9 @@ def test_names_in_log_metrics_and_status_never_keys(
     runner = CliRunner()
     shown = runner.invoke(cli, ["status", "--endpoint", gw.url], env={"CORTEX_ADMIN_KEY": ADMIN})
     assert shown.exit_code == 0, shown.output
-    assert "alice" in shown.output and "99 / 100" in shown.output
+    assert "alice" in shown.output
+    # one request of rpm=100 spent; the bucket refills 100/min, so a slow machine may show it full
+    assert re.search(r"\b(99|100) / 100\b", shown.output), shown.output
     everything = caplog.text + shown.output + json.dumps(admin_get(gw.url, "/admin/status"))
     for secret in keys.values():
         assert secret not in everything and hash_key(secret) not in everything
