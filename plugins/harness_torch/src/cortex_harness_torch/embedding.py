@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cortex.harness import EMBEDDINGS, HarnessError, PromptError
-from cortex_harness_torch.model import guarded, release_device_cache
+from cortex_harness_torch.model import guarded, release_device_cache, weight_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -112,10 +112,7 @@ class TorchEmbeddingModel:
         release_device_cache(self.torch_device)
 
     def memory_bytes(self) -> int:
-        if self.model is None:
-            return 0
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return int(sum(t.numel() * t.element_size() for t in tensors))
+        return 0 if self.model is None else weight_bytes(self.model)
 
     def unload(self) -> None:
         import gc

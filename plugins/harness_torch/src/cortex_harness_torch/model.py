@@ -225,16 +225,19 @@ class TorchModel:
         release_device_cache(self.torch_device)
 
     def memory_bytes(self) -> int:
-        if self.model is None:
-            return 0
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return int(sum(t.numel() * t.element_size() for t in tensors))
+        return 0 if self.model is None else weight_bytes(self.model)
 
     def unload(self) -> None:
         self.model = None
         self.tokenizer = None
         gc.collect()
         release_device_cache(self.torch_device)
+
+
+def weight_bytes(model: Any) -> int:
+    """The bytes a loaded module's parameters and buffers hold."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def release_device_cache(torch_device: torch.device) -> None:
