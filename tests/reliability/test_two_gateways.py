@@ -142,7 +142,9 @@ def test_a_cold_burst_through_two_gateways_makes_one_load(
     assert neuron_total(two_neurons, "neuron_model_loads_total", outcome="ok") == 1
     started = sum(gw.metric("cortex_cold_loads_total", outcome="ok") for gw in (a, b))
     joined = sum(gw.metric("cortex_cold_loads_total", outcome="joined") for gw in (a, b))
-    assert started >= 1 and started + joined == 2  # each gateway waited for the one load
+    # Each gateway started the load, joined it, or (when its first request was placed only after
+    # the load had finished: seen once on a loaded machine) found the copy ready and used it.
+    assert started >= 1 and started + joined <= 2
     # metrics add up: 8 requests through each, 16 served by the neurons
     for gw in (a, b):
         assert gw.metric("cortex_requests_total", route=CHAT, status="ok") == 8
