@@ -71,7 +71,29 @@ def _normalise_tool_call(call: Any) -> dict[str, Any]:
         # unparseable arguments stay as the client sent them
         with contextlib.suppress(ValueError):
             function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+        if function["arguments"] is not arguments:
+            _refuse_lone_surrogates(arguments, function["arguments"])
     return {**call, "function": function}
+
+
+def _refuse_lone_surrogates(arguments: str, decoded: Any) -> None:
+    """A :class:`PromptError` (the client's 400) for arguments whose JSON escapes decode to
+    half a surrogate pair.
+
+    Why here: request bodies are checked for lone surrogates where they are parsed
+    (``cortex.wire.http``), but tool-call arguments are JSON *inside* a JSON string
+    (``"{\\"city\\": \\"\\ud800\\"}"``, what a client's ``json.dumps`` writes for such a
+    value), so only decoding them here makes the surrogate; no tokenizer can encode it, and
+    it was a 500 from the harness."""
+    if "\\u" not in arguments:
+        return
+    try:
+        json.dumps(decoded, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError(
+            "tool call arguments hold a lone surrogate (a \\ud800-\\udfff escape without its "
+            "pair): not valid Unicode"
+        ) from None
 
 
 def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -105,6 +127,13 @@ def render_prompt(
         raise PromptError(f"the model's chat template rejected the messages: {exc}") from None
     if not isinstance(text, str):
         raise PromptError("the chat template did not render text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bodies are checked where they are parsed; this catches what a template made of them
+        # (a surrogate decoded from JSON text inside a field), for every harness, before a
+        # tokenizer fails on it with an error that says nothing to the client.
+        raise PromptError("the rendered prompt holds a lone surrogate: not valid Unicode") from None
     return text
 
 

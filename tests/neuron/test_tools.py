@@ -95,3 +95,40 @@ def test_tools_are_rendered_by_the_chat_template(neuron: LiveNeuron) -> None:
         temperature=0,
     )
     assert reply.usage.prompt_tokens == plain.json()["count"]
+
+
+def test_tool_call_arguments_with_a_lone_surrogate_are_a_400(neuron: LiveNeuron) -> None:
+    """Arguments are JSON inside a JSON string: the body holds ``\\\\ud800`` (six characters,
+    valid Unicode), and only decoding the arguments for the template makes the lone surrogate
+    (what a client's ``json.dumps`` writes for such a value). It was a 500 from the tokenizer,
+    whole and streamed; an escaped pair in the same place stays fine (issue 22, item 1)."""
+    neuron.load("acme/tiny-llama")
+
+    def history(arguments: str) -> list[dict[str, object]]:
+        call = {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": arguments},
+        }
+        return [
+            *ASK,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]
+
+    lone = history(json.dumps({"city": "Par\ud800is"}))
+    pair = history(json.dumps({"city": "Par\U0001f600is"}))
+    assert "\\ud800" in lone[1]["tool_calls"][0]["function"]["arguments"]  # type: ignore[index]
+    with neuron.http() as client:
+        for route, extra in (
+            ("/tokenize", {}),
+            ("/v1/chat/completions", {"max_tokens": 2}),
+            ("/v1/chat/completions", {"max_tokens": 2, "stream": True}),
+        ):
+            body = {"model": "acme/tiny-llama", "messages": lone, **extra}
+            answer = client.post(route, json=body)
+            assert answer.status_code == 400, (route, extra, answer.status_code, answer.text)
+            error = answer.json()["error"]
+            assert "lone surrogate" in error["message"], error
+            fine = client.post(route, json={**body, "messages": pair})
+            assert fine.status_code == 200, (route, extra, fine.text)

@@ -4,7 +4,7 @@ keep serving: the gateway (both dialects) and the neuron, over real HTTP."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -286,6 +286,49 @@ def test_a_surrogate_pair_is_one_character_and_is_served(servers) -> None:
         answer = raw_post(f"{url}/v1/chat/completions", body % ECHO.encode())
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"] == "a\U0001f600b"
+
+
+def chat_body(content: str, stream: bool) -> str:
+    """A chat body for the echo model whose user content is the JSON text ``content``."""
+    more = ', "stream": true' if stream else ""
+    return f'{{"model": "{ECHO}", "messages": [{{"role": "user", "content": {content}}}]{more}}}'
+
+
+# json.loads(bytes) guesses UTF-16/32, so an escape in such a body was invisible to the byte
+# check, and it decodes UTF-8 with surrogatepass, so an encoded surrogate needed no escape at all
+NOT_UTF8_BODIES: dict[str, Callable[[bool], bytes]] = {
+    "utf-16": lambda stream: chat_body('"a\\ud800b"', stream).encode("utf-16"),
+    "utf-32": lambda stream: chat_body('"a\\ud800b"', stream).encode("utf-32"),
+    "utf-16 without surrogate": lambda stream: chat_body('"ab"', stream).encode("utf-16"),
+    "utf-8 bytes of a surrogate": lambda stream: chat_body('"a\ud800b"', stream).encode(
+        "utf-8", "surrogatepass"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_UTF8_BODIES))
+@pytest.mark.parametrize("stream", [False, True])
+def test_bodies_that_are_not_utf8_are_a_400(servers, case: str, stream: bool) -> None:
+    """JSON on the wire is UTF-8 (RFC 8259): a UTF-16/32 body, or UTF-8 bytes encoding half a
+    surrogate pair, is a 400 at the gateway and the neuron (at the neuron it was a 500 whole
+    and a 200 stream: the surrogate check never saw it)."""
+    gateway, neuron = servers
+    body = NOT_UTF8_BODIES[case](stream)
+    for url in (gateway, neuron):
+        answer = raw_post(f"{url}/v1/chat/completions", body)
+        assert answer.status_code == 400, (url, answer.status_code, answer.text[:300])
+        error = assert_envelope(answer)["error"]
+        assert error["code"] == "invalid_json" and "UTF-8" in error["message"], error
+    still_serving(gateway, neuron)
+
+
+def test_a_utf8_body_with_a_byte_order_mark_is_served(servers) -> None:
+    gateway, neuron = servers
+    body = b'\xef\xbb\xbf{"model": "%s", "messages": [{"role": "user", "content": "hello"}]}'
+    for url in (gateway, neuron):
+        answer = raw_post(f"{url}/v1/chat/completions", body % ECHO.encode())
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "hello"
 
 
 # ---- ids a registry cannot express (issue 22) -------------------------------------------------

@@ -344,3 +344,19 @@ def test_image_parts_are_refused_unless_the_model_takes_them() -> None:
         "messages[0].content[1]",
     )
     check_content_parts(parsed.messages, frozenset({"image_url"}))  # a vision model
+
+
+@pytest.mark.parametrize("role", ["user", "system", "developer"])
+@pytest.mark.parametrize("content", ["left out", None])
+def test_a_responses_message_without_content_is_a_400(role: str, content: object) -> None:
+    """The Responses API refuses it as chat does (it was accepted as an empty turn: a 200 with
+    an empty output); an assistant item may leave it out."""
+    item: dict[str, Any] = {"type": "message", "role": role}
+    if content is None:
+        item["content"] = None
+    with pytest.raises(ApiError) as caught:
+        parse_responses_request({"model": "m", "input": [item]})
+    assert (caught.value.status, caught.value.param) == (400, "input[0].content")
+    parse_responses_request(
+        {"model": "m", "input": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}
+    )

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 DialectForPath = Callable[[str], str]
 
 # A JSON ``\\uD800``-``\\uDFFF`` escape: the only way a lone surrogate gets into a parsed body
-# (raw UTF-8 cannot encode one, and the decoder is strict). Bodies without it skip the walk.
+# (bodies are decoded as strict UTF-8 first, which refuses encoded surrogates; ``json.loads`` of
+# bytes would let them through, and would take UTF-16/32 too). Bodies without it skip the walk.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -51,7 +52,10 @@ def parse_json_object(body: bytes, max_bytes: int | None = None) -> dict[str, An
     if not body:
         raise ApiError(400, "invalid_json", "request body is empty; expected a JSON object")
     try:
-        data = json.loads(body)
+        # Strict UTF-8 (a leading BOM is allowed and dropped): ``json.loads(body)`` would guess
+        # UTF-16/32 and decode with ``surrogatepass``, letting a lone surrogate past the check
+        # below (a 500 in the neuron). JSON on the wire is UTF-8 (RFC 8259); OpenAI says so too.
+        data = json.loads(body.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "request body is not valid UTF-8") from None
     except RecursionError:

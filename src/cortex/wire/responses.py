@@ -299,6 +299,12 @@ def _message_item(
     item: dict[str, Any], param: str, out: list[dict[str, Any]], system_parts: list[str]
 ) -> None:
     role = item.get("role")
+    if role in ("system", "developer", "user") and item.get("content") is None:
+        # as chat and messages answer (and OpenAI): a message without content is a mistake,
+        # not an empty turn (an assistant item may leave it out: its calls follow as items)
+        raise bad_request(
+            f"{param}.content: required for a {role} message", param=f"{param}.content"
+        )
     if role in ("system", "developer"):
         text = _parts_text(item.get("content"), f"{param}.content", ("input_text", "text"))
         if text:
