@@ -39,3 +39,17 @@ def test_serve_refuses_an_empty_token_env(tmp_path: Path) -> None:
     else:
         server.terminate()
         raise AssertionError("the registry started without its token")
+
+
+def test_serve_guards_request_headers(tmp_path: Path) -> None:
+    # The gateway's and the neuron's header limits (cortex.wire.guard), with their defaults: a
+    # registry on 0.0.0.0 as a mirror is as exposed as they are. 100 KB of headers: 431.
+    publish_repo(tmp_path, "acme/tiny", {"config.json": b"{}"})
+    args = python_program(
+        "cortex.cli", "cortex", "registry", "serve", str(tmp_path), "--listen", "127.0.0.1:0"
+    )
+    with ProcessServer(args) as server:
+        assert server.url is not None
+        url = f"{server.url}/api/models/acme/tiny"
+        assert httpx.get(url, headers={"x-padding": "p" * 100_000}).status_code == 431
+        assert httpx.get(url, headers={"x-padding": "p" * 20_000}).status_code == 200

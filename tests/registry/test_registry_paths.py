@@ -95,5 +95,26 @@ def test_a_symlink_loop_is_cheap_and_not_an_error(tmp_path: Path, hf_registry) -
     status, _headers, body = raw_get(registry.url, "/api/models/acme/loop")
     assert status == 200, body[:300]
     names = {s["rfilename"] for s in json.loads(body)["siblings"]}
-    assert names == {"config.json", "sub/w.bin", "b/x.txt", "a/to-b/x.txt"}
+    # a/to-b leads to b, which the scan reaches (and lists) as b itself: listed once.
+    assert names == {"config.json", "sub/w.bin", "b/x.txt"}
     assert time.process_time() - started < 2.0
+
+
+def test_a_diamond_of_links_is_walked_once_per_directory(tmp_path: Path, hf_registry) -> None:
+    # d0/{l,r} -> d1, d1/{l,r} -> d2, ...: no loop, but 2**depth paths to the bottom. Each
+    # directory used to be walked once per path (depth 12: seconds of CPU per request, 4096
+    # listed copies of one file); now once, so the answer is small and quick.
+    root = tmp_path / "repos"
+    repo = publish_repo(root, "acme/dag", {"config.json": b"{}"})
+    depth = 12  # 4096 paths to the bottom
+    for level in range(depth + 1):
+        (repo / f"d{level}").mkdir()
+    for level in range(depth):
+        for side in ("l", "r"):
+            os.symlink(f"../d{level + 1}", repo / f"d{level}" / side)
+    (repo / f"d{depth}" / "leaf.txt").write_bytes(b"leaf")
+    registry = hf_registry(root)
+    status, _headers, body = raw_get(registry.url, "/api/models/acme/dag")
+    assert status == 200, body[:300]
+    names = {s["rfilename"] for s in json.loads(body)["siblings"]}
+    assert names == {"config.json", f"d{depth}/leaf.txt"}

@@ -26,7 +26,7 @@ from cortex.config import (
     load_models_config,
     parse_listen,
 )
-from cortex.wire.server import listener_options, scheme
+from cortex.wire.server import GuardedServer, check_server_tls, listener_options, scheme
 from cortex.wire.tls import client_context
 
 DEFAULT_CONFIG = "cortex.toml"
@@ -110,6 +110,7 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
             config.auth.metrics_token_env, os.environ, "[auth] metrics_token_env"
         )
         client_context(config.neuron_tls, config.base_dir)  # unreadable files: fail now
+        check_server_tls(config.gateway.tls, config.base_dir, "[gateway.tls]")
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     g = config.gateway
@@ -123,7 +124,7 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
         tls=g.tls,
         base_dir=config.base_dir,
     )
-    api = uvicorn.Server(
+    api = GuardedServer(
         uvicorn.Config(
             create_app(gateway, auth),
             host=host,
@@ -140,7 +141,7 @@ async def _serve(config: CortexConfig, models: ModelsConfig, log_level: str) -> 
     metrics_app = make_asgi_app(registry=metrics.registry)
     if metrics_token is not None:
         metrics_app = MetricsTokenMiddleware(metrics_app, metrics_token)
-    metrics_server = uvicorn.Server(
+    metrics_server = GuardedServer(
         uvicorn.Config(
             metrics_app,
             host=m_host,

@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from cortex.auth import NeuronTokenMiddleware, read_token
+from cortex.auth import NeuronTokenMiddleware, is_loopback, read_token
 from cortex.config import NeuronConfig, parse_listen
 from cortex.neuron.api import create_app
 from cortex.neuron.loader import Loader, LoadRequest
@@ -33,7 +33,7 @@ from cortex.source_resolver import SourceResolver
 from cortex.wire.errors import ApiError
 from cortex.wire.keepalive import NEURON_KEEPALIVE_S
 from cortex.wire.limits import BodyLimitMiddleware
-from cortex.wire.server import listener_options, scheme
+from cortex.wire.server import GuardedServer, check_server_tls, listener_options, scheme
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def install_guards(app: FastAPI, config: NeuronConfig) -> None:
         app.add_middleware(NeuronTokenMiddleware, token=token)
 
 
-class DrainingServer(uvicorn.Server):
+class DrainingServer(GuardedServer):
     """uvicorn, but ``/health`` says ``draining`` from the moment a signal arrives, and a
     graceful SIGTERM ends the process with exit code 0 (uvicorn would re-raise the signal)."""
 
@@ -129,8 +129,28 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def warn_if_exposed(host: str, config: NeuronConfig) -> bool:
+    """A loud warning when a non-loopback listener has no cluster token (``token_env``): anyone
+    who can reach the port can load and unload models, generate, and read ``/discovery``.
+    The gateway warns the same way when its auth is off. True when it warned."""
+    if is_loopback(host) or config.token_env is not None:
+        return False
+    banner = "!" * 78
+    log.warning(
+        "\n%s\nNO CLUSTER TOKEN on a non-loopback listener (%s): anyone who can reach this port "
+        "can\nload, unload and use models. Set token_env in neuron.toml (docs/security.md).\n%s",
+        banner,
+        host,
+        banner,
+    )
+    return True
+
+
 def serve(config: NeuronConfig, listen: str | None, drain_seconds: float = DRAIN_SECONDS) -> int:
     host, port = parse_listen(listen or config.listen)
+    # Certificate files are read now: a bad one is a config error naming the key and the file,
+    # before anything is built or "listening on https://..." is printed.
+    check_server_tls(config.tls, config.base_dir, "neuron.toml [tls]")
     node = build_node(config)
     app = make_app(node, drain_seconds)
     sock = bind(host, port)
@@ -155,6 +175,7 @@ def serve(config: NeuronConfig, listen: str | None, drain_seconds: float = DRAIN
     server = DrainingServer(uv_config, node)
     # A device fault with on_device_fault = "exit": stop like SIGTERM, exit non-zero.
     node.request_exit = lambda: server.handle_exit(signal.SIGTERM, None)
+    warn_if_exposed(bound_host, config)  # before "listening on": a test reads up to that line
     devices = ", ".join(node.devices)
     harnesses = ", ".join(node.harnesses) or "none"
     print(f"neuron {node.name}: devices {devices}; harnesses {harnesses}", flush=True)

@@ -15,6 +15,8 @@ import uvicorn
 from cortex.cli.common import configure_logging
 from cortex.config import parse_listen
 from cortex.registry.store import RepoStore
+from cortex.wire.guard import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_HEADER_BYTES
+from cortex.wire.server import GuardedServer, listener_options
 
 log = logging.getLogger("cortex.registry")
 
@@ -66,8 +68,18 @@ def serve(directory: Path, listen: str, token_env: str | None, log_level: str) -
     threading.Thread(
         target=_warm, args=(app.state.registry.store,), name="registry-warm", daemon=True
     ).start()
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-    asyncio.run(_serve(uvicorn.Server(config), host, directory, token is not None))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        # the gateway's and the neuron's header limits, with their defaults (docs/registry.md)
+        **listener_options(
+            header_timeout=DEFAULT_HEADER_TIMEOUT, max_header_bytes=DEFAULT_MAX_HEADER_BYTES
+        ),
+    )
+    asyncio.run(_serve(GuardedServer(config), host, directory, token is not None))
 
 
 def _warm(store: RepoStore) -> None:
