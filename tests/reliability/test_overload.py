@@ -169,3 +169,60 @@ def test_held_requests_are_refused_once_the_queue_timeout_is_spent(parts) -> Non
             assert status == 200, body
 
     asyncio.run(scenario())
+
+
+def test_held_whole_answers_are_sent_as_the_neuron_frees_room_not_one_at_a_time(parts) -> None:
+    """Whole (non-streamed) answers: the neuron's answer headers come only when the whole answer
+    is generated, so a held request must not keep the holding turn until then (it did: held
+    requests were sent one at a time, 32 held half-second answers took 16 s and the budget below
+    refused a third of them). Held requests fill every room the neuron frees, so 40 answers at 8
+    at a time take about five rounds, far inside the budget."""
+    neuron = small_neuron(parts, max_queue=8)
+    gw = parts.gateway({"n1": neuron.url}, queue_timeout=10)
+    body = {**QUICK, "max_tokens": 20}  # 0.5 s each at 40 words a second
+
+    async def scenario() -> list[tuple[int, dict, Any]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            direct = await asyncio.gather(*(post(session, neuron.url, body) for _ in range(40)))
+            assert sum(1 for status, _, _ in direct if status == 503) >= 20
+            return await asyncio.gather(*(post(session, gw.url, body) for _ in range(40)))
+
+    results = asyncio.run(scenario())
+    refused = [r[2] for r in results if r[0] != 200]
+    assert not refused, (len(refused), refused[:1])
+    words = " ".join(f"w{i}" for i in range(20))
+    assert all(r[2]["choices"][0]["message"]["content"] == words for r in results)
+    assert gw.metric("cortex_request_errors_total", route="/v1/chat/completions") == 0
+    assert gw.gateway.scheduler.usage.node_busy("n1") == 0
+
+
+def test_count_tokens_is_held_too_while_the_neuron_is_full(parts) -> None:
+    """count_tokens skips the model's queue (it must not wait behind generations), but a full
+    neuron refuses it like a generation: it is held within the same budget, not refused."""
+    neuron = small_neuron(parts, max_queue=2)
+    gw = parts.gateway({"n1": neuron.url})
+    count = {"model": SLOW, "messages": [{"role": "user", "content": "how many tokens?"}]}
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            streams = [
+                await session.post(
+                    f"{gw.url}/v1/chat/completions", json={**LONG, "max_tokens": 40}
+                )
+                for _ in range(2)
+            ]
+            for stream in streams:  # both running: the neuron is full for about a second
+                assert stream.status == 200
+                await stream.content.readline()
+            async with session.post(f"{neuron.url}/tokenize", json=count) as r:
+                refused = await r.json()  # the neuron alone refuses it now (the reason to hold)
+                assert r.status == 503 and refused["error"]["code"] == "queue_full", refused
+            async with session.post(f"{gw.url}/v1/messages/count_tokens", json=count) as r:
+                answer = await r.json()
+                assert r.status == 200, answer
+                assert answer["input_tokens"] > 0
+            for stream in streams:
+                assert "[DONE]" in await stream.text()
+
+    asyncio.run(scenario())
+    assert gw.gateway.scheduler.usage.node_busy("n1") == 0
