@@ -206,9 +206,7 @@ def test_count_tokens_is_held_too_while_the_neuron_is_full(parts) -> None:
     async def scenario() -> None:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             streams = [
-                await session.post(
-                    f"{gw.url}/v1/chat/completions", json={**LONG, "max_tokens": 40}
-                )
+                await session.post(f"{gw.url}/v1/chat/completions", json={**LONG, "max_tokens": 40})
                 for _ in range(2)
             ]
             for stream in streams:  # both running: the neuron is full for about a second

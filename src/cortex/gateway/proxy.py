@@ -234,6 +234,7 @@ async def relay_sse(
 
 HOLD_FIRST_BACKOFF = 0.05
 HOLD_MAX_BACKOFF = 0.5
+HOLD_ADMIT_GRACE = 0.1
 
 
 class _Holding:
@@ -347,31 +348,82 @@ async def _open_held(
         refused = None  # others are held for this neuron: queue behind them
     holding.held += 1
     try:
-        async with holding.turn:
-            backoff = HOLD_FIRST_BACKOFF
-            while True:
-                if refused is not None:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        return refused  # the budget is spent: the client gets the neuron's 503
-                    holding.freed.clear()
-                    try:
-                        await pause_unless_client_left(holding.freed, min(backoff, left))
-                    except ClientGone:
-                        # Nothing was relayed: the caller ends the request's bookkeeping as for
-                        # an unreachable neuron, and nobody reads the answer.
-                        raise UpstreamUnreachable(
-                            499, "client_closed", "the client went away while held"
-                        ) from None
-                    backoff = min(HOLD_MAX_BACKOFF, backoff * 2)
-                resp = await _send_upstream(
-                    session, url, body, client_headers, timeout, retry_after
-                )
-                if not await _is_queue_full(resp):
-                    return resp
-                refused = resp
+        while True:
+            sending = await _send_in_turn(
+                holding, refused, until, session, url, body, client_headers, timeout, retry_after
+            )
+            if not isinstance(sending, asyncio.Task):
+                return sending  # answered, or refused for good, within the turn
+            resp = await _outcome(sending)  # admitted: its answer is awaited outside the turn
+            if not await _is_queue_full(resp):
+                return resp
+            refused = resp  # refused after the grace after all (a slow neuron): held again
     finally:
         holding.held -= 1
+
+
+async def _send_in_turn(
+    holding: _Holding,
+    refused: aiohttp.ClientResponse | None,
+    until: float,
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    retry_after: float,
+) -> aiohttp.ClientResponse | asyncio.Task[aiohttp.ClientResponse]:
+    """Wait for the turn and send, again as the neuron frees room while it refuses; return its
+    answer (or the last refusal once the budget is spent), or the POST still in flight after
+    HOLD_ADMIT_GRACE: the neuron took it, and the turn goes to the next held request."""
+    async with holding.turn:
+        backoff = HOLD_FIRST_BACKOFF
+        while True:
+            if refused is not None:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return refused  # the budget is spent: the client gets the neuron's 503
+                holding.freed.clear()
+                try:
+                    await pause_unless_client_left(holding.freed, min(backoff, left))
+                except ClientGone:
+                    # Nothing was relayed: the caller ends the request's bookkeeping as for an
+                    # unreachable neuron, and nobody reads the answer.
+                    raise UpstreamUnreachable(
+                        499, "client_closed", "the client went away while held"
+                    ) from None
+                backoff = min(HOLD_MAX_BACKOFF, backoff * 2)
+            sending = asyncio.ensure_future(
+                _send_upstream(session, url, body, client_headers, timeout, retry_after)
+            )
+            try:
+                await asyncio.wait({sending}, timeout=HOLD_ADMIT_GRACE)
+            except BaseException:
+                _drop(sending)
+                raise
+            if not sending.done():
+                return sending
+            resp = await _outcome(sending)
+            if not await _is_queue_full(resp):
+                return resp
+            refused = resp
+
+
+async def _outcome(sending: asyncio.Task[aiohttp.ClientResponse]) -> aiohttp.ClientResponse:
+    """The answer of a POST sent as a task; when the request is cancelled meanwhile (its client
+    went away), the POST is cancelled too and an answer that raced in is released."""
+    try:
+        return await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        _drop(sending)
+        raise
+
+
+def _drop(sending: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    if not sending.done():
+        sending.cancel()
+    elif not sending.cancelled() and sending.exception() is None:
+        sending.result().close()
 
 
 async def _send_upstream(
