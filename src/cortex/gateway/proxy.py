@@ -244,6 +244,9 @@ class _Holding:
         self.turn = asyncio.Lock()  # FIFO: the oldest held request goes first
         self.freed = asyncio.Event()  # set when an answer from this neuron ends
         self.held = 0
+        # Answers from this neuron that ended since it last refused one (while requests are
+        # held): room it has for sure, so that many held requests go without HOLD_ADMIT_GRACE.
+        self.room = 0
 
 
 _HOLDING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Holding]] = (
@@ -270,6 +273,7 @@ def answer_ended(url: str) -> None:
     per_loop = _HOLDING.get(asyncio.get_running_loop())
     holding = per_loop.get(_origin(url)) if per_loop else None
     if holding is not None and holding.held:
+        holding.room += 1
         holding.freed.set()
 
 
@@ -357,9 +361,12 @@ async def _open_held(
             resp = await _outcome(sending)  # admitted: its answer is awaited outside the turn
             if not await _is_queue_full(resp):
                 return resp
-            refused = resp  # refused after the grace after all (a slow neuron): held again
+            holding.room = 0
+            refused = resp  # refused after all (a slow neuron, another gateway): held again
     finally:
         holding.held -= 1
+        if not holding.held:
+            holding.room = 0
 
 
 async def _send_in_turn(
@@ -379,7 +386,7 @@ async def _send_in_turn(
     async with holding.turn:
         backoff = HOLD_FIRST_BACKOFF
         while True:
-            if refused is not None:
+            if refused is not None and not holding.room:
                 left = until - time.monotonic()
                 if left <= 0:
                     return refused  # the budget is spent: the client gets the neuron's 503
@@ -393,11 +400,17 @@ async def _send_in_turn(
                         499, "client_closed", "the client went away while held"
                     ) from None
                 backoff = min(HOLD_MAX_BACKOFF, backoff * 2)
+            elif refused is not None and until <= time.monotonic():
+                return refused
+            grace = HOLD_ADMIT_GRACE
+            if holding.room:  # the neuron has room for it: the turn passes on at once
+                holding.room -= 1
+                grace = 0
             sending = asyncio.ensure_future(
                 _send_upstream(session, url, body, client_headers, timeout, retry_after)
             )
             try:
-                await asyncio.wait({sending}, timeout=HOLD_ADMIT_GRACE)
+                await asyncio.wait({sending}, timeout=grace)
             except BaseException:
                 _drop(sending)
                 raise
@@ -406,6 +419,7 @@ async def _send_in_turn(
             resp = await _outcome(sending)
             if not await _is_queue_full(resp):
                 return resp
+            holding.room = 0
             refused = resp
 
 
