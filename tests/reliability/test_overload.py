@@ -4,11 +4,15 @@ a per-node bound (503 + Retry-After), and cancelled waiters that give their slot
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+
+from cortex.gateway.admission import HOLD_UNTIL
+from cortex.gateway.proxy import answer_ended, open_upstream
 
 from .conftest import SLOW, load
 
@@ -224,3 +228,45 @@ def test_count_tokens_is_held_too_while_the_neuron_is_full(parts) -> None:
 
     asyncio.run(scenario())
     assert gw.gateway.scheduler.usage.node_busy("n1") == 0
+
+
+def test_a_held_request_cancelled_after_the_neuron_took_it_leaves_nothing_behind(parts) -> None:
+    """A held whole request waits for its answer outside the holding turn, as a task of its
+    own; cancelling the request (its handler ends) must cancel that POST and so close its
+    connection, which stops the neuron at once, not leave it generating for nobody (the
+    answers here are 5 s long: left running, the neuron stays busy 4.5 s more)."""
+    neuron = small_neuron(parts, max_queue=2)
+    url = f"{neuron.url}/v1/chat/completions"
+    whole = json.dumps({**QUICK, "max_tokens": 200}).encode()  # 5 s
+    stream = json.dumps({**LONG, "max_tokens": 8}).encode()
+    timeout = aiohttp.ClientTimeout(sock_connect=5, sock_read=30)
+
+    def in_flight() -> int:
+        return sum(entry.in_flight for entry in neuron.node.models.all())
+
+    async def scenario() -> None:
+        HOLD_UNTIL.set(time.monotonic() + 60)  # what admission gives a request
+        async with aiohttp.ClientSession() as session:
+
+            def send(body: bytes) -> asyncio.Future[aiohttp.ClientResponse]:
+                return asyncio.ensure_future(open_upstream(session, url, body, {}, timeout, 2))
+
+            fillers = [await send(stream) for _ in range(2)]  # the neuron is full
+            held = [send(whole) for _ in range(2)]
+            await asyncio.sleep(0.3)  # refused and held
+            assert not any(task.done() for task in held)
+            for filler in fillers:
+                await filler.read()
+                filler.close()
+                answer_ended(url)  # the gateway's relay says so when an answer ends
+            await asyncio.sleep(0.5)
+            assert not any(task.done() for task in held)
+            async with session.post(url, json=QUICK) as resp:  # the fillers are over ...
+                assert resp.status == 503  # ... and the neuron is full: it took the held two
+            assert in_flight() == 2
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            await wait_until(lambda: in_flight() == 0, timeout=2.5)
+
+    asyncio.run(scenario())
