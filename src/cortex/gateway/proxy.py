@@ -230,10 +230,27 @@ async def relay_sse(
 # HOLD_MAX_BACKOFF), until the admission budget (``queue_timeout``, HOLD_UNTIL) is spent; only
 # then does the client get the neuron's 503. A client that disconnects while held is dropped at
 # once. While requests are held for a neuron, new ones for it queue behind them rather than
-# overtaking them.
+# overtaking them. Requests that skip the model's gate (count_tokens) are held the same way.
+#
+# The turn (one held request sending at a time, oldest first) covers sending and hearing whether
+# the neuron refused, not the answer: a whole (non-streamed) answer's headers come only once it
+# is generated, and keeping the turn until then sent held requests one at a time (150 whole
+# requests for one replica: 35 refused after the minute). So a held request's POST runs as a
+# task; the turn waits for it at most HOLD_ADMIT_GRACE, and a POST still unanswered then was
+# taken by the neuron (which refuses at once, before any work): its answer is awaited outside
+# the turn, and the next held request goes. While the neuron has room for sure (answers from it
+# ended since it last refused one: ``_Holding.room``) held requests go without that wait, so
+# they fill each room as fast as it frees. A refusal that comes later after all (a neuron slower
+# than the grace, or another gateway that took the room) is held again, behind the others.
+# Cancelling the request cancels its POST (closing the connection stops the neuron) and closes
+# an answer that raced in.
 
 HOLD_FIRST_BACKOFF = 0.05
 HOLD_MAX_BACKOFF = 0.5
+# A neuron answers queue_full from its event loop as it reads the request, before any work is
+# queued: one round trip, milliseconds on a LAN. 0.1 s leaves
+# room for a busy neuron or gateway loop, and bounds what the grace costs: while the neuron's
+# room is not known, held requests go at most ten a second (each taken one within 0.1 s).
 HOLD_ADMIT_GRACE = 0.1
 
 
