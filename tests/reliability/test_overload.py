@@ -210,10 +210,10 @@ def test_count_tokens_is_held_too_while_the_neuron_is_full(parts) -> None:
     async def scenario() -> None:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             streams = [
-                await session.post(f"{gw.url}/v1/chat/completions", json={**LONG, "max_tokens": 40})
+                await session.post(f"{gw.url}/v1/chat/completions", json={**LONG, "max_tokens": 80})
                 for _ in range(2)
             ]
-            for stream in streams:  # both running: the neuron is full for about a second
+            for stream in streams:  # both running: the neuron is full for about 2 s
                 assert stream.status == 200
                 await stream.content.readline()
             async with session.post(f"{neuron.url}/tokenize", json=count) as r:
