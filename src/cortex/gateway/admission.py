@@ -42,9 +42,10 @@ CURRENT_RECEIVE: contextvars.ContextVar[Receive | None] = contextvars.ContextVar
     "cortex_current_receive", default=None
 )
 # Until when the request being handled may still wait for capacity (monotonic time; set by
-# :meth:`Admission.enter`). One budget, ``queue_timeout``, for the gateway's queue and for a
+# :meth:`Admission.budget_from`). One budget, ``queue_timeout``, for the gateway's queue and for a
 # neuron that answers ``queue_full`` (:mod:`cortex.gateway.proxy` holds the request and sends it
-# again until then). None: not admitted here, never held.
+# again until then). Requests that skip the gate (count_tokens) get the same budget, from when
+# they were admitted without waiting. None: not through the scheduler, never held.
 HOLD_UNTIL: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "cortex_hold_until", default=None
 )
@@ -281,9 +282,16 @@ class Admission:
             running_at_once = self.capacity(model)
             gate.set_limit(min(self.per_model, running_at_once or self.per_model))
         slot = await gate.enter(self.queue_timeout, self.retry_after, key)
+        self.budget_from(started)
+        return slot
+
+    def budget_from(self, started: float) -> None:
+        """Give the request being handled its ``queue_timeout`` budget, counted from
+        ``started``, for a full neuron to take it (HOLD_UNTIL). :meth:`enter` does it for a
+        request that waited in the gate; the scheduler does it for one that skips the gate
+        (count_tokens), which a full neuron refuses all the same and which is held likewise."""
         timeout = self.queue_timeout
         HOLD_UNTIL.set(math.inf if timeout is None else started + timeout)
-        return slot
 
 
 async def pause_unless_client_left(wake: asyncio.Event, seconds: float) -> None:

@@ -230,10 +230,28 @@ async def relay_sse(
 # HOLD_MAX_BACKOFF), until the admission budget (``queue_timeout``, HOLD_UNTIL) is spent; only
 # then does the client get the neuron's 503. A client that disconnects while held is dropped at
 # once. While requests are held for a neuron, new ones for it queue behind them rather than
-# overtaking them.
+# overtaking them. Requests that skip the model's gate (count_tokens) are held the same way.
+#
+# The turn (one held request sending at a time, oldest first) covers sending and hearing whether
+# the neuron refused, not the answer: a whole (non-streamed) answer's headers come only once it
+# is generated, and keeping the turn until then sent held requests one at a time (150 whole
+# requests for one replica: 35 refused after the minute). So a held request's POST runs as a
+# task; the turn waits for it at most HOLD_ADMIT_GRACE, and a POST still unanswered then was
+# taken by the neuron (which refuses at once, before any work): its answer is awaited outside
+# the turn, and the next held request goes. While the neuron has room for sure (answers from it
+# ended since it last refused one: ``_Holding.room``) held requests go without that wait, so
+# they fill each room as fast as it frees. A refusal that comes later after all (a neuron slower
+# than the grace, or another gateway that took the room) is held again, behind the others.
+# Cancelling the request cancels its POST (closing the connection stops the neuron) and closes
+# an answer that raced in.
 
 HOLD_FIRST_BACKOFF = 0.05
 HOLD_MAX_BACKOFF = 0.5
+# A neuron answers queue_full from its event loop as it reads the request, before any work is
+# queued: one round trip, milliseconds on a LAN. 0.1 s leaves
+# room for a busy neuron or gateway loop, and bounds what the grace costs: while the neuron's
+# room is not known, held requests go at most ten a second (each taken one within 0.1 s).
+HOLD_ADMIT_GRACE = 0.1
 
 
 class _Holding:
@@ -243,6 +261,9 @@ class _Holding:
         self.turn = asyncio.Lock()  # FIFO: the oldest held request goes first
         self.freed = asyncio.Event()  # set when an answer from this neuron ends
         self.held = 0
+        # Answers from this neuron that ended since it last refused one (while requests are
+        # held): room it has for sure, so that many held requests go without HOLD_ADMIT_GRACE.
+        self.room = 0
 
 
 _HOLDING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Holding]] = (
@@ -269,6 +290,7 @@ def answer_ended(url: str) -> None:
     per_loop = _HOLDING.get(asyncio.get_running_loop())
     holding = per_loop.get(_origin(url)) if per_loop else None
     if holding is not None and holding.held:
+        holding.room += 1
         holding.freed.set()
 
 
@@ -347,31 +369,92 @@ async def _open_held(
         refused = None  # others are held for this neuron: queue behind them
     holding.held += 1
     try:
-        async with holding.turn:
-            backoff = HOLD_FIRST_BACKOFF
-            while True:
-                if refused is not None:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        return refused  # the budget is spent: the client gets the neuron's 503
-                    holding.freed.clear()
-                    try:
-                        await pause_unless_client_left(holding.freed, min(backoff, left))
-                    except ClientGone:
-                        # Nothing was relayed: the caller ends the request's bookkeeping as for
-                        # an unreachable neuron, and nobody reads the answer.
-                        raise UpstreamUnreachable(
-                            499, "client_closed", "the client went away while held"
-                        ) from None
-                    backoff = min(HOLD_MAX_BACKOFF, backoff * 2)
-                resp = await _send_upstream(
-                    session, url, body, client_headers, timeout, retry_after
-                )
-                if not await _is_queue_full(resp):
-                    return resp
-                refused = resp
+        while True:
+            sending = await _send_in_turn(
+                holding, refused, until, session, url, body, client_headers, timeout, retry_after
+            )
+            if not isinstance(sending, asyncio.Task):
+                return sending  # answered, or refused for good, within the turn
+            resp = await _outcome(sending)  # admitted: its answer is awaited outside the turn
+            if not await _is_queue_full(resp):
+                return resp
+            holding.room = 0
+            refused = resp  # refused after all (a slow neuron, another gateway): held again
     finally:
         holding.held -= 1
+        if not holding.held:
+            holding.room = 0
+
+
+async def _send_in_turn(
+    holding: _Holding,
+    refused: aiohttp.ClientResponse | None,
+    until: float,
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    retry_after: float,
+) -> aiohttp.ClientResponse | asyncio.Task[aiohttp.ClientResponse]:
+    """Wait for the turn and send, again as the neuron frees room while it refuses; return its
+    answer (or the last refusal once the budget is spent), or the POST still in flight after
+    HOLD_ADMIT_GRACE: the neuron took it, and the turn goes to the next held request."""
+    async with holding.turn:
+        backoff = HOLD_FIRST_BACKOFF
+        while True:
+            if refused is not None and not holding.room:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return refused  # the budget is spent: the client gets the neuron's 503
+                holding.freed.clear()
+                try:
+                    await pause_unless_client_left(holding.freed, min(backoff, left))
+                except ClientGone:
+                    # Nothing was relayed: the caller ends the request's bookkeeping as for an
+                    # unreachable neuron, and nobody reads the answer.
+                    raise UpstreamUnreachable(
+                        499, "client_closed", "the client went away while held"
+                    ) from None
+                backoff = min(HOLD_MAX_BACKOFF, backoff * 2)
+            elif refused is not None and until <= time.monotonic():
+                return refused
+            grace = HOLD_ADMIT_GRACE
+            if holding.room:  # the neuron has room for it: the turn passes on at once
+                holding.room -= 1
+                grace = 0
+            sending = asyncio.ensure_future(
+                _send_upstream(session, url, body, client_headers, timeout, retry_after)
+            )
+            try:
+                await asyncio.wait({sending}, timeout=grace)
+            except BaseException:
+                _drop(sending)
+                raise
+            if not sending.done():
+                return sending
+            resp = await _outcome(sending)
+            if not await _is_queue_full(resp):
+                return resp
+            holding.room = 0
+            refused = resp
+
+
+async def _outcome(sending: asyncio.Task[aiohttp.ClientResponse]) -> aiohttp.ClientResponse:
+    """The answer of a POST sent as a task; when the request is cancelled meanwhile (its client
+    went away), the POST is cancelled too and an answer that raced in is released."""
+    try:
+        return await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        _drop(sending)
+        raise
+
+
+def _drop(sending: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    if not sending.done():
+        sending.cancel()
+    elif not sending.cancelled() and sending.exception() is None:
+        sending.result().close()
 
 
 async def _send_upstream(

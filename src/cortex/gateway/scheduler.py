@@ -290,6 +290,8 @@ class Scheduler:
             self.metrics.queue_wait.labels(label).observe(queue_wait)
         else:
             slot, queue_wait = _NO_SLOT, 0.0
+            # Not queued behind generations, but held like them while a neuron is full.
+            self.admission.budget_from(time.monotonic())
         try:
             node, load_wait = await self.route(resolved)
         except BaseException:
